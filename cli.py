@@ -1,0 +1,201 @@
+"""The `flask` commands of SPEC §7: db, jobs, dlq, prune and audit.
+
+Thin callers of the core, like the routes. Refusals print one line (`Error: ...`) and
+exit non-zero; commands that show or list take --json for one JSON document on stdout.
+"""
+import json
+import re
+
+import click
+from flask.cli import AppGroup
+
+import audit
+import documents
+import jobs
+import models
+from config import settings
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text):
+    match = DURATION.match(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 12h or 7d")
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def refuse(exc):
+    """A core refusal as one clear line."""
+    details = f" ({'; '.join(exc.errors)})" if exc.errors else ""
+    raise click.ClickException(f"{exc.detail}{details}")
+
+
+def emit(document):
+    click.echo(json.dumps(document, indent=2))
+
+
+db_group = AppGroup("db", help="Manage the database schema.")
+jobs_group = AppGroup("jobs", help="Submit, show and list jobs.")
+dlq_group = AppGroup("dlq", help="The dead-letter queue.")
+
+
+@db_group.command("upgrade")
+def db_upgrade():
+    """Create or migrate the schema (idempotent; also run when web and worker start)."""
+    applied = models.upgrade()
+    click.echo(f"applied {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@jobs_group.command("submit")
+@click.argument("type")
+@click.option("--payload", default="{}", help="The payload, a JSON object.")
+@click.option("--queue")
+@click.option("--priority", type=int)
+@click.option("--delay", "delay_s", type=float, help="Seconds from now to run it.")
+@click.option("--run-at", help="When to run it, RFC 3339 with an offset.")
+@click.option("--max-attempts", type=int)
+@click.option("--timeout", "timeout_s", type=float, help="Seconds an attempt may run.")
+@click.option("--idempotency-key")
+def jobs_submit(type, payload, **options):
+    """Submit a job; prints its id."""
+    try:
+        body = {"type": type, "payload": json.loads(payload)}
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--payload") from None
+    body.update({name: value for name, value in options.items() if value is not None})
+    try:
+        [(job, _)] = jobs.enqueue([jobs.validate_submission(body)])
+    except jobs.JobError as exc:
+        refuse(exc)
+    click.echo(job.id)
+
+
+@jobs_group.command("show")
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def jobs_show(job_id, as_json):
+    """Show a job with its attempts."""
+    try:
+        job = jobs.get_job(job_id)
+    except jobs.JobError as exc:
+        refuse(exc)
+    document = documents.job(job, jobs.attempts_of(job.id))
+    if as_json:
+        return emit(document)
+    attempts = document.pop("attempts")
+    for name, value in document.items():
+        shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+        click.echo(f"{name:>15}: {'' if shown is None else shown}")
+    for attempt in attempts:
+        click.echo(f"\nattempt {attempt['number']}: {attempt['status']} on {attempt['host']} "
+                   f"pid {attempt['pid']} ({attempt['worker_id']}), {attempt['started_at']} → "
+                   f"{attempt['finished_at'] or '…'}"
+                   + (f", {attempt['duration_ms']:.0f} ms" if attempt["duration_ms"] is not None else "")
+                   + (" [fenced: late outcome refused]" if attempt["fenced"] else ""))
+        if attempt["error_type"]:
+            click.echo(f"  {attempt['error_type']}: {attempt['error_message'] or ''}")
+        if attempt["traceback"]:
+            click.echo("  " + attempt["traceback"].rstrip().replace("\n", "\n  "))
+
+
+def _list(as_json, **filters):
+    try:
+        page, cursor = jobs.list_jobs(**filters)
+    except jobs.JobError as exc:
+        refuse(exc)
+    if as_json:
+        return emit(documents.page([documents.job(job) for job in page], cursor))
+    click.echo(f"{'id':>8}  {'type':<24} {'queue':<12} {'status':<10} {'try':>3}  last error")
+    for job in page:
+        error = (job.last_error or "").splitlines()[0][:60] if job.last_error else ""
+        click.echo(f"{job.id:>8}  {job.type:<24} {job.queue:<12} {job.status:<10} "
+                   f"{job.attempt:>3}  {error}")
+    if cursor:
+        click.echo(f"more: --cursor {cursor}")
+
+
+@jobs_group.command("list")
+@click.option("--status", type=click.Choice(jobs.STATUSES))
+@click.option("--type")
+@click.option("--queue")
+@click.option("--limit", type=click.IntRange(1, jobs.MAX_LIMIT), default=50)
+@click.option("--cursor")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def jobs_list(as_json, **filters):
+    """List jobs, newest first."""
+    _list(as_json, **filters)
+
+
+@jobs_group.command("cancel")
+@click.argument("job_id", type=int)
+def jobs_cancel(job_id):
+    """Cancel a job (a running one is stopped by its supervisor)."""
+    try:
+        job, stopped = jobs.cancel(job_id)
+    except jobs.JobError as exc:
+        refuse(exc)
+    click.echo(f"job {job.id} cancelled" if stopped else
+               f"job {job.id} is running; its worker will be stopped")
+
+
+@dlq_group.command("list")
+@click.option("--limit", type=click.IntRange(1, jobs.MAX_LIMIT), default=50)
+@click.option("--cursor")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def dlq_list(limit, cursor, as_json):
+    """Dead-lettered jobs, with their last error."""
+    _list(as_json, status="dead", limit=limit, cursor=cursor)
+
+
+@dlq_group.command("retry")
+@click.argument("job_id", type=int)
+def dlq_retry(job_id):
+    """Run a dead job again, with a fresh attempt budget."""
+    try:
+        jobs.dlq_retry(job_id)
+    except jobs.JobError as exc:
+        refuse(exc)
+    click.echo(f"job {job_id} is available again")
+
+
+@dlq_group.command("discard")
+@click.argument("job_id", type=int)
+def dlq_discard(job_id):
+    """Discard a dead job (it becomes cancelled; its history is kept)."""
+    try:
+        jobs.dlq_discard(job_id)
+    except jobs.JobError as exc:
+        refuse(exc)
+    click.echo(f"job {job_id} discarded")
+
+
+@click.command("prune")
+@click.option("--older-than", help="Age like 30s, 15m, 12h or 7d (default RETENTION_DAYS).")
+def prune(older_than):
+    """Delete succeeded and cancelled jobs finished before the cutoff."""
+    seconds = parse_duration(older_than) if older_than else settings().retention_days * 86400
+    click.echo(f"pruned {jobs.prune(seconds)} jobs")
+
+
+@click.command("audit")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def audit_command(as_json):
+    """Check the stored history against SPEC §4; exits 1 on any violation."""
+    report = audit.run()
+    if as_json:
+        emit({"jobs": report.jobs, "attempts": report.attempts,
+              "violations": [{"job_id": v.job_id, "guarantee": v.guarantee, "detail": v.detail}
+                             for v in report.violations]})
+    else:
+        for violation in report.violations:
+            click.echo(str(violation))
+        click.echo(f"audit: {report.jobs} jobs, {report.attempts} attempts, "
+                   f"{len(report.violations)} violations")
+    raise SystemExit(1 if report.violations else 0)
+
+
+def register(app):
+    for command in (db_group, jobs_group, dlq_group, prune, audit_command):
+        app.cli.add_command(command)

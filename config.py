@@ -1,0 +1,160 @@
+"""Configuration: read from the environment once, validated, into one typed object.
+
+A bad value raises ConfigError naming the variable; entry points turn it into one line
+on stderr and a non-zero exit (see `fail_fast`).
+"""
+import os
+import sys
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from limits import parse_many
+
+
+class ConfigError(Exception):
+    """A setting (or the database it names) is unusable; the process must not start."""
+
+
+def fail_fast(error):
+    """Stop the process with one clear line: the contract for bad configuration."""
+    print(f"conveyor: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _number(env, name, default, *, integer=False, minimum=0.0, above=False):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
+    if value < minimum or (above and value == minimum):
+        bound = "above" if above else "at least"
+        raise ConfigError(f"{name} must be {bound} {minimum:g}, got {raw!r}")
+    return value
+
+
+def _choice(env, name, default, choices):
+    value = env.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _rate_limit(env, name, default):
+    value = env.get(name, default).strip() or default
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ConfigError(f"{name} is not a rate limit like '100/second', got {value!r}") from None
+    return value
+
+
+def _database_url(env):
+    url = env.get("DATABASE_URL", "").strip() or "sqlite:///conveyor.db"
+    scheme = urlparse(url).scheme
+    if scheme not in ("sqlite", "postgres", "postgresql"):
+        raise ConfigError(f"DATABASE_URL must start with sqlite:// or postgresql://, got {url!r}")
+    return url
+
+
+def _queues(env):
+    raw = env.get("WORKER_QUEUES", "").strip()
+    return tuple(q.strip() for q in raw.split(",") if q.strip())
+
+
+def _bool(env, name):
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///conveyor.db"
+    port: int = 5000
+    rate_limit: str = "100/second"
+    ratelimit_storage_uri: str = "memory://"
+    auth_fail_limit: str = "30/minute"
+    max_payload_bytes: int = 256 * 1024
+    max_request_bytes: int = 16 * 1024 * 1024
+    worker_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    worker_queues: tuple = ()
+    heartbeat_s: float = 5.0
+    lease_s: float = 30.0
+    shutdown_grace_s: float = 25.0
+    poll_interval_s: float = 0.5
+    worker_max_jobs: int = 0
+    worker_max_memory_mb: float = 0.0
+    default_max_attempts: int = 5
+    default_timeout_s: float = 300.0
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 3600.0
+    handler_paths: tuple = ()
+    retention_days: float = 14.0
+    log_format: str = "text"
+    log_level: str = "info"
+    metrics_public: bool = False
+
+    @property
+    def is_postgres(self):
+        return not self.database_url.startswith("sqlite")
+
+    @classmethod
+    def from_env(cls, env=None):
+        env = os.environ if env is None else env
+        settings = cls(
+            database_url=_database_url(env),
+            port=_number(env, "PORT", 5000, integer=True, minimum=1),
+            rate_limit=_rate_limit(env, "RATE_LIMIT", "100/second"),
+            ratelimit_storage_uri=env.get("RATELIMIT_STORAGE_URI", "").strip() or "memory://",
+            auth_fail_limit=_rate_limit(env, "AUTH_FAIL_LIMIT", "30/minute"),
+            max_payload_bytes=_number(env, "MAX_PAYLOAD_BYTES", 256 * 1024, integer=True, minimum=1),
+            max_request_bytes=_number(env, "MAX_REQUEST_BYTES", 16 * 1024 * 1024, integer=True, minimum=1),
+            worker_concurrency=_number(env, "WORKER_CONCURRENCY", os.cpu_count() or 1, integer=True, minimum=1),
+            worker_queues=_queues(env),
+            heartbeat_s=_number(env, "HEARTBEAT_S", 5.0, above=True),
+            lease_s=_number(env, "LEASE_S", 30.0, above=True),
+            shutdown_grace_s=_number(env, "SHUTDOWN_GRACE_S", 25.0),
+            poll_interval_s=_number(env, "POLL_INTERVAL_S", 0.5, above=True),
+            worker_max_jobs=_number(env, "WORKER_MAX_JOBS", 0, integer=True),
+            worker_max_memory_mb=_number(env, "WORKER_MAX_MEMORY_MB", 0.0),
+            default_max_attempts=_number(env, "DEFAULT_MAX_ATTEMPTS", 5, integer=True, minimum=1),
+            default_timeout_s=_number(env, "DEFAULT_TIMEOUT_S", 300.0, above=True),
+            backoff_base_s=_number(env, "BACKOFF_BASE_S", 1.0),
+            backoff_max_s=_number(env, "BACKOFF_MAX_S", 3600.0),
+            handler_paths=tuple(p for p in env.get("HANDLER_PATHS", "").split(":") if p.strip()),
+            retention_days=_number(env, "RETENTION_DAYS", 14.0),
+            log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
+            log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            metrics_public=_bool(env, "METRICS_PUBLIC"),
+        )
+        if settings.lease_s <= 2 * settings.heartbeat_s:
+            raise ConfigError(
+                f"LEASE_S must be above 2 x HEARTBEAT_S ({2 * settings.heartbeat_s:g}), "
+                f"got {settings.lease_s:g}")
+        if settings.backoff_max_s < settings.backoff_base_s:
+            raise ConfigError("BACKOFF_MAX_S must be at least BACKOFF_BASE_S")
+        for path in settings.handler_paths:
+            if not os.path.isdir(path):
+                raise ConfigError(f"HANDLER_PATHS names {path!r}, which is not a directory")
+        return settings
+
+
+_current = None
+
+
+def settings():
+    """The process's settings, read on first use."""
+    global _current
+    if _current is None:
+        _current = Settings.from_env()
+    return _current
+
+
+def reset(new=None):
+    """Replace the process's settings (tests and entry points that read them early)."""
+    global _current
+    _current = new

@@ -1,0 +1,75 @@
+"""What jobs, attempts and workers look like to users: the JSON of the API and of `--json`."""
+from datetime import datetime, timezone
+
+
+def timestamp(epoch):
+    """Epoch seconds as an RFC 3339 string in UTC (None stays None)."""
+    if epoch is None:
+        return None
+    moment = datetime.fromtimestamp(epoch, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job(row, attempts=None):
+    document = {
+        "id": row.id,
+        "type": row.type,
+        "queue": row.queue,
+        "payload": row.payload,
+        "priority": row.priority,
+        "run_at": timestamp(row.run_at),
+        "max_attempts": row.max_attempts,
+        "timeout_s": row.timeout_s,
+        "backoff": {"base_s": row.backoff_base_s, "max_s": row.backoff_max_s},
+        "status": row.status,
+        "attempt": row.attempt,
+        "idempotency_key": row.idempotency_key,
+        "result": row.result,
+        "last_error": row.last_error,
+        "created_at": timestamp(row.created_at),
+        "finished_at": timestamp(row.finished_at),
+    }
+    if row.status == "dead":
+        document["dead_reason"] = row.dead_reason
+    if row.cancel_requested_at is not None:
+        document["cancel_requested_at"] = timestamp(row.cancel_requested_at)
+    if attempts is not None:
+        document["attempts"] = [attempt(a) for a in attempts]
+    return document
+
+
+def attempt(row):
+    duration = None
+    if row.finished_at is not None:
+        duration = round((row.finished_at - row.started_at) * 1000, 3)
+    return {
+        "number": row.number,
+        "status": row.status,
+        "worker_id": row.worker_id,
+        "host": row.host,
+        "pid": row.pid,
+        "started_at": timestamp(row.started_at),
+        "finished_at": timestamp(row.finished_at),
+        "duration_ms": duration,
+        "error_type": row.error_type,
+        "error_message": row.error_message,
+        "traceback": row.traceback,
+        "fenced": bool(row.fenced),
+    }
+
+
+def worker(row):
+    return {
+        "id": row.id,
+        "supervisor_id": row.supervisor_id,
+        "host": row.host,
+        "pid": row.pid,
+        "queues": row.queues or [],
+        "started_at": timestamp(row.started_at),
+        "last_heartbeat_at": timestamp(row.last_heartbeat_at),
+        "current_job_id": row.current_job_id,
+    }
+
+
+def page(items, next_cursor):
+    return {"items": items, "next_cursor": next_cursor}

@@ -1,0 +1,12 @@
+"""gunicorn settings for the Procfile's `web` (read from this folder automatically).
+
+One process with threads keeps the default in-memory rate limits exact; the app is
+loaded once, before forking, so bad configuration stops gunicorn with one line.
+"""
+import os
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '5000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+threads = int(os.environ.get("WEB_THREADS", "8"))
+preload_app = True
+accesslog = None

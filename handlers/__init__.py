@@ -1,0 +1,182 @@
+"""The handler API: `@handler` registers a job type; `Permanent` and `RetryAfter` steer retries.
+
+A job type is one module in this folder or in a folder named in HANDLER_PATHS; `load`
+imports them all. Handlers get the payload and a `Context`, and know nothing of the
+database: `ctx.step` is backed by whatever the worker hands the context.
+"""
+import importlib
+import importlib.util
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+__all__ = ["handler", "Permanent", "RetryAfter", "Context", "Handler", "HandlerError",
+           "load", "get", "registered"]
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
+
+
+class HandlerError(Exception):
+    """A handler module or registration is unusable; the process must not start."""
+
+
+class Permanent(Exception):
+    """Raise to fail the job without retrying: it goes straight to the dead-letter queue."""
+
+
+class RetryAfter(Exception):
+    """Raise to retry after `seconds` (the attempt still counts toward max_attempts)."""
+
+    def __init__(self, seconds, message=None):
+        seconds = float(seconds)
+        if not seconds >= 0:
+            raise ValueError(f"RetryAfter needs a delay of 0 seconds or more, got {seconds!r}")
+        self.seconds = seconds
+        super().__init__(message or f"retry requested in {seconds:g}s")
+
+
+@dataclass(frozen=True)
+class Handler:
+    name: str
+    fn: Callable[[Any, "Context"], Any]
+    queue: Optional[str] = None
+    max_attempts: Optional[int] = None
+    timeout_s: Optional[float] = None
+    backoff_base_s: Optional[float] = None
+    backoff_max_s: Optional[float] = None
+    schema: Optional[dict] = None
+
+    @property
+    def origin(self):
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+    def payload_errors(self, payload):
+        """Messages for each way payload breaks the handler's schema (none when it fits)."""
+        if self.schema is None:
+            return []
+        validator = Draft202012Validator(self.schema)
+        return [_describe(error) for error in validator.iter_errors(payload)]
+
+
+def _describe(error):
+    where = "/".join(str(part) for part in error.absolute_path)
+    return f"{where or '(payload)'}: {error.message}"
+
+
+class Context:
+    """What a handler knows of its job: identity, attempt, a logger and `step`."""
+
+    def __init__(self, *, job_id, attempt, max_attempts, queue, idempotency_key, step):
+        self.job_id = job_id
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.queue = queue
+        self.idempotency_key = idempotency_key
+        self.log = logging.LoggerAdapter(
+            logging.getLogger("conveyor.handler"), {"job_id": job_id, "attempt": attempt})
+        self._step = step
+
+    def step(self, name, fn):
+        """Run fn once per job across all attempts; later attempts get the stored result."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("step name must be a non-empty string")
+        return self._step(name, fn)
+
+
+_registry: dict = {}
+
+
+def handler(name, *, queue=None, max_attempts=None, timeout_s=None,
+            backoff_base_s=None, backoff_max_s=None, schema=None):
+    """Register the decorated function as the handler of job type `name`."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise HandlerError(f"job type name {name!r} must match {NAME_PATTERN.pattern}")
+    _check_positive(name, "max_attempts", max_attempts, integer=True)
+    _check_positive(name, "timeout_s", timeout_s)
+    _check_positive(name, "backoff_base_s", backoff_base_s, zero_ok=True)
+    _check_positive(name, "backoff_max_s", backoff_max_s, zero_ok=True)
+    if schema is not None:
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            raise HandlerError(f"job type {name!r} has an invalid schema: {exc.message}") from None
+
+    def register(fn):
+        entry = Handler(name, fn, queue, max_attempts, timeout_s, backoff_base_s,
+                        backoff_max_s, schema)
+        existing = _registry.get(name)
+        if existing is not None and existing.origin != entry.origin:
+            raise HandlerError(
+                f"job type {name!r} is registered twice: by {existing.origin} and by {entry.origin}")
+        _registry[name] = entry
+        return fn
+
+    return register
+
+
+def _check_positive(name, option, value, *, integer=False, zero_ok=False):
+    if value is None:
+        return
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or value < 0 or (value == 0 and not zero_ok):
+        raise HandlerError(f"job type {name!r}: {option} must be a positive number, got {value!r}")
+
+
+def get(name):
+    return _registry.get(name)
+
+
+def registered():
+    return dict(_registry)
+
+
+def load(extra_paths=()):
+    """Import every handler module: this folder's, then each folder in extra_paths."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for filename in _modules_in(here):
+        _import(f"{__name__}.{filename[:-3]}", os.path.join(here, filename))
+    for folder in extra_paths:
+        folder = os.path.abspath(folder)
+        if folder == here:
+            continue
+        tag = re.sub(r"\W", "_", folder)
+        for filename in _modules_in(folder):
+            _import(f"conveyor_handlers.{tag}.{filename[:-3]}", os.path.join(folder, filename))
+    return registered()
+
+
+def _modules_in(folder):
+    if not os.path.isdir(folder):
+        raise HandlerError(f"handler folder {folder} does not exist")
+    return sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+
+
+def _import(module_name, path):
+    if module_name in sys.modules:
+        return
+    try:
+        if module_name.startswith(f"{__name__}."):
+            importlib.import_module(module_name)
+            return
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    except HandlerError:
+        raise
+    except SyntaxError as exc:
+        raise HandlerError(
+            f"handler module {path} has a syntax error at line {exc.lineno}: {exc.msg}") from None
+    except Exception as exc:
+        raise HandlerError(
+            f"handler module {path} failed to import: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,626 @@
+"""Core job operations: the one owner of every job state change.
+
+Enqueue, claim, heartbeat, finish (succeed, retry, dead-letter), reap, cancel, DLQ
+retry/discard and prune live here; routes, CLI commands, the supervisor and its workers
+only call them. Every UPDATE that moves a job names the state, attempt and lease it
+expects, and "0 rows" means someone else owns the job now: that is the fencing of SPEC §4.
+"""
+import base64
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import peewee as pw
+from jsonschema import Draft202012Validator
+
+import handlers
+from config import settings
+from models import Attempt, Job, Step, Worker, db, is_postgres, now
+
+PENDING = ("available", "scheduled", "retryable")
+FINAL = ("succeeded", "dead", "cancelled")
+STATUSES = ("scheduled", "available", "running", "succeeded", "retryable", "dead", "cancelled")
+ATTEMPT_STATUSES = ("running", "succeeded", "failed", "timed_out", "crashed", "interrupted",
+                    "cancelled")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
+MAX_LIMIT = 500
+MAX_BATCH = 1000
+
+
+class JobError(Exception):
+    """An expected refusal, carrying the HTTP status a route should answer with."""
+    status = 400
+    title = "Bad request"
+
+    def __init__(self, detail, errors=None):
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+
+class Invalid(JobError):
+    status, title = 422, "Invalid job"
+
+
+class NotFound(JobError):
+    status, title = 404, "Not found"
+
+
+class Conflict(JobError):
+    status, title = 409, "Conflict"
+
+
+class TooLarge(JobError):
+    status, title = 413, "Payload too large"
+
+
+# ---------------------------------------------------------------------------- submission
+
+SUBMISSION_SCHEMA = {
+    "type": "object",
+    "required": ["type"],
+    "additionalProperties": False,
+    "properties": {
+        "type": {"type": "string", "minLength": 1, "maxLength": 100},
+        "payload": {"type": "object"},
+        "queue": {"type": "string", "pattern": NAME_PATTERN},
+        "priority": {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000},
+        "run_at": {"type": "string", "format": "date-time", "maxLength": 64},
+        "delay_s": {"type": "number", "minimum": 0, "maximum": 10 * 365 * 86400},
+        "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 7 * 86400},
+        "backoff": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "base_s": {"type": "number", "minimum": 0, "maximum": 7 * 86400},
+                "max_s": {"type": "number", "minimum": 0, "maximum": 30 * 86400},
+            },
+        },
+        "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 255,
+                            "pattern": r"^[\x20-\x7e]+$"},
+    },
+}
+_submission_validator = Draft202012Validator(SUBMISSION_SCHEMA)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated submission with every default resolved (the job's effective values)."""
+    type: str
+    payload: dict
+    queue: str
+    priority: int
+    run_at: Optional[float]
+    delay_s: float
+    max_attempts: int
+    timeout_s: float
+    backoff_base_s: float
+    backoff_max_s: float
+    idempotency_key: Optional[str] = None
+    request_hash: Optional[str] = None
+
+
+def parse_time(text, name="run_at"):
+    """An RFC 3339 string with any offset, as UTC epoch seconds."""
+    try:
+        parsed = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except (ValueError, AttributeError):
+        raise Invalid(f"{name} is not an RFC 3339 time: {text!r}") from None
+    if parsed.tzinfo is None:
+        raise Invalid(f"{name} needs a UTC offset (e.g. 2030-01-01T09:00:00Z): {text!r}")
+    return parsed.timestamp()
+
+
+def request_fingerprint(body):
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def validate_submission(body, idempotency_key=None):
+    """Check one submission and resolve its defaults; raise Invalid or TooLarge."""
+    if not isinstance(body, dict):
+        raise Invalid("a job must be a JSON object", [f"(job): must be an object"])
+    errors = [f"{'/'.join(map(str, e.absolute_path)) or '(job)'}: {e.message}"
+              for e in _submission_validator.iter_errors(body)]
+    if errors:
+        raise Invalid("the job is not valid", errors)
+    if "run_at" in body and "delay_s" in body:
+        raise Invalid("give run_at or delay_s, not both", ["run_at: not allowed with delay_s"])
+    handler = handlers.get(body["type"])
+    if handler is None:
+        raise Invalid(f"unknown job type {body['type']!r}", [f"type: {body['type']!r} is not registered"])
+    payload = body.get("payload", {})
+    size = len(json.dumps(payload, separators=(",", ":")).encode())
+    limit = settings().max_payload_bytes
+    if size > limit:
+        raise TooLarge(f"the payload is {size} bytes, over the limit of {limit}")
+    payload_errors = handler.payload_errors(payload)
+    if payload_errors:
+        raise Invalid(f"the payload does not match the schema of {handler.name!r}",
+                      [f"payload/{e}" for e in payload_errors])
+    conf = settings()
+    backoff = body.get("backoff", {})
+    base = _first(backoff.get("base_s"), handler.backoff_base_s, conf.backoff_base_s)
+    cap = _first(backoff.get("max_s"), handler.backoff_max_s, conf.backoff_max_s)
+    if cap < base:
+        raise Invalid("backoff max_s must be at least base_s", ["backoff/max_s: below base_s"])
+    key = body.get("idempotency_key", idempotency_key)
+    return NewJob(
+        type=handler.name,
+        payload=payload,
+        queue=_first(body.get("queue"), handler.queue, "default"),
+        priority=int(body.get("priority", 0)),
+        run_at=parse_time(body["run_at"]) if "run_at" in body else None,
+        delay_s=float(body.get("delay_s", 0)),
+        max_attempts=int(_first(body.get("max_attempts"), handler.max_attempts,
+                                conf.default_max_attempts)),
+        timeout_s=float(_first(body.get("timeout_s"), handler.timeout_s, conf.default_timeout_s)),
+        backoff_base_s=float(base),
+        backoff_max_s=float(cap),
+        idempotency_key=key,
+        request_hash=request_fingerprint(body) if key is not None else None,
+    )
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+# ---------------------------------------------------------------------------- enqueue
+
+def db_time():
+    """The database's clock, in epoch seconds (SQLite lives on this host: its clock is ours)."""
+    if is_postgres():
+        return db.execute_sql("SELECT extract(epoch from clock_timestamp())::float8").fetchone()[0]
+    return time.time()
+
+
+def enqueue(new_jobs, api_key_id=None):
+    """Insert jobs in one transaction; return [(job, created)] in the order given.
+
+    A job with an idempotency key that this API key already used returns the existing
+    job (created=False) when the request matches, and raises Conflict when it differs;
+    the unique index decides, so concurrent identical requests make one job.
+    """
+    with db.atomic():
+        current = db_time()
+        rows = [_row(new, current, api_key_id) for new in new_jobs]
+        ids = [None] * len(rows)
+        plain = [i for i, new in enumerate(new_jobs) if new.idempotency_key is None]
+        if plain:
+            inserted = (Job.insert_many([rows[i] for i in plain]).returning(Job.id)
+                        .execute())
+            for i, job_id in zip(plain, sorted(r.id for r in inserted)):
+                ids[i] = job_id
+        created = [True] * len(rows)
+        conflicts = []
+        for i, new in enumerate(new_jobs):
+            if new.idempotency_key is None:
+                continue
+            inserted = list(Job.insert(rows[i]).on_conflict(action="NOTHING")
+                            .returning(Job.id).execute())
+            if inserted:
+                ids[i] = inserted[0].id
+                continue
+            existing = (Job.select(Job.id, Job.request_hash)
+                        .where(pw.fn.COALESCE(Job.api_key_id, 0) == (api_key_id or 0),
+                               Job.idempotency_key == new.idempotency_key).first())
+            if existing is None:
+                raise Conflict("the job could not be stored; try again")
+            if existing.request_hash != new.request_hash:
+                conflicts.append(i)
+            ids[i], created[i] = existing.id, False
+        if conflicts:
+            raise Conflict("an idempotency key was already used for a different job",
+                           [f"{i}: idempotency key {new_jobs[i].idempotency_key!r} was used "
+                            f"for a different request (job {ids[i]})" for i in conflicts])
+        by_id = {job.id: job for job in Job.select().where(Job.id.in_(ids))}
+    return [(by_id[job_id], was_created) for job_id, was_created in zip(ids, created)]
+
+
+def _row(new, current, api_key_id):
+    run_at = new.run_at if new.run_at is not None else current + new.delay_s
+    return {
+        "type": new.type, "queue": new.queue, "payload": new.payload,
+        "priority": new.priority, "run_at": run_at,
+        "status": "scheduled" if run_at > current else "available",
+        "max_attempts": new.max_attempts, "timeout_s": new.timeout_s,
+        "backoff_base_s": new.backoff_base_s, "backoff_max_s": new.backoff_max_s,
+        "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
+        "api_key_id": api_key_id, "created_at": current,
+    }
+
+
+# ---------------------------------------------------------------------------- claim
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    supervisor_id: str
+    host: str
+    pid: int
+    queues: tuple = ()
+
+
+def claim(worker, limit=1):
+    """Lease up to `limit` due jobs to `worker`, starting a new attempt of each."""
+    if not is_postgres() and not _any_due(worker.queues):
+        return []  # spare SQLite's single write lock when there is nothing to take
+    candidates = (Job.select(Job.id)
+                  .where(Job.status.in_(PENDING), Job.run_at <= now())
+                  .order_by(Job.priority, Job.run_at, Job.id)
+                  .limit(limit))
+    if worker.queues:
+        candidates = candidates.where(Job.queue.in_(worker.queues))
+    if is_postgres():
+        candidates = candidates.for_update("FOR UPDATE SKIP LOCKED")
+    with db.atomic():
+        claimed = list(Job.update(status="running", attempt=Job.attempt + 1,
+                                  lease_owner=worker.id, heartbeat_at=now(), started_at=now())
+                       .where(Job.id.in_(candidates))
+                       .returning(Job).execute())
+        if claimed:
+            Attempt.insert_many([{
+                "job_id": job.id, "number": job.attempt, "status": "running",
+                "worker_id": worker.id, "host": worker.host, "pid": worker.pid,
+                "started_at": job.started_at} for job in claimed]).execute()
+    claimed.sort(key=lambda job: (job.priority, job.run_at, job.id))
+    return claimed
+
+
+def _any_due(queues):
+    query = Job.select(Job.id).where(Job.status.in_(PENDING), Job.run_at <= now())
+    if queues:
+        query = query.where(Job.queue.in_(queues))
+    return query.exists()
+
+
+def stage_due():
+    """Mark scheduled and retryable jobs whose time has come `available` (claim takes them
+    either way; this keeps the stored status true for readers)."""
+    return (Job.update(status="available")
+            .where(Job.status.in_(("scheduled", "retryable")), Job.run_at <= now())
+            .execute())
+
+
+# ---------------------------------------------------------------------------- heartbeat
+
+def heartbeat(worker, job=None):
+    """Renew the worker's registration and its job's lease; False when the lease is lost."""
+    with db.atomic():
+        updated = (Worker.update(last_heartbeat_at=now(),
+                                 current_job_id=job.id if job is not None else None)
+                   .where(Worker.id == worker.id).execute())
+        if not updated:
+            register_worker(worker)
+        if job is None:
+            return True
+        return bool(Job.update(heartbeat_at=now())
+                    .where(_holds(job)).execute())
+
+
+def _holds(job):
+    """The SQL condition "job is still running this attempt under this lease"."""
+    return ((Job.id == job.id) & (Job.status == "running")
+            & (Job.attempt == job.attempt) & (Job.lease_owner == job.lease_owner))
+
+
+def lease_held(job):
+    return Job.select(Job.id).where(_holds(job)).exists()
+
+
+# ---------------------------------------------------------------------------- outcomes
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended: its attempt status plus what the retry policy needs."""
+    status: str
+    result: Any = None
+    error_type: Optional[str] = None
+    error_message: Optional[str] = None
+    traceback: Optional[str] = None
+    retry_in: Optional[float] = None
+    permanent: bool = False
+
+    @property
+    def error(self):
+        if self.error_type is None:
+            return None
+        return f"{self.error_type}: {self.error_message}" if self.error_message else self.error_type
+
+
+@dataclass(frozen=True)
+class Transition:
+    status: str
+    delay_s: Optional[float] = None
+    dead_reason: Optional[str] = None
+
+
+def backoff_delay(attempts_used, base_s, max_s, rand=random.random):
+    """Exponential backoff with full jitter: random(0, min(max, base * 2**(n-1)))."""
+    exponent = min(attempts_used - 1, 1024)
+    return rand() * min(max_s, base_s * math.pow(2, exponent))
+
+
+def next_transition(job, outcome):
+    """The retry policy: where a running job goes when its attempt ends with outcome."""
+    if outcome.status == "succeeded":
+        return Transition("succeeded")
+    if outcome.status == "cancelled":
+        return Transition("cancelled")
+    if outcome.permanent:
+        return Transition("dead", dead_reason="permanent")
+    attempts_used = job.attempt - job.attempt_base
+    if attempts_used >= job.max_attempts:
+        return Transition("dead", dead_reason="max_attempts")
+    if outcome.retry_in is not None:
+        return Transition("retryable", delay_s=outcome.retry_in)
+    if outcome.status == "interrupted":
+        return Transition("retryable", delay_s=0.0)
+    return Transition("retryable", delay_s=backoff_delay(
+        attempts_used, job.backoff_base_s, job.backoff_max_s))
+
+
+def report(job, outcome):
+    """A worker reports its attempt's outcome. False when its lease was lost: the outcome
+    is refused, the attempt is marked fenced and the job is left as it is."""
+    with db.atomic():
+        if _finish(job, outcome, _holds(job)):
+            return True
+        recorded = Attempt.get_or_none(Attempt.job_id == job.id, Attempt.number == job.attempt)
+        if recorded is not None and recorded.status == outcome.status:
+            return True  # our own report committed before the connection dropped; a retry
+        (Attempt.update(fenced=True)
+         .where(Attempt.job_id == job.id, Attempt.number == job.attempt).execute())
+        return False
+
+
+def end_attempts(worker_id, outcome, job_id=None):
+    """A supervisor ends the running attempts of its worker (crash, timeout, shutdown
+    kill, cancellation); returns the jobs it ended."""
+    query = Job.select().where(Job.status == "running", Job.lease_owner == worker_id)
+    if job_id is not None:
+        query = query.where(Job.id == job_id)
+    ended = []
+    for job in query:
+        with db.atomic():
+            if _finish(job, outcome, _holds(job)):
+                ended.append(job)
+    return ended
+
+
+def reap_expired(lease_s, limit=100):
+    """Mark attempts whose heartbeat is older than the lease `crashed`; any process may call
+    this. The guard re-checks staleness, so a heartbeat that lands first wins."""
+    stale = (Job.select()
+             .where(Job.status == "running", Job.heartbeat_at < now() - lease_s)
+             .order_by(Job.heartbeat_at).limit(limit))
+    outcome = Outcome("crashed", error_type="LeaseExpired",
+                      error_message=f"no heartbeat for over {lease_s:g}s: worker or host lost")
+    reaped = []
+    for job in stale:
+        with db.atomic():
+            if _finish(job, outcome, _holds(job) & (Job.heartbeat_at < now() - lease_s)):
+                reaped.append(job)
+    return reaped
+
+
+def _finish(job, outcome, guard):
+    """Apply the retry policy to a running job under guard; True if this call moved it."""
+    move = next_transition(job, outcome)
+    changes = {"status": move.status, "lease_owner": None, "heartbeat_at": None,
+               "finished_at": now() if move.status in FINAL else None}
+    if move.status == "succeeded":
+        changes["result"] = outcome.result
+    else:
+        # A cancellation requested while the attempt ran wins over a retry or dead letter.
+        requested = Job.cancel_requested_at.is_null(False)
+        changes["status"] = pw.Case(None, [(requested, "cancelled")], move.status)
+        changes["finished_at"] = pw.Case(None, [(requested, now())], changes["finished_at"])
+        changes["dead_reason"] = pw.Case(None, [(requested, None)], move.dead_reason)
+    if outcome.error is not None:
+        changes["last_error"] = outcome.error
+    if move.delay_s is not None:
+        changes["run_at"] = now() + move.delay_s
+    if not Job.update(**changes).where(guard).execute():
+        return False
+    (Attempt.update(status=outcome.status, finished_at=now(), error_type=outcome.error_type,
+                    error_message=outcome.error_message, traceback=outcome.traceback)
+     .where(Attempt.job_id == job.id, Attempt.number == job.attempt,
+            Attempt.status == "running").execute())
+    return True
+
+
+# ---------------------------------------------------------------------------- steps
+
+class LeaseLost(Exception):
+    """This attempt no longer holds its job: another attempt may be running it."""
+
+
+def load_step(job_id, name):
+    """(True, result) when a step of this job already ran, else (False, None)."""
+    step = Step.get_or_none(Step.job_id == job_id, Step.name == name)
+    return (True, step.result) if step is not None else (False, None)
+
+
+def save_step(job, name, result):
+    """Store a step's result, only while job's lease is held; raise LeaseLost otherwise."""
+    stored = (Step.insert_from(
+        Job.select(Job.id, pw.Value(name), pw.Value(json.dumps(result)), Job.attempt, now())
+        .where(_holds(job)),
+        [Step.job_id, Step.name, Step.result, Step.attempt, Step.created_at])
+        .on_conflict(action="NOTHING").execute())
+    if not _rowcount(stored):
+        found, existing = load_step(job.id, name)
+        if not found or not lease_held(job):
+            raise LeaseLost(f"job {job.id} attempt {job.attempt} lost its lease")
+        return existing
+    return result
+
+
+def _rowcount(result):
+    return result if isinstance(result, int) else getattr(result, "rowcount", 0) or 0
+
+
+# ---------------------------------------------------------------------------- workers
+
+def register_worker(worker):
+    Worker.insert(id=worker.id, supervisor_id=worker.supervisor_id, host=worker.host,
+                  pid=worker.pid, queues=list(worker.queues), started_at=now(),
+                  last_heartbeat_at=now()).on_conflict(action="NOTHING").execute()
+
+
+def deregister_worker(worker_id):
+    Worker.delete().where(Worker.id == worker_id).execute()
+
+
+def forget_stale_workers(lease_s):
+    """Drop registrations whose heartbeat is older than the lease (their host is gone)."""
+    return Worker.delete().where(Worker.last_heartbeat_at < now() - lease_s).execute()
+
+
+def live_workers(lease_s):
+    return list(Worker.select().where(Worker.last_heartbeat_at >= now() - lease_s)
+                .order_by(Worker.started_at))
+
+
+# ---------------------------------------------------------------------------- cancel, DLQ
+
+def get_job(job_id, api_key_id=None):
+    """The job, or NotFound (also for another API key's job: 404, not 403)."""
+    if not isinstance(job_id, int) or not 0 < job_id < 2 ** 63:
+        raise NotFound(f"job {job_id} not found")
+    query = Job.select().where(Job.id == job_id)
+    if api_key_id is not None:
+        query = query.where(Job.api_key_id == api_key_id)
+    job = query.first()
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def attempts_of(job_id):
+    return list(Attempt.select().where(Attempt.job_id == job_id).order_by(Attempt.number))
+
+
+def cancel(job_id, api_key_id=None):
+    """Cancel a job: at once if it is waiting; a running one is flagged and its supervisor
+    stops the worker. Returns (job, stopped_now)."""
+    get_job(job_id, api_key_id)
+    with db.atomic():
+        if (Job.update(status="cancelled", finished_at=now())
+                .where(Job.id == job_id, Job.status.in_(PENDING)).execute()):
+            return get_job(job_id), True
+        if (Job.update(cancel_requested_at=pw.fn.COALESCE(Job.cancel_requested_at, now()))
+                .where(Job.id == job_id, Job.status == "running").execute()):
+            return get_job(job_id), False
+    job = get_job(job_id)
+    raise Conflict(f"job {job_id} is {job.status} and cannot be cancelled")
+
+
+def cancellations(worker_ids):
+    """Running jobs of these workers whose cancellation was requested."""
+    if not worker_ids:
+        return []
+    return list(Job.select(Job.id, Job.attempt, Job.lease_owner)
+                .where(Job.status == "running", Job.lease_owner.in_(list(worker_ids)),
+                       Job.cancel_requested_at.is_null(False)))
+
+
+def dlq_retry(job_id):
+    """Send a dead job back to `available` with a fresh attempt budget; history is kept."""
+    with db.atomic():
+        moved = (Job.update(status="available", run_at=now(), attempt_base=Job.attempt,
+                            finished_at=None, dead_reason=None)
+                 .where(Job.id == job_id, Job.status == "dead").execute())
+        return _dlq_result(job_id, moved)
+
+
+def dlq_discard(job_id):
+    """Discard a dead job: it becomes `cancelled`, its history kept until pruned."""
+    with db.atomic():
+        moved = (Job.update(status="cancelled", finished_at=now())
+                 .where(Job.id == job_id, Job.status == "dead").execute())
+        return _dlq_result(job_id, moved)
+
+
+def _dlq_result(job_id, moved):
+    job = get_job(job_id)
+    if not moved:
+        raise Conflict(f"job {job_id} is {job.status}, not in the dead-letter queue")
+    return job
+
+
+# ---------------------------------------------------------------------------- listing
+
+def encode_cursor(last_id):
+    return base64.urlsafe_b64encode(json.dumps({"before": last_id}).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor):
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        value = json.loads(base64.urlsafe_b64decode(padded.encode()))["before"]
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    except (ValueError, TypeError, KeyError, UnicodeError):
+        pass
+    raise Invalid("cursor is not one this server issued", ["cursor: invalid"])
+
+
+def list_jobs(*, status=None, type=None, queue=None, api_key_id=None, limit=50, cursor=None):
+    """A page of jobs, newest first: (jobs, next_cursor or None)."""
+    if status is not None and status not in STATUSES:
+        raise Invalid(f"unknown status {status!r}", [f"status: must be one of {', '.join(STATUSES)}"])
+    if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise Invalid(f"limit must be between 1 and {MAX_LIMIT}", ["limit: out of range"])
+    query = Job.select()
+    for column, value in ((Job.status, status), (Job.type, type), (Job.queue, queue),
+                          (Job.api_key_id, api_key_id)):
+        if value is not None:
+            query = query.where(column == value)
+    if cursor:
+        query = query.where(Job.id < decode_cursor(cursor))
+    page = list(query.order_by(Job.id.desc()).limit(limit + 1))
+    next_cursor = encode_cursor(page[limit - 1].id) if len(page) > limit else None
+    return page[:limit], next_cursor
+
+
+def stats(lease_s):
+    """Counts by queue and status, the age of the oldest available job, live workers."""
+    queues, totals = {}, {}
+    rows = (Job.select(Job.queue, Job.status, pw.fn.COUNT(Job.id).alias("n"))
+            .group_by(Job.queue, Job.status).tuples())
+    for queue, status, count in rows:
+        queues.setdefault(queue, {})[status] = count
+        totals[status] = totals.get(status, 0) + count
+    oldest = (Job.select(pw.fn.MIN(Job.run_at)).where(Job.status.in_(PENDING), Job.run_at <= now())
+              .scalar())
+    age = max(0.0, db_time() - oldest) if oldest is not None else 0.0
+    alive = Worker.select().where(Worker.last_heartbeat_at >= now() - lease_s).count()
+    return {"queues": queues, "totals": totals, "oldest_available_age_s": round(age, 3),
+            "workers_alive": alive}
+
+
+def prune(older_than_s, batch=1000):
+    """Delete succeeded and cancelled jobs finished more than older_than_s ago, with their
+    attempts and steps; dead jobs stay until retried or discarded. Returns the count."""
+    cutoff = db_time() - older_than_s
+    removed = 0
+    while True:
+        with db.atomic():
+            ids = [j.id for j in Job.select(Job.id)
+                   .where(Job.status.in_(("succeeded", "cancelled")), Job.finished_at < cutoff)
+                   .limit(batch)]
+            if not ids:
+                return removed
+            Attempt.delete().where(Attempt.job_id.in_(ids)).execute()
+            Step.delete().where(Step.job_id.in_(ids)).execute()
+            removed += Job.delete().where(Job.id.in_(ids),
+                                          Job.status.in_(("succeeded", "cancelled"))).execute()

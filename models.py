@@ -1,0 +1,185 @@
+"""Peewee models and the database connection.
+
+One database for every process, chosen by DATABASE_URL: SQLite (WAL, busy timeout) by
+default, PostgreSQL for production. Times are stored as UTC epoch seconds (float) and
+read from the database's clock (`now()`), so hosts with skewed clocks agree on leases.
+"""
+import json
+import os
+
+import peewee as pw
+from playhouse.db_url import connect as connect_url
+
+from config import ConfigError
+
+db = pw.DatabaseProxy()
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+
+
+def open_database(url):
+    """Point `db` at the database named by url (no connection is made yet)."""
+    if url.startswith("sqlite"):
+        database = connect_url(url, pragmas={
+            "journal_mode": "wal",
+            "busy_timeout": 30_000,
+            "synchronous": "full",
+        }, timeout=30, lock_type="IMMEDIATE")  # every transaction takes the write lock up front
+    else:
+        database = connect_url(
+            url.replace("postgres://", "postgresql://", 1),
+            connect_timeout=5, keepalives=1, keepalives_idle=5,
+            keepalives_interval=2, keepalives_count=3,
+            application_name="conveyor")
+    db.initialize(database)
+    return database
+
+
+def is_postgres():
+    return isinstance(db.obj, pw.PostgresqlDatabase)
+
+
+def now():
+    """The database's clock as epoch seconds, as an SQL expression."""
+    if is_postgres():
+        return pw.SQL("extract(epoch from clock_timestamp())::float8")
+    return pw.SQL("((julianday('now') - 2440587.5) * 86400.0)")
+
+
+def check_connection():
+    """Raise ConfigError with one line when the database cannot be reached."""
+    try:
+        db.connect(reuse_if_open=True)
+        db.execute_sql("SELECT 1")
+    except pw.DatabaseError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot reach the database ({describe()}): {reason}") from None
+
+
+def reset_connection():
+    """Drop this thread's connection after an error; the next query opens a new one."""
+    try:
+        db.close()
+    except Exception:  # closing a broken connection may itself fail; the state is reset anyway
+        pass
+
+
+DB_ERRORS = (pw.DatabaseError, pw.InterfaceError)
+
+
+def describe():
+    """Where the database is, without credentials."""
+    database = db.obj
+    if isinstance(database, pw.SqliteDatabase):
+        return f"sqlite file {database.database}"
+    params = database.connect_params
+    return f"postgresql {params.get('host', 'localhost')}:{params.get('port', 5432)}/{database.database}"
+
+
+def upgrade():
+    """Create or migrate the schema; safe when several processes start at once.
+
+    PostgreSQL serialises migrators on an advisory lock, SQLite on its write lock
+    (BEGIN IMMEDIATE); each migration is recorded by name, so a second runner finds
+    nothing left to do.
+    """
+    from playhouse.migrations import Runner
+
+    database = db.obj
+    with database.connection_context():
+        if is_postgres():
+            with database.atomic():
+                database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (0x636F6E76,))
+                return Runner(database, MIGRATIONS_DIR).up()
+        with database.atomic():
+            return Runner(database, MIGRATIONS_DIR).up()
+
+
+class JSONField(pw.TextField):
+    def db_value(self, value):
+        return None if value is None else json.dumps(value, separators=(",", ":"))
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class Job(BaseModel):
+    id = pw.BigAutoField()
+    type = pw.TextField()
+    queue = pw.TextField()
+    payload = JSONField()
+    priority = pw.IntegerField(default=0)
+    run_at = pw.DoubleField()
+    max_attempts = pw.IntegerField()
+    timeout_s = pw.DoubleField()
+    backoff_base_s = pw.DoubleField()
+    backoff_max_s = pw.DoubleField()
+    status = pw.TextField()
+    attempt = pw.IntegerField(default=0)
+    attempt_base = pw.IntegerField(default=0)  # attempts spent before the last DLQ retry
+    idempotency_key = pw.TextField(null=True)
+    request_hash = pw.TextField(null=True)
+    api_key_id = pw.BigIntegerField(null=True)
+    result = JSONField(null=True)
+    last_error = pw.TextField(null=True)
+    dead_reason = pw.TextField(null=True)
+    created_at = pw.DoubleField()
+    started_at = pw.DoubleField(null=True)
+    finished_at = pw.DoubleField(null=True)
+    lease_owner = pw.TextField(null=True)
+    heartbeat_at = pw.DoubleField(null=True)
+    cancel_requested_at = pw.DoubleField(null=True)
+
+    class Meta:
+        table_name = "jobs"
+
+
+class Attempt(BaseModel):
+    id = pw.BigAutoField()
+    job_id = pw.BigIntegerField()
+    number = pw.IntegerField()
+    status = pw.TextField()
+    worker_id = pw.TextField()
+    host = pw.TextField(null=True)
+    pid = pw.IntegerField(null=True)
+    started_at = pw.DoubleField()
+    finished_at = pw.DoubleField(null=True)
+    error_type = pw.TextField(null=True)
+    error_message = pw.TextField(null=True)
+    traceback = pw.TextField(null=True)
+    fenced = pw.BooleanField(default=False)
+
+    class Meta:
+        table_name = "attempts"
+
+
+class Step(BaseModel):
+    job_id = pw.BigIntegerField()
+    name = pw.TextField()
+    result = JSONField(null=True)
+    attempt = pw.IntegerField()
+    created_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "steps"
+        primary_key = pw.CompositeKey("job_id", "name")
+
+
+class Worker(BaseModel):
+    id = pw.TextField(primary_key=True)
+    supervisor_id = pw.TextField()
+    host = pw.TextField()
+    pid = pw.IntegerField()
+    queues = JSONField()
+    started_at = pw.DoubleField()
+    last_heartbeat_at = pw.DoubleField()
+    current_job_id = pw.BigIntegerField(null=True)
+
+    class Meta:
+        table_name = "workers"

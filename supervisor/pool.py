@@ -1,0 +1,309 @@
+"""The supervisor: forks worker processes, watches them, and runs the background duties.
+
+Single-threaded on purpose (forking is only safe so). Each tick it collects exited
+children and records what they held (`crashed` at once, without waiting for the lease),
+kills an attempt past its timeout or whose job was cancelled, respawns workers (backing
+off when one keeps dying) and runs its duties: reap expired leases, stage due jobs,
+forget dead workers, prune old history. On SIGTERM it stops claiming, lets running
+attempts finish within SHUTDOWN_GRACE_S, then kills the rest and records them
+`interrupted`.
+"""
+import logging
+import os
+import random
+import selectors
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import jobs
+from models import DB_ERRORS, reset_connection
+from supervisor import slots
+from supervisor.worker import WorkerProcess
+
+log = logging.getLogger("conveyor.supervisor")
+
+TICK_S = 0.1
+CRASH_WINDOW_S = 30.0   # a worker dying sooner than this after its start counts toward a crash loop
+MAX_RESPAWN_DELAY_S = 30.0
+
+
+@dataclass
+class Duty:
+    """A background chore run every interval_s (with jitter, so supervisors spread out)."""
+    name: str
+    interval_s: float
+    fn: Callable[[], object]
+    next_at: float = 0.0
+
+    def run_if_due(self, now_m):
+        if now_m < self.next_at:
+            return
+        self.next_at = now_m + self.interval_s * random.uniform(0.9, 1.1)
+        try:
+            self.fn()
+        except DB_ERRORS as exc:
+            log.warning("%s: database unavailable: %s", self.name, str(exc).strip()[:200])
+            reset_connection()
+        except Exception:
+            log.exception("%s failed", self.name)
+
+
+@dataclass
+class Child:
+    pid: int
+    worker: jobs.WorkerInfo
+    slot_index: int
+    started_m: float
+    stop_reason: Optional[str] = None      # why we killed it: timeout, cancel or shutdown
+    running: Optional[slots.Running] = None
+
+
+@dataclass
+class SlotState:
+    slot: slots.Slot
+    pid: Optional[int] = None
+    failures: int = 0
+    respawn_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, settings, concurrency, queues):
+        self.settings = settings
+        self.queues = tuple(queues)
+        self.id = f"s-{uuid.uuid4().hex[:12]}"
+        self.host = socket.gethostname()
+        self.slots = [SlotState(slot) for slot in slots.allocate(concurrency)]
+        self.children: dict[int, Child] = {}
+        self.stopping = False
+        self.hurry = False
+        self.duties = [
+            Duty("reaper", settings.heartbeat_s, self._reap),
+            Duty("stager", 1.0, jobs.stage_due),
+            Duty("cancellations", 0.5, self._stop_cancelled),
+            Duty("worker registry", settings.lease_s,
+                 lambda: jobs.forget_stale_workers(settings.lease_s)),
+        ]
+        if settings.retention_days > 0:
+            self.duties.append(Duty("pruner", 3600.0, self._prune,
+                                    next_at=time.monotonic() + 60.0))
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self):
+        self._install_signals()
+        log.info("supervisor %s starting %d workers (queues: %s)", self.id, len(self.slots),
+                 ",".join(self.queues) or "all")
+        while not self.stopping:
+            self._spawn_due()
+            self._wait(TICK_S)
+            self._collect_exits()
+            self._enforce_timeouts()
+            now_m = time.monotonic()
+            for duty in self.duties:
+                duty.run_if_due(now_m)
+        self._shutdown()
+        return 0
+
+    def _install_signals(self):
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+
+    def _request_stop(self, signum, _frame):
+        if self.stopping:
+            self.hurry = True  # a second signal: do not wait out the grace period
+        self.stopping = True
+
+    def _wait(self, timeout):
+        if self._selector.select(timeout):
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    # ------------------------------------------------------------------ children
+
+    def _spawn_due(self):
+        now_m = time.monotonic()
+        for index, state in enumerate(self.slots):
+            if state.pid is None and now_m >= state.respawn_at:
+                self._spawn(index)
+
+    def _spawn(self, index):
+        worker = jobs.WorkerInfo(id=f"w-{uuid.uuid4().hex[:12]}", supervisor_id=self.id,
+                                 host=self.host, pid=0, queues=self.queues)
+        state = self.slots[index]
+        state.slot.clear()
+        reset_connection()  # a child must never share the parent's database connection
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._become_child()
+                code = WorkerProcess(replace(worker, pid=os.getpid()), state.slot,
+                                     self.settings).run()
+            except BaseException:
+                log.exception("worker %s failed", worker.id)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        state.pid = pid
+        self.children[pid] = Child(pid, replace(worker, pid=pid), index, time.monotonic())
+        log.debug("worker %s started (pid %d)", worker.id, pid)
+
+    def _become_child(self):
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _collect_exits(self):
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self._on_exit(child, status)
+
+    def _on_exit(self, child, status):
+        state = self.slots[child.slot_index]
+        state.pid = None
+        outcome = self._outcome_of(child, status)
+        ended = self._end_attempts(child, outcome)
+        crashed = child.stop_reason is None and (status != 0 or ended)
+        if crashed:
+            log.warning("worker %s (pid %d) died: %s", child.worker.id, child.pid,
+                        outcome.error_message,
+                        extra={"job_id": ended[0].id} if ended else {})
+        if self.stopping:
+            return
+        now_m = time.monotonic()
+        if not crashed:
+            state.failures, state.respawn_at = 0, now_m
+            return
+        state.failures = state.failures + 1 if now_m - child.started_m < CRASH_WINDOW_S else 1
+        delay = 0.0 if state.failures <= 1 else min(MAX_RESPAWN_DELAY_S, 2.0 ** (state.failures - 2))
+        if delay:
+            log.warning("worker slot %d keeps dying (%d times in a row); restarting in %.0fs",
+                        child.slot_index, state.failures, delay)
+        state.respawn_at = now_m + delay
+
+    def _outcome_of(self, child, status):
+        running = child.running or self.slots[child.slot_index].slot.read()
+        if child.stop_reason == "timeout":
+            return jobs.Outcome("timed_out", error_type="Timeout",
+                                error_message=f"attempt ran past its timeout of "
+                                              f"{running.timeout_s:g}s and was killed")
+        if child.stop_reason == "cancel":
+            return jobs.Outcome("cancelled", error_type="Cancelled",
+                                error_message="cancelled while running; the worker was stopped")
+        if child.stop_reason == "shutdown":
+            return jobs.Outcome("interrupted", error_type="Interrupted",
+                                error_message=f"still running {self.settings.shutdown_grace_s:g}s "
+                                              f"after shutdown began; killed")
+        return jobs.Outcome("crashed", error_type="WorkerDied",
+                            error_message=f"worker process {child.pid} {describe_exit(status)}")
+
+    def _end_attempts(self, child, outcome):
+        try:
+            ended = jobs.end_attempts(child.worker.id, outcome)
+            jobs.deregister_worker(child.worker.id)
+            return ended
+        except DB_ERRORS as exc:
+            # The lease will expire and any supervisor's reaper will record it.
+            log.warning("could not record the end of worker %s: %s", child.worker.id,
+                        str(exc).strip()[:200])
+            reset_connection()
+            return []
+
+    def _kill(self, child, reason):
+        if child.stop_reason is not None:
+            return
+        child.stop_reason = reason
+        child.running = self.slots[child.slot_index].slot.read()
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _enforce_timeouts(self):
+        now_m = time.monotonic()
+        for child in list(self.children.values()):
+            running = self.slots[child.slot_index].slot.read()
+            if running is not None and now_m > running.deadline:
+                log.warning("attempt timed out after %gs; killing worker %s", running.timeout_s,
+                            child.worker.id, extra={"job_id": running.job_id})
+                self._kill(child, "timeout")
+
+    # ------------------------------------------------------------------ duties
+
+    def _reap(self):
+        for job in jobs.reap_expired(self.settings.lease_s):
+            log.warning("reaped attempt %d of job %d: lease expired (worker %s)", job.attempt,
+                        job.id, job.lease_owner, extra={"job_id": job.id, "attempt": job.attempt})
+
+    def _stop_cancelled(self):
+        busy = {child.worker.id: child for child in self.children.values()
+                if self.slots[child.slot_index].slot.read() is not None}
+        for job in jobs.cancellations(busy):
+            log.info("job %d cancelled while running; stopping worker %s", job.id, job.lease_owner,
+                     extra={"job_id": job.id})
+            self._kill(busy[job.lease_owner], "cancel")
+
+    def _prune(self):
+        removed = jobs.prune(self.settings.retention_days * 86400)
+        if removed:
+            log.info("pruned %d finished jobs older than %g days", removed,
+                     self.settings.retention_days)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _shutdown(self):
+        grace = self.settings.shutdown_grace_s
+        log.info("shutting down: stopping %d workers, waiting up to %gs for running attempts",
+                 len(self.children), grace)
+        for child in self.children.values():
+            _signal(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.children and time.monotonic() < deadline and not self.hurry:
+            self._wait(TICK_S)
+            self._collect_exits()
+            self._enforce_timeouts()
+        for child in list(self.children.values()):
+            self._kill(child, "shutdown")
+        while self.children:
+            pid, status = os.waitpid(-1, 0)
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self._on_exit(child, status)
+        log.info("supervisor %s stopped", self.id)
+
+
+def _signal(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def describe_exit(status):
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        return f"was killed by signal {signum} ({signal.Signals(signum).name})"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"

@@ -1,0 +1,51 @@
+"""Shared-memory slots: where each worker posts the attempt it is running.
+
+The supervisor reads them to enforce timeouts and to know what a dead worker held,
+without a pipe message (and a wake-up) per job. One writer per slot; a sequence
+number makes a read that raced a write retry instead of seeing a torn value.
+"""
+import mmap
+import struct
+from typing import NamedTuple, Optional
+
+_LAYOUT = struct.Struct("=Qqqdd")  # sequence, job id, attempt, deadline (monotonic), timeout
+
+
+class Running(NamedTuple):
+    job_id: int
+    attempt: int
+    deadline: float
+    timeout_s: float
+
+
+class Slot:
+    def __init__(self, memory, index):
+        self._memory = memory
+        self._offset = index * _LAYOUT.size
+
+    def start(self, job_id, attempt, deadline, timeout_s):
+        self._write(job_id, attempt, deadline, timeout_s)
+
+    def clear(self):
+        self._write(0, 0, 0.0, 0.0)
+
+    def read(self) -> Optional[Running]:
+        while True:
+            before, job_id, attempt, deadline, timeout_s = _LAYOUT.unpack_from(
+                self._memory, self._offset)
+            after = _LAYOUT.unpack_from(self._memory, self._offset)[0]
+            if before == after and before % 2 == 0:
+                return Running(job_id, attempt, deadline, timeout_s) if job_id else None
+
+    def _write(self, job_id, attempt, deadline, timeout_s):
+        sequence = _LAYOUT.unpack_from(self._memory, self._offset)[0]
+        struct.pack_into("=Q", self._memory, self._offset, sequence + 1)
+        _LAYOUT.pack_into(self._memory, self._offset, sequence + 1, job_id, attempt,
+                          deadline, timeout_s)
+        struct.pack_into("=Q", self._memory, self._offset, sequence + 2)
+
+
+def allocate(count):
+    """Slots in anonymous shared memory, inherited by every child forked afterwards."""
+    memory = mmap.mmap(-1, max(1, count) * _LAYOUT.size)
+    return [Slot(memory, i) for i in range(count)]

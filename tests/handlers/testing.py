@@ -1,0 +1,113 @@
+"""Job types for the test suite, steered by their payloads.
+
+Handlers that take `log` append one line per event to that file (a side-effect log the
+tests read): "<event> <job_id> <attempt> <pid> <time>". One short write with O_APPEND
+is atomic, so lines from concurrent workers never interleave.
+"""
+import os
+import signal
+import time
+
+from handlers import Permanent, RetryAfter, handler
+
+
+def record(payload, ctx, event):
+    path = payload.get("log")
+    if path:
+        line = f"{event} {ctx.job_id} {ctx.attempt} {os.getpid()} {time.time():.6f}\n"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+@handler("t.noop")
+def noop(payload, ctx):
+    record(payload, ctx, "run")
+    return {"job": ctx.job_id}
+
+
+@handler("t.sleep")
+def sleep(payload, ctx):
+    """Record start, sleep payload["s"] seconds, record end."""
+    record(payload, ctx, "start")
+    time.sleep(payload.get("s", 0))
+    record(payload, ctx, "end")
+    return {"slept": payload.get("s", 0)}
+
+
+@handler("t.wait_file")
+def wait_file(payload, ctx):
+    """Record start, then block until payload["file"] exists (the test's go signal)."""
+    record(payload, ctx, "start")
+    deadline = time.monotonic() + payload.get("max_s", 60)
+    while not os.path.exists(payload["file"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    record(payload, ctx, "end")
+    return {"waited": True}
+
+
+@handler("t.fail")
+def fail(payload, ctx):
+    record(payload, ctx, "run")
+    raise ValueError(payload.get("message", "boom"))
+
+
+@handler("t.flaky")
+def flaky(payload, ctx):
+    """Fail until attempt payload["succeed_on"]."""
+    record(payload, ctx, "run")
+    if ctx.attempt < payload.get("succeed_on", 2):
+        raise RuntimeError(f"flaky failure on attempt {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+@handler("t.permanent")
+def permanent(payload, ctx):
+    record(payload, ctx, "run")
+    raise Permanent(payload.get("message", "card declined"))
+
+
+@handler("t.retry_after")
+def retry_after(payload, ctx):
+    record(payload, ctx, "run")
+    if ctx.attempt < payload.get("succeed_on", 2):
+        raise RetryAfter(payload.get("s", 1.0))
+    return {"attempt": ctx.attempt}
+
+
+@handler("t.crash")
+def crash(payload, ctx):
+    """Kill our own worker process, on every attempt or until payload["succeed_on"]."""
+    record(payload, ctx, "run")
+    if ctx.attempt < payload.get("succeed_on", 10 ** 9):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"attempt": ctx.attempt}
+
+
+@handler("t.bad_result")
+def bad_result(payload, ctx):
+    return {"when": object()}
+
+
+@handler("t.step")
+def step(payload, ctx):
+    """A side effect in ctx.step, then a failure on attempts before payload["succeed_on"]."""
+    charge = ctx.step("charge", lambda: record(payload, ctx, "charge") or {"charged": ctx.attempt})
+    record(payload, ctx, "run")
+    if ctx.attempt < payload.get("succeed_on", 2):
+        raise RuntimeError("failed after the charge")
+    return charge
+
+
+@handler("t.schema", schema={"type": "object", "required": ["to"],
+                             "properties": {"to": {"type": "string"}}})
+def with_schema(payload, ctx):
+    return {"to": payload["to"]}
+
+
+@handler("t.ctx")
+def context(payload, ctx):
+    return {"job_id": ctx.job_id, "attempt": ctx.attempt, "max_attempts": ctx.max_attempts,
+            "queue": ctx.queue, "idempotency_key": ctx.idempotency_key}
