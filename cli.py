@@ -1,4 +1,4 @@
-"""The `flask` commands of SPEC §7: db, jobs, dlq, prune and audit.
+"""The `flask` commands of SPEC §7: db, jobs, dlq, schedules, prune and audit.
 
 Thin callers of the core, like the routes. Refusals print one line (`Error: ...`) and
 exit non-zero; commands that show or list take --json for one JSON document on stdout.
@@ -13,6 +13,7 @@ import audit
 import documents
 import jobs
 import models
+import schedules
 from config import settings
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -32,6 +33,16 @@ def refuse(exc):
     raise click.ClickException(f"{exc.detail}{details}")
 
 
+def json_object(text, option="--payload"):
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=option)
+    return value
+
+
 def emit(document):
     click.echo(json.dumps(document, indent=2))
 
@@ -39,6 +50,7 @@ def emit(document):
 db_group = AppGroup("db", help="Manage the database schema.")
 jobs_group = AppGroup("jobs", help="Submit, show and list jobs.")
 dlq_group = AppGroup("dlq", help="The dead-letter queue.")
+schedules_group = AppGroup("schedules", help="Recurring jobs on a cron schedule.")
 
 
 @db_group.command("upgrade")
@@ -60,10 +72,7 @@ def db_upgrade():
 @click.option("--idempotency-key")
 def jobs_submit(type, payload, **options):
     """Submit a job; prints its id."""
-    try:
-        body = {"type": type, "payload": json.loads(payload)}
-    except ValueError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--payload") from None
+    body = {"type": type, "payload": json_object(payload)}
     body.update({name: value for name, value in options.items() if value is not None})
     try:
         [(job, _)] = jobs.enqueue([jobs.validate_submission(body)])
@@ -171,6 +180,100 @@ def dlq_discard(job_id):
     click.echo(f"job {job_id} discarded")
 
 
+@schedules_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def schedules_list(as_json):
+    """All schedules with their next run."""
+    page, cursor, rows = None, None, []
+    while True:
+        page, cursor = schedules.list_schedules(limit=jobs.MAX_LIMIT, cursor=cursor)
+        rows.extend(page)
+        if cursor is None:
+            break
+    if as_json:
+        return emit(documents.page([documents.schedule(s) for s in rows], None))
+    click.echo(f"{'name':<24} {'cron':<16} {'timezone':<16} {'type':<20} {'overlap':<7} next run")
+    for row in rows:
+        doc = documents.schedule(row)
+        click.echo(f"{row.name:<24} {row.cron:<16} {row.timezone:<16} {row.type:<20} "
+                   f"{row.overlap:<7} {doc['next_run_at'] or 'paused'}")
+
+
+@schedules_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def schedules_show(name, as_json):
+    """A schedule, its next run times and its recent runs."""
+    try:
+        row = schedules.get(name)
+    except jobs.JobError as exc:
+        refuse(exc)
+    document = documents.schedule(row, schedules.upcoming(row), schedules.recent_runs(name))
+    if as_json:
+        return emit(document)
+    runs = document.pop("recent_runs")
+    for key, value in document.items():
+        shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+        click.echo(f"{key:>12}: {'' if shown is None else shown}")
+    for run in runs:
+        job = f"job {run['job_id']} ({run['job_status'] or 'pruned'})" if run["job_id"] else ""
+        click.echo(f"  {run['slot']}  {run['outcome']:<8} {job} {run['reason'] or ''}".rstrip())
+
+
+@schedules_group.command("add")
+@click.argument("name")
+@click.option("--cron", required=True, help="5-field cron expression, e.g. '*/5 * * * *'.")
+@click.option("--type", "type_", required=True, help="The job type each run enqueues.")
+@click.option("--payload", default="{}", help="The payload of each job, a JSON object.")
+@click.option("--timezone", default="UTC", help="IANA timezone the cron is read in.")
+@click.option("--overlap", type=click.Choice(["skip", "allow"]), default="skip")
+@click.option("--queue")
+@click.option("--priority", type=int)
+@click.option("--paused", is_flag=True, help="Create it paused.")
+def schedules_add(name, cron, type_, payload, **options):
+    """Add a recurring schedule; it first fires at its next slot."""
+    body = {"name": name, "cron": cron, "type": type_, "payload": json_object(payload)}
+    body.update({key: value for key, value in options.items() if value not in (None, False)})
+    try:
+        row = schedules.create(body)
+    except jobs.JobError as exc:
+        refuse(exc)
+    click.echo(f"schedule {row.name} added; next run {documents.timestamp(row.next_run_at)}")
+
+
+@schedules_group.command("remove")
+@click.argument("name")
+def schedules_remove(name):
+    """Delete a schedule (jobs it already enqueued stay)."""
+    try:
+        schedules.remove(name)
+    except jobs.JobError as exc:
+        refuse(exc)
+    click.echo(f"schedule {name} removed")
+
+
+@schedules_group.command("pause")
+@click.argument("name")
+def schedules_pause(name):
+    """Stop firing a schedule until it is resumed."""
+    try:
+        schedules.set_paused(name, True)
+    except jobs.JobError as exc:
+        refuse(exc)
+    click.echo(f"schedule {name} paused")
+
+
+@schedules_group.command("resume")
+@click.argument("name")
+def schedules_resume(name):
+    """Fire a paused schedule again, from its next slot (missed slots are not replayed)."""
+    try:
+        row = schedules.set_paused(name, False)
+    except jobs.JobError as exc:
+        refuse(exc)
+    click.echo(f"schedule {name} resumed; next run {documents.timestamp(row.next_run_at)}")
+
+
 @click.command("prune")
 @click.option("--older-than", help="Age like 30s, 15m, 12h or 7d (default RETENTION_DAYS).")
 def prune(older_than):
@@ -197,5 +300,5 @@ def audit_command(as_json):
 
 
 def register(app):
-    for command in (db_group, jobs_group, dlq_group, prune, audit_command):
+    for command in (db_group, jobs_group, dlq_group, schedules_group, prune, audit_command):
         app.cli.add_command(command)

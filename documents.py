@@ -73,3 +73,36 @@ def worker(row):
 
 def page(items, next_cursor):
     return {"items": items, "next_cursor": next_cursor}
+
+
+def schedule(row, next_runs=None, runs=None):
+    document = {
+        "name": row.name,
+        "cron": row.cron,
+        "type": row.type,
+        "payload": row.payload,
+        "queue": row.queue,
+        "priority": row.priority,
+        "timezone": row.timezone,
+        "overlap": row.overlap,
+        "paused": bool(row.paused),
+        "next_run_at": None if row.paused else timestamp(row.next_run_at),
+        "created_at": timestamp(row.created_at),
+        "updated_at": timestamp(row.updated_at),
+    }
+    if next_runs is not None:
+        document["next_runs"] = [timestamp(t) for t in next_runs]
+    if runs is not None:
+        document["recent_runs"] = [schedule_run(run) for run in runs]
+    return document
+
+
+def schedule_run(row):
+    return {
+        "slot": timestamp(row.slot),
+        "outcome": row.outcome,
+        "job_id": row.job_id,
+        "job_status": getattr(row, "job_status", None),
+        "reason": row.reason,
+        "fired_at": timestamp(row.created_at),
+    }

@@ -143,7 +143,7 @@ def validate_submission(body, idempotency_key=None):
     payload_errors = handler.payload_errors(payload)
     if payload_errors:
         raise Invalid(f"the payload does not match the schema of {handler.name!r}",
-                      [f"payload/{e}" for e in payload_errors])
+                      payload_errors)
     conf = settings()
     backoff = body.get("backoff", {})
     base = _first(backoff.get("base_s"), handler.backoff_base_s, conf.backoff_base_s)
@@ -451,21 +451,17 @@ def load_step(job_id, name):
 
 def save_step(job, name, result):
     """Store a step's result, only while job's lease is held; raise LeaseLost otherwise."""
-    stored = (Step.insert_from(
+    stored = list(Step.insert_from(
         Job.select(Job.id, pw.Value(name), pw.Value(json.dumps(result)), Job.attempt, now())
         .where(_holds(job)),
         [Step.job_id, Step.name, Step.result, Step.attempt, Step.created_at])
-        .on_conflict(action="NOTHING").execute())
-    if not _rowcount(stored):
-        found, existing = load_step(job.id, name)
-        if not found or not lease_held(job):
-            raise LeaseLost(f"job {job.id} attempt {job.attempt} lost its lease")
-        return existing
-    return result
-
-
-def _rowcount(result):
-    return result if isinstance(result, int) else getattr(result, "rowcount", 0) or 0
+        .on_conflict(action="NOTHING").returning(Step.job_id).execute())
+    if stored:
+        return result
+    found, existing = load_step(job.id, name)
+    if not found or not lease_held(job):
+        raise LeaseLost(f"job {job.id} attempt {job.attempt} lost its lease")
+    return existing
 
 
 # ---------------------------------------------------------------------------- workers
@@ -559,15 +555,16 @@ def _dlq_result(job_id, moved):
 
 # ---------------------------------------------------------------------------- listing
 
-def encode_cursor(last_id):
-    return base64.urlsafe_b64encode(json.dumps({"before": last_id}).encode()).decode().rstrip("=")
+def encode_cursor(position):
+    """An opaque cursor for "the page after position" (an id, a name)."""
+    return base64.urlsafe_b64encode(json.dumps({"after": position}).encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor):
+def decode_cursor(cursor, kind=int):
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        value = json.loads(base64.urlsafe_b64decode(padded.encode()))["before"]
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        value = json.loads(base64.urlsafe_b64decode(padded.encode()))["after"]
+        if isinstance(value, kind) and not isinstance(value, bool):
             return value
     except (ValueError, TypeError, KeyError, UnicodeError):
         pass

@@ -183,3 +183,34 @@ class Worker(BaseModel):
 
     class Meta:
         table_name = "workers"
+
+
+class Schedule(BaseModel):
+    name = pw.TextField(primary_key=True)
+    cron = pw.TextField()
+    type = pw.TextField()
+    payload = JSONField()
+    queue = pw.TextField(null=True)
+    priority = pw.IntegerField(default=0)
+    timezone = pw.TextField(default="UTC")
+    overlap = pw.TextField(default="skip")
+    paused = pw.BooleanField(default=False)
+    next_run_at = pw.DoubleField()
+    created_at = pw.DoubleField()
+    updated_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "schedules"
+
+
+class ScheduleRun(BaseModel):
+    id = pw.BigAutoField()
+    schedule_name = pw.TextField()
+    slot = pw.DoubleField()
+    outcome = pw.TextField()
+    job_id = pw.BigIntegerField(null=True)
+    reason = pw.TextField(null=True)
+    created_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "schedule_runs"

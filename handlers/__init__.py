@@ -65,8 +65,8 @@ class Handler:
 
 
 def _describe(error):
-    where = "/".join(str(part) for part in error.absolute_path)
-    return f"{where or '(payload)'}: {error.message}"
+    where = "".join(f"/{part}" for part in error.absolute_path)
+    return f"payload{where}: {error.message}"
 
 
 class Context:

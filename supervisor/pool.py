@@ -4,9 +4,9 @@ Single-threaded on purpose (forking is only safe so). Each tick it collects exit
 children and records what they held (`crashed` at once, without waiting for the lease),
 kills an attempt past its timeout or whose job was cancelled, respawns workers (backing
 off when one keeps dying) and runs its duties: reap expired leases, stage due jobs,
-forget dead workers, prune old history. On SIGTERM it stops claiming, lets running
-attempts finish within SHUTDOWN_GRACE_S, then kills the rest and records them
-`interrupted`.
+fire due schedules, forget dead workers, prune old history. On SIGTERM it stops
+claiming, lets running attempts finish within SHUTDOWN_GRACE_S, then kills the rest and
+records them `interrupted`.
 """
 import logging
 import os
@@ -19,7 +19,9 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
+import documents
 import jobs
+import schedules
 from models import DB_ERRORS, reset_connection
 from supervisor import slots
 from supervisor.worker import WorkerProcess
@@ -29,6 +31,7 @@ log = logging.getLogger("conveyor.supervisor")
 TICK_S = 0.1
 CRASH_WINDOW_S = 30.0   # a worker dying sooner than this after its start counts toward a crash loop
 MAX_RESPAWN_DELAY_S = 30.0
+SCHEDULER_INTERVAL_S = 0.5  # well under a second, so even per-second schedules miss no slot
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Supervisor:
         self.duties = [
             Duty("reaper", settings.heartbeat_s, self._reap),
             Duty("stager", 1.0, jobs.stage_due),
+            Duty("scheduler", SCHEDULER_INTERVAL_S, self._fire_schedules),
             Duty("cancellations", 0.5, self._stop_cancelled),
             Duty("worker registry", settings.lease_s,
                  lambda: jobs.forget_stale_workers(settings.lease_s)),
@@ -258,6 +262,13 @@ class Supervisor:
             log.warning("reaped attempt %d of job %d: lease expired (worker %s)", job.attempt,
                         job.id, job.lease_owner, extra={"job_id": job.id, "attempt": job.attempt})
 
+    def _fire_schedules(self):
+        for run in schedules.fire_due():
+            log.info("schedule %s: slot %s %s%s", run.schedule_name,
+                     documents.timestamp(run.slot), run.outcome,
+                     f" ({run.reason})" if run.reason else "",
+                     extra={"job_id": run.job_id} if run.job_id else {})
+
     def _stop_cancelled(self):
         busy = {child.worker.id: child for child in self.children.values()
                 if self.slots[child.slot_index].slot.read() is not None}
@@ -268,6 +279,7 @@ class Supervisor:
 
     def _prune(self):
         removed = jobs.prune(self.settings.retention_days * 86400)
+        schedules.prune_runs(self.settings.retention_days * 86400)
         if removed:
             log.info("pruned %d finished jobs older than %g days", removed,
                      self.settings.retention_days)
