@@ -27,7 +27,9 @@ FINAL = ("succeeded", "dead", "cancelled")
 STATUSES = ("scheduled", "available", "running", "succeeded", "retryable", "dead", "cancelled")
 ATTEMPT_STATUSES = ("running", "succeeded", "failed", "timed_out", "crashed", "interrupted",
                     "cancelled")
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
+# "$(?!\n)": a JSON Schema pattern is a search, and "$" alone also matches before a final
+# newline, which would let "default\n" through as a queue name.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$(?!\n)"
 MAX_LIMIT = 500
 MAX_BATCH = 1000
 
@@ -83,7 +85,7 @@ SUBMISSION_SCHEMA = {
             },
         },
         "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 255,
-                            "pattern": r"^[\x20-\x7e]+$"},
+                            "pattern": r"^[\x20-\x7e]+$(?!\n)"},
     },
 }
 _submission_validator = Draft202012Validator(SUBMISSION_SCHEMA)
@@ -114,7 +116,10 @@ def parse_time(text, name="run_at"):
         raise Invalid(f"{name} is not an RFC 3339 time: {text!r}") from None
     if parsed.tzinfo is None:
         raise Invalid(f"{name} needs a UTC offset (e.g. 2030-01-01T09:00:00Z): {text!r}")
-    return parsed.timestamp()
+    try:
+        return parsed.astimezone(timezone.utc).timestamp()
+    except OverflowError:  # in UTC it falls outside years 1 to 9999, so it cannot be shown
+        raise Invalid(f"{name} is out of range: {text!r}") from None
 
 
 def request_fingerprint(body):
@@ -126,6 +131,13 @@ def validate_submission(body, idempotency_key=None):
     """Check one submission and resolve its defaults; raise Invalid or TooLarge."""
     if not isinstance(body, dict):
         raise Invalid("a job must be a JSON object", [f"(job): must be an object"])
+    try:
+        # JSON Schema's "number" lets NaN through (a CLI float, a parsed 1e999 is infinity):
+        # it would break the NOT NULL columns, every timeout and every JSON reader.
+        json.dumps(body, allow_nan=False)
+    except ValueError:
+        raise Invalid("the job holds NaN or Infinity, which are not JSON numbers",
+                      ["(job): NaN and Infinity are not allowed"]) from None
     errors = [f"{'/'.join(map(str, e.absolute_path)) or '(job)'}: {e.message}"
               for e in _submission_validator.iter_errors(body)]
     if errors:
@@ -344,7 +356,7 @@ class Transition:
 
 def backoff_delay(attempts_used, base_s, max_s, rand=random.random):
     """Exponential backoff with full jitter: random(0, min(max, base * 2**(n-1)))."""
-    exponent = min(attempts_used - 1, 1024)
+    exponent = min(attempts_used - 1, 1023)  # 2.0 ** 1024 overflows a float
     return rand() * min(max_s, base_s * math.pow(2, exponent))
 
 
@@ -564,7 +576,8 @@ def decode_cursor(cursor, kind=int):
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         value = json.loads(base64.urlsafe_b64decode(padded.encode()))["after"]
-        if isinstance(value, kind) and not isinstance(value, bool):
+        if isinstance(value, kind) and not isinstance(value, bool) and (
+                kind is not int or -2 ** 63 <= value < 2 ** 63):  # SQL integers are 64-bit
             return value
     except (ValueError, TypeError, KeyError, UnicodeError):
         pass

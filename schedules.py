@@ -6,6 +6,7 @@ move on. With overlap "skip", a slot whose previous run is unfinished is recorde
 skipped. After downtime only the latest missed slot fires. Slots come from croniter in
 the schedule's timezone, so DST transitions follow croniter's rules.
 """
+import re
 from datetime import datetime, timezone as utc_zone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -16,7 +17,7 @@ from jsonschema import Draft202012Validator
 import jobs
 from models import Job, Schedule, ScheduleRun, db, now
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$(?!\n)"  # see jobs.NAME_PATTERN
 MAX_LIMIT = jobs.MAX_LIMIT
 
 _FIELDS = {
@@ -138,6 +139,7 @@ def set_paused(name, paused):
 
 
 def remove(name):
+    get(name)
     with db.atomic():
         ScheduleRun.delete().where(ScheduleRun.schedule_name == name).execute()
         if not Schedule.delete().where(Schedule.name == name).execute():
@@ -145,7 +147,8 @@ def remove(name):
 
 
 def get(name):
-    schedule = Schedule.get_or_none(Schedule.name == name) if isinstance(name, str) else None
+    named = isinstance(name, str) and re.fullmatch(NAME_PATTERN, name)
+    schedule = Schedule.get_or_none(Schedule.name == name) if named else None
     if schedule is None:
         raise jobs.NotFound(f"schedule {name!r} not found")
     return schedule

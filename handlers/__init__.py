@@ -72,11 +72,13 @@ def _describe(error):
 class Context:
     """What a handler knows of its job: identity, attempt, a logger and `step`."""
 
-    def __init__(self, *, job_id, attempt, max_attempts, queue, idempotency_key, step):
+    def __init__(self, *, job_id, attempt, max_attempts, queue, idempotency_key, timeout_s,
+                 step):
         self.job_id = job_id
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.queue = queue
+        self.timeout_s = timeout_s  # the attempt is killed after this: keep inner timeouts below
         self.idempotency_key = idempotency_key
         self.log = logging.LoggerAdapter(
             logging.getLogger("conveyor.handler"), {"job_id": job_id, "attempt": attempt})
@@ -95,7 +97,7 @@ _registry: dict = {}
 def handler(name, *, queue=None, max_attempts=None, timeout_s=None,
             backoff_base_s=None, backoff_max_s=None, schema=None):
     """Register the decorated function as the handler of job type `name`."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise HandlerError(f"job type name {name!r} must match {NAME_PATTERN.pattern}")
     _check_positive(name, "max_attempts", max_attempts, integer=True)
     _check_positive(name, "timeout_s", timeout_s)

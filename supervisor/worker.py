@@ -32,6 +32,7 @@ class WorkerProcess:
         self.stopping = threading.Event()
         self.finished = threading.Event()
         self.current = None  # the job being run, read by the heartbeat thread
+        self.reports = 0  # odd while an outcome is being reported, read by the heartbeat
         self.jobs_done = 0
 
     def run(self):
@@ -58,9 +59,11 @@ class WorkerProcess:
         self.slot.start(job.id, job.attempt, time.monotonic() + job.timeout_s, job.timeout_s)
         started = time.monotonic()
         outcome = execute(job)
+        self.reports += 1
         accepted = self._until_done(partial(jobs.report, job, outcome))
         self.slot.clear()
         self.current = None
+        self.reports += 1
         self.jobs_done += 1
         elapsed_ms = (time.monotonic() - started) * 1000
         if not accepted:
@@ -75,9 +78,12 @@ class WorkerProcess:
             if self._orphaned():
                 # Our supervisor died: stop renewing, so the reaper hands our job to another.
                 os._exit(70)
+            reports = self.reports
             job = self.current
             try:
-                if not jobs.heartbeat(self.worker, job):
+                renewed = jobs.heartbeat(self.worker, job)
+                # A renewal that lost the race to the job's own report finds no lease either.
+                if not renewed and reports % 2 == 0 and self.reports == reports:
                     log.warning("lease lost while running", extra=_tags(job, self.worker))
             except DB_ERRORS as exc:
                 log.warning("heartbeat failed: %s", _first_line(exc))
@@ -116,7 +122,8 @@ def execute(job):
                             error_message=f"no handler for {job.type!r} on this worker")
     ctx = handlers.Context(
         job_id=job.id, attempt=job.attempt, max_attempts=job.max_attempts, queue=job.queue,
-        idempotency_key=job.idempotency_key or str(job.id), step=partial(run_step, job))
+        idempotency_key=job.idempotency_key or str(job.id), timeout_s=job.timeout_s,
+        step=partial(run_step, job))
     try:
         result = handler.fn(job.payload, ctx)
     except handlers.Permanent as exc:
@@ -146,8 +153,8 @@ def run_step(job, name, fn):
         return result
     if not jobs.lease_held(job):
         raise jobs.LeaseLost(f"job {job.id} attempt {job.attempt} lost its lease")
-    result = fn()
-    json.dumps(result, allow_nan=False)
+    # Every attempt gets the stored JSON form (lists, not tuples), not only the later ones.
+    result = json.loads(json.dumps(fn(), allow_nan=False))
     return jobs.save_step(job, name, result)
 
 

@@ -97,11 +97,12 @@ def drop_pg_database(name):
 
 
 @pytest.fixture(scope="session")
-def pg_session_url(worker_id):
-    """One PostgreSQL database per xdist worker, emptied before each test."""
+def pg_session_url(worker_id, testrun_uid):
+    """One PostgreSQL database per xdist worker, emptied before each test; named for this
+    run too, so two runs against one server never drop each other's databases."""
     if _pg["url"] is None:
         pytest.skip(f"PostgreSQL unavailable: {_pg['reason']}")
-    name = f"conveyor_test_{worker_id}"
+    name = f"conveyor_test_{worker_id}_{testrun_uid[:8]}"
     url = create_pg_database(name)
     yield url
     drop_pg_database(name)

@@ -111,3 +111,20 @@ def with_schema(payload, ctx):
 def context(payload, ctx):
     return {"job_id": ctx.job_id, "attempt": ctx.attempt, "max_attempts": ctx.max_attempts,
             "queue": ctx.queue, "idempotency_key": ctx.idempotency_key}
+
+
+@handler("t.gate")
+def gate(payload, ctx):
+    """Hold the attempts listed in payload["hold"] (default [1]) until the file
+    "<payload["gate"]>.<attempt>" exists, fail attempts before payload["succeed_on"]
+    (default 1), and say which attempt and process produced the result."""
+    record(payload, ctx, "start")
+    if ctx.attempt in payload.get("hold", [1]):
+        release = f"{payload['gate']}.{ctx.attempt}"
+        deadline = time.monotonic() + payload.get("max_s", 120)
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    record(payload, ctx, "end")
+    if ctx.attempt < payload.get("succeed_on", 1):
+        raise RuntimeError(f"gate failure on attempt {ctx.attempt}")
+    return {"attempt": ctx.attempt, "pid": os.getpid()}
