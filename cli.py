@@ -14,6 +14,7 @@ import documents
 import jobs
 import models
 import schedules
+from cli_keys import keys_group
 from config import settings
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -300,5 +301,6 @@ def audit_command(as_json):
 
 
 def register(app):
-    for command in (db_group, jobs_group, dlq_group, schedules_group, prune, audit_command):
+    for command in (db_group, jobs_group, dlq_group, schedules_group, keys_group, prune,
+                    audit_command):
         app.cli.add_command(command)

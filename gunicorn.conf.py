@@ -10,3 +10,6 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 threads = int(os.environ.get("WEB_THREADS", "8"))
 preload_app = True
 accesslog = None
+# gunicorn's control socket lives at one path per user: a second web process on the host
+# would take it over. Nothing here uses it.
+control_socket_disable = True

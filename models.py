@@ -185,6 +185,20 @@ class Worker(BaseModel):
         table_name = "workers"
 
 
+class ApiKey(BaseModel):
+    """An API key: only its SHA-256 is stored; revoked keys stay for the record."""
+    id = pw.BigAutoField()
+    name = pw.TextField()
+    key_hash = pw.TextField(unique=True)
+    role = pw.TextField()
+    rate_limit = pw.TextField(null=True)  # None: the RATE_LIMIT default
+    created_at = pw.DoubleField()
+    revoked_at = pw.DoubleField(null=True)
+
+    class Meta:
+        table_name = "api_keys"
+
+
 class Schedule(BaseModel):
     name = pw.TextField(primary_key=True)
     cron = pw.TextField()

@@ -1,0 +1,99 @@
+"""API keys (SPEC §6): random, shown once, stored only as a SHA-256, checked in constant
+time, revoked by name. The routes and the `flask keys` commands both go through here.
+
+A key has 256 bits of randomness, so a fast hash is enough: nothing can be guessed from
+the stored digests, and a lookup by digest costs one indexed query.
+"""
+import hashlib
+import hmac
+import re
+import secrets
+
+import peewee as pw
+from limits import parse_many
+
+import documents
+from models import ApiKey, db, now
+
+ROLES = ("submit", "admin")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}$")
+KEY_PREFIX = "cvy_"  # makes a leaked key easy to recognise (and to scan for)
+MAX_KEY_LENGTH = 256
+
+
+class KeyRefused(Exception):
+    """A key operation that cannot be done; the message says why, in one line."""
+
+
+def digest(secret):
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def check_rate_limit(text):
+    """A per-key rate limit like '10/second' or '100/minute;1000/hour', or KeyRefused."""
+    try:
+        if text.strip():
+            parse_many(text)
+            return text.strip()
+    except ValueError:
+        pass
+    raise KeyRefused(f"{text!r} is not a rate limit like '10/second' or '100/minute;1000/hour'")
+
+
+def create(name, role="submit", rate_limit=None):
+    """Store a new key; return (row, secret). The secret is not kept anywhere else."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise KeyRefused(f"key name {name!r} must match {NAME_PATTERN.pattern}")
+    if role not in ROLES:
+        raise KeyRefused(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if rate_limit is not None:
+        rate_limit = check_rate_limit(rate_limit)
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    try:
+        with db.atomic():
+            [row] = (ApiKey.insert(name=name, key_hash=digest(secret), role=role,
+                                   rate_limit=rate_limit, created_at=now())
+                     .returning(ApiKey).execute())
+    except pw.IntegrityError:
+        raise KeyRefused(f"there is already an active key named {name!r}; revoke it first "
+                         f"or choose another name") from None
+    return row, secret
+
+
+def verify(secret):
+    """The active key whose secret this is, or None (unknown, revoked or malformed)."""
+    if not isinstance(secret, str) or not 0 < len(secret) <= MAX_KEY_LENGTH:
+        return None
+    presented = digest(secret)
+    key = ApiKey.get_or_none(ApiKey.key_hash == presented, ApiKey.revoked_at.is_null())
+    if key is None or not hmac.compare_digest(key.key_hash, presented):
+        return None
+    return key
+
+
+def revoke(name):
+    """Revoke the active key named `name` at once; return it, or raise KeyRefused."""
+    with db.atomic():
+        revoked = list(ApiKey.update(revoked_at=now())
+                       .where(ApiKey.name == name, ApiKey.revoked_at.is_null())
+                       .returning(ApiKey).execute())
+    if not revoked:
+        raise KeyRefused(f"there is no active key named {name!r}")
+    return revoked[0]
+
+
+def all_keys():
+    """Every key, active and revoked, oldest first."""
+    return list(ApiKey.select().order_by(ApiKey.id))
+
+
+def describe(key):
+    """A key as `flask keys list --json` shows it: never its secret or hash."""
+    return {
+        "id": key.id,
+        "name": key.name,
+        "role": key.role,
+        "rate_limit": key.rate_limit,
+        "created_at": documents.timestamp(key.created_at),
+        "revoked_at": documents.timestamp(key.revoked_at),
+    }

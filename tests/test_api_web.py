@@ -1,0 +1,210 @@
+"""The web process as it is deployed: the Procfile under honcho (web + worker, the
+quickstart's platform) running every curl line of the README, gunicorn with one and with
+several workers, and rate limits in a real Redis shared by two gunicorn processes.
+"""
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+import jobs
+from apiserver import admin_key, bearer, gunicorn, redis_url  # noqa: F401 (fixtures)
+from conftest import ROOT, wait_for
+from models import Job
+
+README = os.path.join(ROOT, "README.md")
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Honcho:
+    """`honcho start`: the Procfile's web and worker, as the quickstart starts them."""
+
+    def __init__(self, env, tmp_path):
+        self.port = free_port()
+        empty_env_file = tmp_path / "empty.env"  # a developer's .env must not steer the test
+        empty_env_file.write_text("")
+        self.log_path = tmp_path / "honcho.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [os.path.join(BIN, "honcho"), "start", "-p", str(self.port), "-e", str(empty_env_file)],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.url = f"http://localhost:{self.port}"
+        wait_for(self._answers, timeout=30, interval=0.1, message="honcho's web to answer")
+
+    def _answers(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"honcho exited {self.proc.returncode}:\n{self.log()}")
+        try:
+            return requests.get(f"{self.url}/healthz", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(10)
+        self._log.close()
+
+
+def readme_command_blocks():
+    """The ```sh blocks of the README that use curl, as lists of commands."""
+    with open(README) as f:
+        text = f.read()
+    blocks = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        commands = block.replace("\\\n", " ").splitlines()
+        if any(line.startswith("curl ") for line in commands):
+            blocks.append([line.strip() for line in commands if line.strip()])
+    return blocks
+
+
+def curl_operation(command):
+    """(METHOD, /path/{job_id} or /path/{name}) that a README curl line calls."""
+    words = shlex.split(command)
+    url = next(word for word in words if "localhost:" in word)
+    path = url.split("localhost:5000", 1)[1].split("?")[0]
+    path = re.sub(r"/v1/schedules/[^/]+", "/v1/schedules/{name}", re.sub(r"/\d+", "/{job_id}", path))
+    method = words[words.index("-X") + 1] if "-X" in words else ("POST" if "-d" in words else "GET")
+    return method, path
+
+
+def shell(command, env):
+    return subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_every_readme_curl_line_succeeds_against_the_procfile_platform(conveyor, tmp_path):
+    """The README's command blocks, run in order as a user would, at a user's pace (each
+    once the worker has caught up): every curl line a 2xx, every operation shown."""
+    env = {**conveyor.env, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    platform = Honcho(env, tmp_path)
+    try:
+        commands = [command for block in readme_command_blocks() for command in block]
+        assert "KEY=$(flask keys create me --admin)" in commands
+        called = []
+        for command in commands:
+            wait_for(lambda: not Job.select().where(Job.status.in_(
+                ("available", "running"))).exists(), message="the worker to catch up")
+            assignment = re.fullmatch(r"(\w+)=\$\((.*)\)", command)
+            if assignment:
+                name, inner = assignment.groups()
+                result = shell(inner, env)
+                assert result.returncode == 0, (command, result.stderr)
+                env[name] = result.stdout.strip()
+            elif command.startswith("curl "):
+                live = command.replace("localhost:5000", f"localhost:{platform.port}")
+                result = shell(f"{live} -o /dev/null -w '%{{http_code}}'", env)
+                assert result.stdout.startswith("2"), (command, result.stdout, result.stderr)
+                called.append(curl_operation(command))
+            elif command.startswith("flask "):
+                result = shell(command, env)
+                assert result.returncode == 0, (command, result.stderr)
+        paths = requests.get(f"{platform.url}/openapi.json", timeout=10).json()["paths"]
+        assert set(called) == {(method.upper(), path) for path, operations in paths.items()
+                               for method in operations}
+        assert Job.get_by_id(3).status == "cancelled"
+        assert Job.get_by_id(5).status == "cancelled"  # dead, retried, dead again, discarded
+        assert [a.status for a in jobs.attempts_of(5)] == ["failed", "failed"]
+    finally:
+        platform.stop()
+    assert "Traceback" not in platform.log()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_gunicorn_serves_the_api_with_one_or_several_workers(conveyor, gunicorn, tmp_path, workers):
+    access_log = tmp_path / "access.log"
+    server = gunicorn(workers=workers, access_log=access_log)
+    key = admin_key(conveyor)
+
+    def submit(n):
+        response = requests.post(f"{server.url}/v1/jobs", headers=bearer(key),
+                                 json={"type": "t.noop", "payload": {"n": n}}, timeout=30)
+        return response.status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        assert set(pool.map(submit, range(60))) == {201}
+    assert Job.select().count() == 60
+    scrapes = {tuple(line for line in requests.get(f"{server.url}/metrics", headers=bearer(key),
+                                                   timeout=10).text.splitlines()
+                     if line.startswith("conveyor_jobs{")) for _ in range(12)}
+    assert len(scrapes) == 1  # every worker reports the same numbers: they come from the database
+    assert 'conveyor_jobs{queue="default",status="available"} 60.0' in scrapes.pop()
+    served_by = {pid for pid, _ in server.served(access_log, "/metrics")}
+    assert served_by <= set(server.worker_pids()) and len(server.worker_pids()) == workers
+
+
+def send_until_both_workers_answered(server, key, access_log, at_least):
+    """Requests from several threads until at least `at_least` were sent and both gunicorn
+    workers answered some; returns the status of each."""
+    statuses, lock = [], threading.Lock()
+
+    def one():
+        response = requests.get(f"{server.url}/v1/jobs?limit=1",
+                                headers={**bearer(key), "Connection": "close"}, timeout=30)
+        with lock:
+            statuses.append(response.status_code)
+
+    deadline = time.monotonic() + 30
+    while True:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: one(), range(16)))
+        pids = {pid for pid, _ in server.served(access_log, "/v1/jobs")}
+        if (len(statuses) >= at_least and len(pids) == 2) or time.monotonic() > deadline:
+            return statuses, pids
+
+
+def test_rate_limits_in_redis_hold_across_two_gunicorn_processes(conveyor, gunicorn, redis_url,
+                                                                tmp_path):
+    access_log = tmp_path / "access.log"
+    server = gunicorn(workers=2, access_log=access_log, RATELIMIT_STORAGE_URI=redis_url)
+    key = conveyor.flask("keys", "create", "shared", "--rate-limit", "25/minute").stdout.strip()
+    statuses, pids = send_until_both_workers_answered(server, key, access_log, at_least=64)
+    assert len(pids) == 2, "both gunicorn workers should have answered"
+    # One limit, whichever process answered: each alone would have let up to 25 through.
+    assert Counter(statuses) == {200: 25, 429: len(statuses) - 25}
+    assert Counter(status for _, status in server.served(access_log, "/v1/jobs")) == Counter(statuses)
+
+
+def test_a_rate_limit_storage_outage_does_not_fail_requests(conveyor, gunicorn):
+    server = gunicorn(RATELIMIT_STORAGE_URI="redis://127.0.0.1:1/0")  # nothing listens there
+    key = admin_key(conveyor)
+    for _ in range(3):
+        assert requests.get(f"{server.url}/v1/jobs", headers=bearer(key), timeout=30).status_code == 200
+    assert requests.get(f"{server.url}/v1/jobs", headers=bearer("nope"), timeout=30).status_code == 401
+    assert "Traceback" not in server.log()
+
+
+def test_a_bad_rate_limit_storage_stops_web_with_one_line(conveyor):
+    result = conveyor.flask("keys", "list", env={"RATELIMIT_STORAGE_URI": "carrier-pigeon://coop"},
+                            check=False)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("conveyor: RATELIMIT_STORAGE_URI 'carrier-pigeon://coop' is not usable")
