@@ -1,0 +1,187 @@
+"""`webhook.post` against a real HTTP receiver run by the test, with real workers: the
+receiver's answer decides success, retry or dead letter, and every attempt carries the
+same Idempotency-Key."""
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import jobs
+from handlers.webhook import EXCERPT_BYTES, retry_after_seconds
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    body: bytes = b'{"ok": true}'
+    headers: dict = field(default_factory=dict)
+    hang_s: float = 0.0  # wait this long (or until the test ends) before answering
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict
+    body: object
+    at: float
+
+
+class Receiver:
+    """An HTTP server on a free local port: records every POST and answers each path from
+    its script, in order (the last answer repeats)."""
+
+    def __init__(self):
+        self.received = []
+        self.scripts = {}
+        self.closing = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.received.append(Received(self.path, dict(self.headers),
+                                                  json.loads(body), time.time()))
+                script = receiver.scripts[self.path]
+                answer = script.pop(0) if len(script) > 1 else script[0]
+                receiver.closing.wait(answer.hang_s)
+                self.send_response(answer.status)
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(answer.body)))
+                self.end_headers()
+                self.wfile.write(answer.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def script(self, path, *answers):
+        """Answer POSTs to path with these answers; returns the URL to post to."""
+        self.scripts[path] = list(answers)
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def requests_to(self, path):
+        return [r for r in self.received if r.path == path]
+
+    def close(self):
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    instance = Receiver()
+    yield instance
+    instance.close()
+
+
+def test_2xx_succeeds_with_status_and_a_bounded_excerpt(conveyor, receiver):
+    url = receiver.script("/ok", Answer(201, b"x" * 10_000))
+    body = {"event": "order.paid", "order": 42}
+    job_id = conveyor.submit("webhook.post", {"url": url, "body": body,
+                                              "headers": {"X-Signature": "sha256=abc"}})
+    conveyor.start_supervisor()
+
+    job = conveyor.wait_for_status(job_id, "succeeded", "dead")
+
+    assert job.status == "succeeded"
+    assert job.result == {"status": 201, "response": "x" * EXCERPT_BYTES}
+    [request] = receiver.requests_to("/ok")
+    assert request.body == body
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["X-Signature"] == "sha256=abc"
+    assert request.headers["Idempotency-Key"] == str(job_id)  # no key submitted: the job id
+
+
+def test_5xx_is_retried_with_the_same_idempotency_key(conveyor, receiver):
+    url = receiver.script("/flaky", Answer(500, b"database down"), Answer(200))
+    job_id = conveyor.submit("webhook.post", {"url": url, "body": {"n": 1}},
+                             idempotency_key="order-42-paid")
+    conveyor.start_supervisor()
+
+    job = conveyor.wait_for_status(job_id, "succeeded", "dead")
+
+    assert (job.status, job.result["status"]) == ("succeeded", 200)
+    first, second = conveyor.attempts(job_id)
+    assert (first.status, first.error_type) == ("failed", "ReceiverError")
+    assert "500" in first.error_message and "database down" in first.error_message
+    assert second.status == "succeeded"
+    keys = [r.headers["Idempotency-Key"] for r in receiver.requests_to("/flaky")]
+    assert keys == ["order-42-paid", "order-42-paid"]
+
+
+@pytest.mark.parametrize("status", [404, 301])
+def test_4xx_and_redirects_are_permanent(conveyor, receiver, status):
+    url = receiver.script("/gone", Answer(status, b"no such hook", {"Location": "/elsewhere"}))
+    job_id = conveyor.submit("webhook.post", {"url": url, "body": {}})
+    conveyor.start_supervisor()
+
+    job = conveyor.wait_for_status(job_id, "succeeded", "dead")
+
+    assert (job.status, job.dead_reason) == ("dead", "permanent")
+    [attempt] = conveyor.attempts(job_id)
+    assert attempt.error_type == "Permanent" and str(status) in attempt.error_message
+    assert len(receiver.requests_to("/gone")) == 1
+
+
+def test_429_is_retried_when_retry_after_says(conveyor, receiver):
+    # BACKOFF_MAX_S is 0.5 in the tests: only the header can make the retry wait 1 s.
+    url = receiver.script("/busy", Answer(429, b"slow down", {"Retry-After": "1"}), Answer(200))
+    job_id = conveyor.submit("webhook.post", {"url": url, "body": {}})
+    conveyor.start_supervisor()
+
+    job = conveyor.wait_for_status(job_id, "succeeded", "dead")
+
+    assert job.status == "succeeded"
+    first, second = receiver.requests_to("/busy")
+    assert 0.9 <= second.at - first.at < 5
+    assert conveyor.attempts(job_id)[0].error_type == "RetryAfter"
+
+
+def test_a_hung_receiver_times_out_and_is_retried(conveyor, receiver):
+    url = receiver.script("/hang", Answer(200, hang_s=30), Answer(200, b"late but fine"))
+    job_id = conveyor.submit("webhook.post", {"url": url, "body": {}, "timeout_s": 0.3})
+    conveyor.start_supervisor()
+
+    job = conveyor.wait_for_status(job_id, "succeeded", "dead")
+
+    assert (job.status, job.result) == ("succeeded", {"status": 200, "response": "late but fine"})
+    first, _ = conveyor.attempts(job_id)
+    assert (first.status, first.error_type) == ("failed", "ReadTimeout")
+    assert first.finished_at - first.started_at < 5
+    keys = {r.headers["Idempotency-Key"] for r in receiver.requests_to("/hang")}
+    assert keys == {str(job_id)}
+
+
+@pytest.mark.parametrize("payload", [
+    {"url": "ftp://example.com/hook", "body": {}},
+    {"url": "file:///etc/passwd", "body": {}},
+    {"url": "https://example.com/hook\n", "body": {}},
+    {"url": "https://example.com/hook", "body": {}, "headers": {"X-Evil": "a\r\nHost: b"}},
+    {"url": "https://example.com/hook", "body": {}, "timeout_s": 3600},
+    {"body": {}},
+])
+def test_bad_payloads_are_refused_at_submission(conveyor, payload):
+    with pytest.raises(jobs.Invalid):
+        conveyor.submit("webhook.post", payload)
+
+
+def test_retry_after_accepts_seconds_and_http_dates():
+    now = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    in_two_minutes = format_datetime(now + timedelta(minutes=2), usegmt=True)
+    assert retry_after_seconds("120") == 120
+    assert retry_after_seconds(in_two_minutes, now=now.timestamp()) == 120
+    assert retry_after_seconds(format_datetime(now - timedelta(minutes=2), usegmt=True),
+                               now=now.timestamp()) == 0
+    assert retry_after_seconds("soon") is None
+    assert retry_after_seconds("-5") is None
