@@ -1,4 +1,4 @@
-"""The `flask` commands of SPEC §7: db, jobs, dlq, schedules, prune and audit.
+"""The `flask` commands of SPEC §7: db, keys, jobs, dlq, schedules, prune and audit.
 
 Thin callers of the core, like the routes. Refusals print one line (`Error: ...`) and
 exit non-zero; commands that show or list take --json for one JSON document on stdout.
@@ -10,11 +10,11 @@ import click
 from flask.cli import AppGroup
 
 import audit
+import auth
 import documents
 import jobs
 import models
 import schedules
-from cli_keys import keys_group
 from config import settings
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -28,10 +28,18 @@ def parse_duration(text):
     return float(match.group(1)) * UNITS[match.group(2)]
 
 
-def refuse(exc):
-    """A core refusal as one clear line."""
-    details = f" ({'; '.join(exc.errors)})" if exc.errors else ""
-    raise click.ClickException(f"{exc.detail}{details}")
+class Commands(AppGroup):
+    """A command group whose commands answer a refusal from the core with one clear line
+    (`Error: ...`, exit 1) instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except jobs.JobError as exc:
+            details = f" ({'; '.join(exc.errors)})" if exc.errors else ""
+            raise click.ClickException(f"{exc.detail}{details}") from None
+        except auth.KeyRefused as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 def json_object(text, option="--payload"):
@@ -48,10 +56,10 @@ def emit(document):
     click.echo(json.dumps(document, indent=2))
 
 
-db_group = AppGroup("db", help="Manage the database schema.")
-jobs_group = AppGroup("jobs", help="Submit, show and list jobs.")
-dlq_group = AppGroup("dlq", help="The dead-letter queue.")
-schedules_group = AppGroup("schedules", help="Recurring jobs on a cron schedule.")
+db_group = Commands("db", help="Manage the database schema.")
+jobs_group = Commands("jobs", help="Submit, show and list jobs.")
+dlq_group = Commands("dlq", help="The dead-letter queue.")
+schedules_group = Commands("schedules", help="Recurring jobs on a cron schedule.")
 
 
 @db_group.command("upgrade")
@@ -75,10 +83,7 @@ def jobs_submit(type, payload, **options):
     """Submit a job; prints its id."""
     body = {"type": type, "payload": json_object(payload)}
     body.update({name: value for name, value in options.items() if value is not None})
-    try:
-        [(job, _)] = jobs.enqueue([jobs.validate_submission(body)])
-    except jobs.JobError as exc:
-        refuse(exc)
+    [(job, _)] = jobs.enqueue([jobs.validate_submission(body)])
     click.echo(job.id)
 
 
@@ -87,10 +92,7 @@ def jobs_submit(type, payload, **options):
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def jobs_show(job_id, as_json):
     """Show a job with its attempts."""
-    try:
-        job = jobs.get_job(job_id)
-    except jobs.JobError as exc:
-        refuse(exc)
+    job = jobs.get_job(job_id)
     document = documents.job(job, jobs.attempts_of(job.id))
     if as_json:
         return emit(document)
@@ -111,10 +113,7 @@ def jobs_show(job_id, as_json):
 
 
 def _list(as_json, **filters):
-    try:
-        page, cursor = jobs.list_jobs(**filters)
-    except jobs.JobError as exc:
-        refuse(exc)
+    page, cursor = jobs.list_jobs(**filters)
     if as_json:
         return emit(documents.page([documents.job(job) for job in page], cursor))
     click.echo(f"{'id':>8}  {'type':<24} {'queue':<12} {'status':<10} {'try':>3}  last error")
@@ -142,10 +141,7 @@ def jobs_list(as_json, **filters):
 @click.argument("job_id", type=int)
 def jobs_cancel(job_id):
     """Cancel a job (a running one is stopped by its supervisor)."""
-    try:
-        job, stopped = jobs.cancel(job_id)
-    except jobs.JobError as exc:
-        refuse(exc)
+    job, stopped = jobs.cancel(job_id)
     click.echo(f"job {job.id} cancelled" if stopped else
                f"job {job.id} is running; its worker will be stopped")
 
@@ -163,10 +159,7 @@ def dlq_list(limit, cursor, as_json):
 @click.argument("job_id", type=int)
 def dlq_retry(job_id):
     """Run a dead job again, with a fresh attempt budget."""
-    try:
-        jobs.dlq_retry(job_id)
-    except jobs.JobError as exc:
-        refuse(exc)
+    jobs.dlq_retry(job_id)
     click.echo(f"job {job_id} is available again")
 
 
@@ -174,10 +167,7 @@ def dlq_retry(job_id):
 @click.argument("job_id", type=int)
 def dlq_discard(job_id):
     """Discard a dead job (it becomes cancelled; its history is kept)."""
-    try:
-        jobs.dlq_discard(job_id)
-    except jobs.JobError as exc:
-        refuse(exc)
+    jobs.dlq_discard(job_id)
     click.echo(f"job {job_id} discarded")
 
 
@@ -205,10 +195,7 @@ def schedules_list(as_json):
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def schedules_show(name, as_json):
     """A schedule, its next run times and its recent runs."""
-    try:
-        row = schedules.get(name)
-    except jobs.JobError as exc:
-        refuse(exc)
+    row = schedules.get(name)
     document = documents.schedule(row, schedules.upcoming(row), schedules.recent_runs(name))
     if as_json:
         return emit(document)
@@ -235,10 +222,7 @@ def schedules_add(name, cron, type_, payload, **options):
     """Add a recurring schedule; it first fires at its next slot."""
     body = {"name": name, "cron": cron, "type": type_, "payload": json_object(payload)}
     body.update({key: value for key, value in options.items() if value not in (None, False)})
-    try:
-        row = schedules.create(body)
-    except jobs.JobError as exc:
-        refuse(exc)
+    row = schedules.create(body)
     click.echo(f"schedule {row.name} added; next run {documents.timestamp(row.next_run_at)}")
 
 
@@ -246,10 +230,7 @@ def schedules_add(name, cron, type_, payload, **options):
 @click.argument("name")
 def schedules_remove(name):
     """Delete a schedule (jobs it already enqueued stay)."""
-    try:
-        schedules.remove(name)
-    except jobs.JobError as exc:
-        refuse(exc)
+    schedules.remove(name)
     click.echo(f"schedule {name} removed")
 
 
@@ -257,10 +238,7 @@ def schedules_remove(name):
 @click.argument("name")
 def schedules_pause(name):
     """Stop firing a schedule until it is resumed."""
-    try:
-        schedules.set_paused(name, True)
-    except jobs.JobError as exc:
-        refuse(exc)
+    schedules.set_paused(name, True)
     click.echo(f"schedule {name} paused")
 
 
@@ -268,11 +246,45 @@ def schedules_pause(name):
 @click.argument("name")
 def schedules_resume(name):
     """Fire a paused schedule again, from its next slot (missed slots are not replayed)."""
-    try:
-        row = schedules.set_paused(name, False)
-    except jobs.JobError as exc:
-        refuse(exc)
+    row = schedules.set_paused(name, False)
     click.echo(f"schedule {name} resumed; next run {documents.timestamp(row.next_run_at)}")
+
+
+keys_group = Commands("keys", help="Create, list and revoke API keys.")
+
+
+@keys_group.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="An admin key (default: a submit key).")
+@click.option("--rate-limit", help="This key's limit, e.g. 10/second (default: RATE_LIMIT).")
+def keys_create(name, admin, rate_limit):
+    """Create a key; prints it alone on stdout, the only time it is shown."""
+    role = "admin" if admin else "submit"
+    _, secret = auth.create(name, role, rate_limit)
+    click.echo(secret)
+    click.echo(f"created {role} key {name!r}; it is shown only this once", err=True)
+
+
+@keys_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def keys_list(as_json):
+    """Every key, active and revoked (never the keys themselves)."""
+    keys = [auth.describe(key) for key in auth.all_keys()]
+    if as_json:
+        click.echo(json.dumps({"items": keys}, indent=2))
+        return
+    click.echo(f"{'name':<24} {'role':<7} {'rate limit':<20} {'created':<25} revoked")
+    for key in keys:
+        click.echo(f"{key['name']:<24} {key['role']:<7} {key['rate_limit'] or 'default':<20} "
+                   f"{key['created_at']:<25} {key['revoked_at'] or ''}")
+
+
+@keys_group.command("revoke")
+@click.argument("name")
+def keys_revoke(name):
+    """Revoke the active key NAME; requests with it get 401 from now on."""
+    auth.revoke(name)
+    click.echo(f"key {name} revoked")
 
 
 @click.command("prune")

@@ -11,7 +11,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -130,7 +130,7 @@ def request_fingerprint(body):
 def validate_submission(body, idempotency_key=None):
     """Check one submission and resolve its defaults; raise Invalid or TooLarge."""
     if not isinstance(body, dict):
-        raise Invalid("a job must be a JSON object", [f"(job): must be an object"])
+        raise Invalid("a job must be a JSON object", ["(job): must be an object"])
     try:
         # JSON Schema's "number" lets NaN through (a CLI float, a parsed 1e999 is infinity):
         # it would break the NOT NULL columns, every timeout and every JSON reader.

@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import documents

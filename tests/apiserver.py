@@ -6,14 +6,12 @@ Test modules import the fixtures they use from here.
 """
 import os
 import re
-import signal
-import subprocess
 import sys
 
 import pytest
 import requests
 
-from conftest import ROOT, wait_for
+from conftest import ProcessGroup, wait_for
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -61,7 +59,7 @@ def api_with(conveyor, monkeypatch):
     return lambda **env: Api(conveyor, monkeypatch, env)
 
 
-class Gunicorn:
+class Gunicorn(ProcessGroup):
     """`gunicorn app:app` as the Procfile runs it (gunicorn.conf.py), on a free port."""
 
     def __init__(self, env, log_path, workers=1, access_log=None):
@@ -69,10 +67,7 @@ class Gunicorn:
                 "--workers", str(workers), "--no-control-socket"]
         if access_log:
             args += ["--access-logfile", str(access_log), "--access-logformat", "%(p)s %(s)s %(U)s"]
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        super().__init__(args, env, log_path)
         self.url = wait_for(self._listening, timeout=30, interval=0.05,
                             message=f"gunicorn to listen (log: {log_path})")
         wait_for(lambda: len(self.worker_pids()) >= workers and self._answers(), timeout=30,
@@ -91,11 +86,7 @@ class Gunicorn:
             return False
 
     def worker_pids(self):
-        import psutil
-        try:
-            return [child.pid for child in psutil.Process(self.proc.pid).children()]
-        except psutil.NoSuchProcess:
-            return []
+        return self.children()
 
     def served(self, access_log, path=None):
         """[(worker pid, status)] of the requests in access_log (to `path` when given)."""
@@ -104,23 +95,8 @@ class Gunicorn:
         return [(int(pid.strip("<>")), int(status)) for pid, status, url in lines
                 if path is None or url == path]
 
-    def log(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait(10)
-        self._log.close()
+        super().stop(grace_s=10)
 
 
 @pytest.fixture

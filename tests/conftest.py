@@ -150,56 +150,72 @@ def wait_for(condition, timeout=15.0, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
-class SupervisorProcess:
-    """A real `python -m supervisor` in its own process group (a "host" we can kill)."""
+class ProcessGroup:
+    """A real process in its own process group, so it and all it forks can be killed at
+    once (a "host"); its output goes to a log file."""
 
-    def __init__(self, env, log_path, concurrency=2, queues=None):
-        args = [sys.executable, "-m", "supervisor", "--concurrency", str(concurrency)]
-        if queues:
-            args += ["--queues", queues]
+    def __init__(self, args, env, log_path):
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
 
-    def worker_pids(self):
+    def children(self):
         try:
             return [child.pid for child in psutil.Process(self.pid).children()]
         except psutil.NoSuchProcess:
             return []
 
-    def wait_for_workers(self, count, timeout=20.0):
-        return wait_for(lambda: len(self.worker_pids()) >= count and self.worker_pids(),
-                        timeout, message=f"{count} workers of supervisor {self.pid}")
-
     def signal(self, signum):
         os.kill(self.pid, signum)
-
-    def kill_host(self):
-        """kill -9 the supervisor and every worker it forked, at once."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-
-    def wait(self, timeout=30.0):
-        return self.proc.wait(timeout)
 
     def log(self):
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
-    def close(self):
-        if self.proc.poll() is None:
-            self.kill_host()
-        else:
+    def kill_group(self):
+        """kill -9 the process and everything it forked (orphans included)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(10)
+
+    def stop(self, grace_s=0.0):
+        """SIGTERM and up to grace_s to exit, then kill -9 whatever of the group is left."""
+        if grace_s and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                os.killpg(self.pid, signal.SIGKILL)  # orphaned workers, if any
-            except (ProcessLookupError, PermissionError):
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
                 pass
+        self.kill_group()
         self._log.close()
+
+
+class SupervisorProcess(ProcessGroup):
+    """A real `python -m supervisor`."""
+
+    def __init__(self, env, log_path, concurrency=2, queues=None):
+        args = [sys.executable, "-m", "supervisor", "--concurrency", str(concurrency)]
+        if queues:
+            args += ["--queues", queues]
+        super().__init__(args, env, log_path)
+
+    def worker_pids(self):
+        return self.children()
+
+    def wait_for_workers(self, count, timeout=20.0):
+        return wait_for(lambda: len(self.worker_pids()) >= count and self.worker_pids(),
+                        timeout, message=f"{count} workers of supervisor {self.pid}")
+
+    def kill_host(self):
+        """kill -9 the supervisor and every worker it forked, at once."""
+        self.kill_group()
+
+    def wait(self, timeout=30.0):
+        return self.proc.wait(timeout)
 
 
 class Conveyor:
@@ -278,7 +294,7 @@ class Conveyor:
 
     def close(self):
         for supervisor in self.supervisors:
-            supervisor.close()
+            supervisor.stop()
         import models
         models.reset_connection()
 

@@ -5,7 +5,6 @@ several workers, and rate limits in a real Redis shared by two gunicorn processe
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import requests
 
 import jobs
 from apiserver import admin_key, bearer, gunicorn, redis_url  # noqa: F401 (fixtures)
-from conftest import ROOT, wait_for
+from conftest import ROOT, ProcessGroup, wait_for
 from models import Job
 
 README = os.path.join(ROOT, "README.md")
@@ -32,19 +31,15 @@ def free_port():
         return probe.getsockname()[1]
 
 
-class Honcho:
+class Honcho(ProcessGroup):
     """`honcho start`: the Procfile's web and worker, as the quickstart starts them."""
 
     def __init__(self, env, tmp_path):
         self.port = free_port()
         empty_env_file = tmp_path / "empty.env"  # a developer's .env must not steer the test
         empty_env_file.write_text("")
-        self.log_path = tmp_path / "honcho.log"
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [os.path.join(BIN, "honcho"), "start", "-p", str(self.port), "-e", str(empty_env_file)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        super().__init__([os.path.join(BIN, "honcho"), "start", "-p", str(self.port),
+                          "-e", str(empty_env_file)], env, tmp_path / "honcho.log")
         self.url = f"http://localhost:{self.port}"
         wait_for(self._answers, timeout=30, interval=0.1, message="honcho's web to answer")
 
@@ -56,22 +51,8 @@ class Honcho:
         except requests.ConnectionError:
             return False
 
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait(10)
-        self._log.close()
+        super().stop(grace_s=15)
 
 
 def readme_command_blocks():
