@@ -6,6 +6,7 @@ before-request hook, followed by the per-key rate limit (flask-limiter). Every e
 becomes an RFC 9457 problem+json response in one place; no input reaches SQL except as a
 bound parameter.
 """
+import atexit
 import json
 import logging
 import math
@@ -242,6 +243,9 @@ def create_app():
                               f"is not usable: {exc}"))
     _register_routes(app)
     cli.register(app)
+    # Counts reach the database from a thread in each gunicorn worker (gunicorn.conf.py)
+    # and at exit, which is when a `flask` command's are stored.
+    atexit.register(metrics.flush_quietly)
     return app
 
 
@@ -265,6 +269,7 @@ class FailedAuthLimit:
         try:
             for item in self.items:
                 if not self.limiter.limiter.test(item, self.SCOPE, address):
+                    metrics.count("conveyor_rate_limited", limit="failed_authentication")
                     reset = self.limiter.limiter.get_window_stats(item, self.SCOPE, address)[0]
                     wait = max(1, math.ceil(reset - time.time()))
                     raise ApiError(429, "Too many requests",
@@ -341,6 +346,7 @@ def _register_errors(app):
     @app.errorhandler(RateLimitExceeded)
     def rate_limited(exc):
         # Retry-After and the X-RateLimit-* headers are added by flask-limiter.
+        metrics.count("conveyor_rate_limited", limit="api_key")
         return problem(429, "Too many requests",
                        f"this API key is over its rate limit of {exc.limit.limit}")
 

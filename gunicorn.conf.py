@@ -13,3 +13,10 @@ accesslog = None
 # gunicorn's control socket lives at one path per user: a second web process on the host
 # would take it over. Nothing here uses it.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """Each worker stores its metrics counts from a background thread (see metrics.py)."""
+    import metrics
+    from config import settings
+    metrics.flush_in_background(settings().heartbeat_s)

@@ -8,6 +8,7 @@ expects, and "0 rows" means someone else owns the job now: that is the fencing o
 import base64
 import hashlib
 import json
+import logging
 import math
 import random
 import time
@@ -19,6 +20,7 @@ import peewee as pw
 from jsonschema import Draft202012Validator
 
 import handlers
+import metrics
 from config import settings
 from models import Attempt, Job, Step, Worker, db, is_postgres, now
 
@@ -32,6 +34,8 @@ ATTEMPT_STATUSES = ("running", "succeeded", "failed", "timed_out", "crashed", "i
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$(?!\n)"
 MAX_LIMIT = 500
 MAX_BATCH = 1000
+
+log = logging.getLogger("conveyor.jobs")
 
 
 class JobError(Exception):
@@ -233,7 +237,14 @@ def enqueue(new_jobs, api_key_id=None):
                            [f"{i}: idempotency key {new_jobs[i].idempotency_key!r} was used "
                             f"for a different request (job {ids[i]})" for i in conflicts])
         by_id = {job.id: job for job in Job.select().where(Job.id.in_(ids))}
-    return [(by_id[job_id], was_created) for job_id, was_created in zip(ids, created)]
+    stored = [(by_id[job_id], was_created) for job_id, was_created in zip(ids, created)]
+    for job, was_created in stored:
+        if was_created:
+            metrics.count("conveyor_jobs_submitted", type=job.type, queue=job.queue)
+            _event(logging.INFO, "submitted", job,
+                   f"{job.status}, run at {job.run_at:.3f}" if job.status == "scheduled"
+                   else job.status)
+    return stored
 
 
 def _row(new, current, api_key_id):
@@ -283,6 +294,9 @@ def claim(worker, limit=1):
                 "worker_id": worker.id, "host": worker.host, "pid": worker.pid,
                 "started_at": job.started_at} for job in claimed]).execute()
     claimed.sort(key=lambda job: (job.priority, job.run_at, job.id))
+    for job in claimed:
+        _event(logging.INFO, "started", job, f"attempt {job.attempt} on {worker.id}",
+               attempt=job.attempt, worker_id=worker.id)
     return claimed
 
 
@@ -383,14 +397,21 @@ def report(job, outcome):
     """A worker reports its attempt's outcome. False when its lease was lost: the outcome
     is refused, the attempt is marked fenced and the job is left as it is."""
     with db.atomic():
-        if _finish(job, outcome, _holds(job)):
-            return True
-        recorded = Attempt.get_or_none(Attempt.job_id == job.id, Attempt.number == job.attempt)
-        if recorded is not None and recorded.status == outcome.status:
-            return True  # our own report committed before the connection dropped; a retry
-        (Attempt.update(fenced=True)
-         .where(Attempt.job_id == job.id, Attempt.number == job.attempt).execute())
+        finished = _finish(job, outcome, _holds(job))
+        if finished is None:
+            recorded = Attempt.get_or_none(Attempt.job_id == job.id,
+                                           Attempt.number == job.attempt)
+            if recorded is not None and recorded.status == outcome.status:
+                return True  # our own report committed before the connection dropped
+            (Attempt.update(fenced=True)
+             .where(Attempt.job_id == job.id, Attempt.number == job.attempt).execute())
+    if finished is None:
+        _event(logging.WARNING, "refused", job,
+               f"late outcome refused: attempt {job.attempt} {outcome.status} after its lease "
+               f"was lost", attempt=job.attempt, worker_id=job.lease_owner)
         return False
+    _announce(finished)
+    return True
 
 
 def end_attempts(worker_id, outcome, job_id=None):
@@ -402,8 +423,10 @@ def end_attempts(worker_id, outcome, job_id=None):
     ended = []
     for job in query:
         with db.atomic():
-            if _finish(job, outcome, _holds(job)):
-                ended.append(job)
+            finished = _finish(job, outcome, _holds(job))
+        if finished is not None:
+            _announce(finished)
+            ended.append(job)
     return ended
 
 
@@ -418,13 +441,28 @@ def reap_expired(lease_s, limit=100):
     reaped = []
     for job in stale:
         with db.atomic():
-            if _finish(job, outcome, _holds(job) & (Job.heartbeat_at < now() - lease_s)):
-                reaped.append(job)
+            finished = _finish(job, outcome, _holds(job) & (Job.heartbeat_at < now() - lease_s))
+        if finished is not None:
+            metrics.count("conveyor_attempts_reaped", type=job.type, queue=job.queue)
+            _announce(finished, event="reaped")
+            reaped.append(job)
     return reaped
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What _finish did to a job: the outcome it recorded and where the job went."""
+    job: Any
+    outcome: Outcome
+    status: str
+    dead_reason: Optional[str]
+    run_at: float
+    duration_s: Optional[float]
+
+
 def _finish(job, outcome, guard):
-    """Apply the retry policy to a running job under guard; True if this call moved it."""
+    """Apply the retry policy to a running job under guard; None if another process owns
+    the job now, else what was done (to announce once the transaction commits)."""
     move = next_transition(job, outcome)
     changes = {"status": move.status, "lease_owner": None, "heartbeat_at": None,
                "finished_at": now() if move.status in FINAL else None}
@@ -440,13 +478,54 @@ def _finish(job, outcome, guard):
         changes["last_error"] = outcome.error
     if move.delay_s is not None:
         changes["run_at"] = now() + move.delay_s
-    if not Job.update(**changes).where(guard).execute():
-        return False
-    (Attempt.update(status=outcome.status, finished_at=now(), error_type=outcome.error_type,
-                    error_message=outcome.error_message, traceback=outcome.traceback)
-     .where(Attempt.job_id == job.id, Attempt.number == job.attempt,
-            Attempt.status == "running").execute())
-    return True
+    moved = list(Job.update(**changes).where(guard)
+                 .returning(Job.status, Job.dead_reason, Job.run_at).execute())
+    if not moved:
+        return None
+    ended = list(Attempt.update(status=outcome.status, finished_at=now(),
+                                error_type=outcome.error_type,
+                                error_message=outcome.error_message,
+                                traceback=outcome.traceback)
+                 .where(Attempt.job_id == job.id, Attempt.number == job.attempt,
+                        Attempt.status == "running")
+                 .returning(Attempt.started_at, Attempt.finished_at).execute())
+    duration = ended[0].finished_at - ended[0].started_at if ended else None
+    return Finished(job, outcome, moved[0].status, moved[0].dead_reason, moved[0].run_at,
+                    duration)
+
+
+def _announce(finished, event=None):
+    """Count and log a committed transition: one line per job event."""
+    job, outcome, status = finished.job, finished.outcome, finished.status
+    labels = {"type": job.type, "queue": job.queue}
+    tags = {"attempt": job.attempt, "worker_id": job.lease_owner, "status": status}
+    if finished.duration_s is not None:
+        metrics.observe_duration(finished.duration_s, **labels)
+    if outcome.status == "succeeded":
+        metrics.count("conveyor_jobs_succeeded", **labels)
+        _event(logging.INFO, event or "succeeded", job,
+               f"attempt {job.attempt} succeeded in {finished.duration_s or 0:.3f}s", **tags)
+        return
+    if outcome.status != "cancelled":
+        metrics.count("conveyor_attempts_failed", outcome=outcome.status, **labels)
+    ending = f"attempt {job.attempt} {outcome.status}: {outcome.error}"
+    if status == "retryable":
+        delay = max(0.0, finished.run_at - db_time())
+        _event(logging.WARNING, event or "retrying", job, f"{ending}; retrying in {delay:.3f}s",
+               delay_s=round(delay, 3), **tags)
+    elif status == "dead":
+        metrics.count("conveyor_jobs_dead", reason=finished.dead_reason, **labels)
+        _event(logging.ERROR, event or "dead", job,
+               f"{ending}; dead-lettered ({finished.dead_reason})", **tags)
+    else:
+        metrics.count("conveyor_jobs_cancelled", **labels)
+        _event(logging.INFO, event or "cancelled", job, f"{ending}; job cancelled", **tags)
+
+
+def _event(level, event, job, message, **tags):
+    log.log(level, "job %d %s: %s", job.id, event, message,
+            extra={"event": event, "job_id": job.id, "type": job.type, "queue": job.queue,
+                   **tags})
 
 
 # ---------------------------------------------------------------------------- steps
@@ -522,13 +601,20 @@ def cancel(job_id, api_key_id=None):
     stops the worker. Returns (job, stopped_now)."""
     get_job(job_id, api_key_id)
     with db.atomic():
-        if (Job.update(status="cancelled", finished_at=now())
-                .where(Job.id == job_id, Job.status.in_(PENDING)).execute()):
-            return get_job(job_id), True
-        if (Job.update(cancel_requested_at=pw.fn.COALESCE(Job.cancel_requested_at, now()))
-                .where(Job.id == job_id, Job.status == "running").execute()):
-            return get_job(job_id), False
+        stopped = (Job.update(status="cancelled", finished_at=now())
+                   .where(Job.id == job_id, Job.status.in_(PENDING)).execute())
+        flagged = not stopped and (
+            Job.update(cancel_requested_at=pw.fn.COALESCE(Job.cancel_requested_at, now()))
+            .where(Job.id == job_id, Job.status == "running").execute())
     job = get_job(job_id)
+    if stopped:
+        metrics.count("conveyor_jobs_cancelled", type=job.type, queue=job.queue)
+        _event(logging.INFO, "cancelled", job, "cancelled before it ran", status=job.status)
+        return job, True
+    if flagged:
+        _event(logging.INFO, "cancelling", job, f"attempt {job.attempt} is running; its "
+               f"supervisor stops the worker", attempt=job.attempt, worker_id=job.lease_owner)
+        return job, False
     raise Conflict(f"job {job_id} is {job.status} and cannot be cancelled")
 
 
@@ -547,7 +633,10 @@ def dlq_retry(job_id):
         moved = (Job.update(status="available", run_at=now(), attempt_base=Job.attempt,
                             finished_at=None, dead_reason=None)
                  .where(Job.id == job_id, Job.status == "dead").execute())
-        return _dlq_result(job_id, moved)
+    job = _dlq_result(job_id, moved)
+    _event(logging.INFO, "requeued", job, "back from the dead-letter queue with "
+           f"{job.max_attempts} fresh attempts", status=job.status)
+    return job
 
 
 def dlq_discard(job_id):
@@ -555,7 +644,10 @@ def dlq_discard(job_id):
     with db.atomic():
         moved = (Job.update(status="cancelled", finished_at=now())
                  .where(Job.id == job_id, Job.status == "dead").execute())
-        return _dlq_result(job_id, moved)
+    job = _dlq_result(job_id, moved)
+    _event(logging.INFO, "discarded", job, "discarded from the dead-letter queue",
+           status=job.status)
+    return job
 
 
 def _dlq_result(job_id, moved):
@@ -616,6 +708,14 @@ def stats(lease_s):
     alive = Worker.select().where(Worker.last_heartbeat_at >= now() - lease_s).count()
     return {"queues": queues, "totals": totals, "oldest_available_age_s": round(age, 3),
             "workers_alive": alive}
+
+
+def oldest_available_by_queue():
+    """{queue: seconds its oldest due job has waited}, for queues with one."""
+    current = db_time()
+    rows = (Job.select(Job.queue, pw.fn.MIN(Job.run_at))
+            .where(Job.status.in_(PENDING), Job.run_at <= now()).group_by(Job.queue).tuples())
+    return {queue: round(max(0.0, current - oldest), 3) for queue, oldest in rows}
 
 
 def prune(older_than_s, batch=1000):

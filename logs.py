@@ -4,7 +4,8 @@ import logging
 import sys
 import time
 
-CONTEXT_FIELDS = ("job_id", "type", "attempt", "worker_id", "queue", "delay_s", "status")
+CONTEXT_FIELDS = ("event", "job_id", "type", "queue", "attempt", "worker_id", "delay_s",
+                  "status")
 
 
 class JsonFormatter(logging.Formatter):

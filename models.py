@@ -228,3 +228,15 @@ class ScheduleRun(BaseModel):
 
     class Meta:
         table_name = "schedule_runs"
+
+
+class MetricCounter(BaseModel):
+    process_id = pw.TextField()
+    name = pw.TextField()
+    labels = pw.TextField()  # canonical JSON of the label values
+    value = pw.DoubleField()
+    updated_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "metric_counters"
+        primary_key = pw.CompositeKey("process_id", "name", "labels")

@@ -4,9 +4,9 @@ Single-threaded on purpose (forking is only safe so). Each tick it collects exit
 children and records what they held (`crashed` at once, without waiting for the lease),
 kills an attempt past its timeout or whose job was cancelled, respawns workers (backing
 off when one keeps dying) and runs its duties: reap expired leases, stage due jobs,
-fire due schedules, forget dead workers, prune old history. On SIGTERM it stops
-claiming, lets running attempts finish within SHUTDOWN_GRACE_S, then kills the rest and
-records them `interrupted`.
+fire due schedules, flush metrics, forget dead workers, prune old history. On SIGTERM
+it stops claiming, lets running attempts finish within SHUTDOWN_GRACE_S, then kills the
+rest and records them `interrupted`.
 """
 import logging
 import os
@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import documents
 import jobs
+import metrics
 import schedules
 from models import DB_ERRORS, reset_connection
 from supervisor import slots
@@ -84,7 +85,8 @@ class Supervisor:
         self.stopping = False
         self.hurry = False
         self.duties = [
-            Duty("reaper", settings.heartbeat_s, self._reap),
+            Duty("reaper", settings.heartbeat_s, lambda: jobs.reap_expired(settings.lease_s)),
+            Duty("metrics", settings.heartbeat_s, metrics.flush),
             Duty("stager", 1.0, jobs.stage_due),
             Duty("scheduler", SCHEDULER_INTERVAL_S, self._fire_schedules),
             Duty("cancellations", 0.5, self._stop_cancelled),
@@ -167,6 +169,7 @@ class Supervisor:
         log.debug("worker %s started (pid %d)", worker.id, pid)
 
     def _become_child(self):
+        metrics.reset()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self._selector.close()
@@ -257,11 +260,6 @@ class Supervisor:
 
     # ------------------------------------------------------------------ duties
 
-    def _reap(self):
-        for job in jobs.reap_expired(self.settings.lease_s):
-            log.warning("reaped attempt %d of job %d: lease expired (worker %s)", job.attempt,
-                        job.id, job.lease_owner, extra={"job_id": job.id, "attempt": job.attempt})
-
     def _fire_schedules(self):
         for run in schedules.fire_due():
             log.info("schedule %s: slot %s %s%s", run.schedule_name,
@@ -280,6 +278,7 @@ class Supervisor:
     def _prune(self):
         removed = jobs.prune(self.settings.retention_days * 86400)
         schedules.prune_runs(self.settings.retention_days * 86400)
+        metrics.retire_stale(86400)
         if removed:
             log.info("pruned %d finished jobs older than %g days", removed,
                      self.settings.retention_days)
@@ -304,6 +303,7 @@ class Supervisor:
             child = self.children.pop(pid, None)
             if child is not None:
                 self._on_exit(child, status)
+        Duty("metrics", 0, metrics.flush).run_if_due(time.monotonic())
         log.info("supervisor %s stopped", self.id)
 
 

@@ -18,6 +18,7 @@ from functools import partial
 
 import handlers
 import jobs
+import metrics
 from models import DB_ERRORS, reset_connection
 
 log = logging.getLogger("conveyor.worker")
@@ -51,27 +52,20 @@ class WorkerProcess:
             for job in claimed:
                 self._run_one(job)
         self.finished.set()
+        self._until_done(metrics.flush, give_up_when_stopping=True)
         self._until_done(partial(jobs.deregister_worker, self.worker.id), give_up_when_stopping=True)
         return 0
 
     def _run_one(self, job):
         self.current = job
         self.slot.start(job.id, job.attempt, time.monotonic() + job.timeout_s, job.timeout_s)
-        started = time.monotonic()
         outcome = execute(job)
         self.reports += 1
-        accepted = self._until_done(partial(jobs.report, job, outcome))
+        self._until_done(partial(jobs.report, job, outcome))  # the core logs what it did
         self.slot.clear()
         self.current = None
         self.reports += 1
         self.jobs_done += 1
-        elapsed_ms = (time.monotonic() - started) * 1000
-        if not accepted:
-            log.warning("late outcome refused: the lease was lost", extra=_tags(job, self.worker))
-        elif outcome.status == "succeeded":
-            log.debug("job succeeded in %.1f ms", elapsed_ms, extra=_tags(job, self.worker))
-        else:
-            log.warning("job attempt failed: %s", outcome.error, extra=_tags(job, self.worker))
 
     def _heartbeat(self):
         while not self.finished.wait(self.settings.heartbeat_s):
@@ -85,6 +79,7 @@ class WorkerProcess:
                 # A renewal that lost the race to the job's own report finds no lease either.
                 if not renewed and reports % 2 == 0 and self.reports == reports:
                     log.warning("lease lost while running", extra=_tags(job, self.worker))
+                metrics.flush()
             except DB_ERRORS as exc:
                 log.warning("heartbeat failed: %s", _first_line(exc))
                 reset_connection()

@@ -224,6 +224,7 @@ class Conveyor:
     def __init__(self, database_url, tmp_path, monkeypatch):
         import boot
         import config
+        import metrics
         self.tmp_path = tmp_path
         self.database_url = database_url
         self.env = {**os.environ, **FAST_ENV, "DATABASE_URL": database_url,
@@ -232,6 +233,7 @@ class Conveyor:
             monkeypatch.setenv(name, value)
         config.reset()
         self.settings = boot.start()
+        metrics.reset()  # counts of earlier tests in this process belong to their databases
         self.supervisors = []
 
     @property

@@ -104,7 +104,8 @@ def test_killed_host_jobs_are_recovered_by_another_supervisor(conveyor, effects_
         assert job.result == {"attempt": 2, "pid": retried.pid}
         assert_one_attempt_at_a_time([crashed, retried])
         assert not any(line[:3] == ["end", str(job_id), "1"] for line in side_effects(effects_log))
-    assert "reaped attempt 1 of job" in survivor.log()
+    for job_id in ids:  # the reaping is one log line per job, from the survivor
+        assert f"job {job_id} reaped: attempt 1 crashed: LeaseExpired" in survivor.log()
     assert_audit_clean(conveyor)
 
 
