@@ -1,10 +1,12 @@
-"""The `flask` commands of SPEC §7: db, keys, jobs, dlq, schedules, prune and audit.
+"""The `flask` commands of SPEC §7: db, keys, jobs, dlq, schedules, prune and audit, and
+the operator's views: `jobs wait` and `top`.
 
 Thin callers of the core, like the routes. Refusals print one line (`Error: ...`) and
 exit non-zero; commands that show or list take --json for one JSON document on stdout.
 """
 import json
 import re
+import time
 
 import click
 from flask.cli import AppGroup
@@ -26,6 +28,17 @@ def parse_duration(text):
     if not match:
         raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 12h or 7d")
     return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def parse_seconds(text):
+    """Seconds as a plain number (2.5) or a duration (30s, 15m, 12h, 7d)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        return parse_duration(text)
+    if not seconds >= 0:
+        raise click.BadParameter(f"{text!r} is not a number of seconds")
+    return seconds
 
 
 class Commands(AppGroup):
@@ -144,6 +157,69 @@ def jobs_cancel(job_id):
     job, stopped = jobs.cancel(job_id)
     click.echo(f"job {job.id} cancelled" if stopped else
                f"job {job.id} is running; its worker will be stopped")
+
+
+WAIT_EXIT_CODES = {"succeeded": 0, "dead": 3, "cancelled": 4}
+WAIT_TIMED_OUT = 5
+WAIT_REMINDER_S = 30  # on a long wait with no change, say it is still waiting this often
+STATUS_COLOURS = {"succeeded": "green", "dead": "red", "cancelled": "yellow",
+                  "retryable": "yellow", "running": "cyan"}
+
+
+def describe_progress(job):
+    """One line for where a job is now: its status, its attempt, its last error."""
+    status = click.style(job.status, fg=STATUS_COLOURS.get(job.status), bold=True)
+    if job.attempt == 0:
+        return status
+    line = f"{status}, attempt {job.attempt}"
+    if job.status in ("scheduled", "available", "retryable", "dead") and job.last_error:
+        line += f": {job.last_error.splitlines()[0][:120]}"
+    return line
+
+
+@jobs_group.command("wait")
+@click.argument("job_id", type=int)
+@click.option("--timeout", help="Give up after this long: seconds or 30s, 15m, 12h "
+                                "(default: as long as it takes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final job as one JSON document.")
+def jobs_wait(job_id, timeout, as_json):
+    """Wait for a job to be succeeded, dead or cancelled, showing its status and attempt on
+    stderr as they change.
+
+    Exit status: 0 succeeded, 3 dead, 4 cancelled, 5 unfinished at --timeout, 1 when there
+    is no such job.
+    """
+    limit = parse_seconds(timeout) if timeout is not None else None
+    job = jobs.get_job(job_id)
+    started, interval = time.monotonic(), 0.05  # polls slow down to one a second
+    shown, shown_at, outage = None, 0.0, False
+    while True:
+        elapsed = time.monotonic() - started
+        state = (job.status, job.attempt)
+        if state != shown or elapsed - shown_at >= WAIT_REMINDER_S:
+            still = "still " if state == shown else ""
+            click.echo(f"{elapsed:7.1f}s  job {job.id} {still}{describe_progress(job)}", err=True)
+            shown, shown_at = state, elapsed
+        if job.status in jobs.FINAL or (limit is not None and elapsed >= limit):
+            break
+        time.sleep(interval if limit is None else max(0.0, min(interval, limit - elapsed)))
+        interval = min(interval * 1.5, 1.0)
+        try:
+            job, outage = jobs.get_job(job_id), False
+        except models.DB_ERRORS as exc:  # a database restart: keep waiting through it
+            models.reset_connection()
+            if not outage:
+                click.echo(f"database unavailable, still waiting: {str(exc).strip()[:200]}",
+                           err=True)
+            outage = True
+    if as_json:
+        emit(documents.job(job, jobs.attempts_of(job.id)))
+    if job.status not in jobs.FINAL:
+        click.echo(f"Error: job {job.id} is still {job.status} after {limit:g}s", err=True)
+        raise SystemExit(WAIT_TIMED_OUT)
+    if not as_json:
+        click.echo(f"job {job.id} {describe_progress(job)}")
+    raise SystemExit(WAIT_EXIT_CODES[job.status])
 
 
 @dlq_group.command("list")
@@ -312,7 +388,65 @@ def audit_command(as_json):
     raise SystemExit(1 if report.violations else 0)
 
 
+@click.command("top")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one frame and exit.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (stats and workers).")
+def top(interval, once, as_json):
+    """A live view of the queues (jobs by status) and the workers (what each is running);
+    Ctrl-C to leave."""
+    lease_s = settings().lease_s
+    if as_json:
+        return emit({"stats": jobs.stats(lease_s),
+                     "workers": [documents.worker(w) for w in jobs.live_workers(lease_s)]})
+    if once:
+        return click.echo(top_frame(lease_s))
+    try:
+        while True:
+            frame = top_frame(lease_s)
+            click.clear()
+            click.echo(frame)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def top_frame(lease_s):
+    """One screen of `flask top`, read through the core (a database outage is shown, not
+    raised, so the view outlives it)."""
+    try:
+        stats, workers, clock = jobs.stats(lease_s), jobs.live_workers(lease_s), jobs.db_time()
+        # What each worker runs (type, attempt, for how long) comes from the running jobs.
+        running, _ = jobs.list_jobs(status="running", limit=jobs.MAX_LIMIT)
+    except models.DB_ERRORS as exc:
+        models.reset_connection()
+        return click.style(f"database unavailable: {str(exc).strip()[:200]}", fg="red")
+    lines = [click.style(f"conveyor  {documents.timestamp(clock)}  workers alive: "
+                         f"{stats['workers_alive']}  oldest available job: "
+                         f"{stats['oldest_available_age_s']:.1f}s", bold=True), ""]
+    lines.append(click.style(f"{'queue':<16}" + "".join(f"{s:>10}" for s in jobs.STATUSES),
+                             bold=True))
+    for queue, counts in sorted(stats["queues"].items()) + [("(all)", stats["totals"])]:
+        lines.append(f"{queue[:16]:<16}"
+                     + "".join(f"{counts.get(s, 0):>10}" for s in jobs.STATUSES))
+    lines += ["", click.style(f"{'host':<20} {'pid':>7}  {'queues':<16} {'heartbeat':>9}  job",
+                              bold=True)]
+    running_on = {job.lease_owner: job for job in running}
+    for worker in workers:
+        job = running_on.get(worker.id)
+        doing = "idle" if job is None else (
+            f"{job.id} {job.type} attempt {job.attempt}"
+            + (f", {clock - job.started_at:.1f}s" if job.started_at else ""))
+        lines.append(f"{worker.host[:20]:<20} {worker.pid:>7}  "
+                     f"{','.join(worker.queues or []) or 'all':<16} "
+                     f"{clock - worker.last_heartbeat_at:>8.1f}s  {doing}")
+    if not workers:
+        lines.append("no live workers")
+    return "\n".join(lines)
+
+
 def register(app):
     for command in (db_group, jobs_group, dlq_group, schedules_group, keys_group, prune,
-                    audit_command):
+                    audit_command, top):
         app.cli.add_command(command)

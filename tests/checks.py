@@ -3,8 +3,10 @@ attempt is running where, does the history hold together, does `flask audit` agr
 import json
 import os
 from collections import Counter
+from urllib.parse import urlparse
 
 import psutil
+import psycopg2
 
 from conftest import side_effects, wait_for
 
@@ -117,3 +119,20 @@ def assert_audit_clean(conveyor):
 
 def gate_path(tmp_path, name="gate"):
     return os.path.join(str(tmp_path), name)
+
+
+def cut_database_connections(pids, database_url):
+    """Terminate the PostgreSQL connections of these processes, as a database restart
+    would; returns how many there were."""
+    port = urlparse(database_url).port or 5432
+    ports = [c.laddr.port for pid in pids for c in psutil.Process(pid).net_connections("tcp")
+             if c.raddr and c.raddr.port == port]
+    admin = psycopg2.connect(database_url)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE client_port = ANY(%s)", (ports,))
+            return sum(1 for terminated, in cur.fetchall() if terminated)
+    finally:
+        admin.close()
