@@ -13,7 +13,7 @@ import models
 def start(*, upgrade=True, check_database=True):
     settings = config.settings()
     logs.configure(settings)
-    models.open_database(settings.database_url)
+    models.open_database(settings.database_url, lease_s=settings.lease_s)
     if check_database:
         models.check_connection()
     if upgrade:

@@ -320,8 +320,7 @@ def stage_due():
 def heartbeat(worker, job=None):
     """Renew the worker's registration and its job's lease; False when the lease is lost."""
     with db.atomic():
-        updated = (Worker.update(last_heartbeat_at=now(),
-                                 current_job_id=job.id if job is not None else None)
+        updated = (Worker.update(last_heartbeat_at=now())
                    .where(Worker.id == worker.id).execute())
         if not updated:
             register_worker(worker)
@@ -440,8 +439,14 @@ def reap_expired(lease_s, limit=100):
                       error_message=f"no heartbeat for over {lease_s:g}s: worker or host lost")
     reaped = []
     for job in stale:
+        guard = _holds(job) & (Job.heartbeat_at < now() - lease_s)
+        if is_postgres():
+            # A row another session holds locked (one cut off or stalled mid-transaction,
+            # until the server ends it) waits for a later round instead of stalling us.
+            guard &= Job.id.in_(Job.select(Job.id).where(Job.id == job.id)
+                                .for_update("FOR UPDATE SKIP LOCKED"))
         with db.atomic():
-            finished = _finish(job, outcome, _holds(job) & (Job.heartbeat_at < now() - lease_s))
+            finished = _finish(job, outcome, guard)
         if finished is not None:
             metrics.count("conveyor_attempts_reaped", type=job.type, queue=job.queue)
             _announce(finished, event="reaped")
@@ -573,8 +578,16 @@ def forget_stale_workers(lease_s):
 
 
 def live_workers(lease_s):
-    return list(Worker.select().where(Worker.last_heartbeat_at >= now() - lease_s)
-                .order_by(Worker.started_at))
+    """Workers heard from within the lease, each with current_job_id: the job it holds now
+    (read from the jobs, so it is never staler than the lease itself)."""
+    workers = list(Worker.select().where(Worker.last_heartbeat_at >= now() - lease_s)
+                   .order_by(Worker.started_at))
+    holding = dict(Job.select(Job.lease_owner, Job.id)
+                   .where(Job.status == "running",
+                          Job.lease_owner.in_([worker.id for worker in workers])).tuples())
+    for worker in workers:
+        worker.current_job_id = holding.get(worker.id)
+    return workers
 
 
 # ---------------------------------------------------------------------------- cancel, DLQ

@@ -5,6 +5,7 @@ default, PostgreSQL for production. Times are stored as UTC epoch seconds (float
 read from the database's clock (`now()`), so hosts with skewed clocks agree on leases.
 """
 import json
+import math
 import os
 
 import peewee as pw
@@ -17,8 +18,15 @@ db = pw.DatabaseProxy()
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 
 
-def open_database(url):
-    """Point `db` at the database named by url (no connection is made yet)."""
+def open_database(url, lease_s=None):
+    """Point `db` at the database named by url (no connection is made yet).
+
+    On PostgreSQL the lease bounds two waits a partition would otherwise make endless:
+    the server ends a session idle inside an open transaction for longer (so the row locks
+    of a cut-off or stalled process cannot keep the reaper from handing its job to another
+    worker), and the client gives up on a query whose packets go unacknowledged for longer
+    (tcp_user_timeout) instead of waiting for TCP's own retries, some 15 minutes.
+    """
     if url.startswith("sqlite"):
         database = connect_url(url, pragmas={
             "journal_mode": "wal",
@@ -31,6 +39,12 @@ def open_database(url):
             connect_timeout=5, keepalives=1, keepalives_idle=5,
             keepalives_interval=2, keepalives_count=3,
             application_name="conveyor")
+        if lease_s:
+            lease_ms = math.ceil(lease_s * 1000)
+            database.connect_params["tcp_user_timeout"] = lease_ms
+            timeout = f"-c idle_in_transaction_session_timeout={lease_ms}"
+            options = database.connect_params.get("options")
+            database.connect_params["options"] = f"{options} {timeout}" if options else timeout
     db.initialize(database)
     return database
 
@@ -179,7 +193,6 @@ class Worker(BaseModel):
     queues = JSONField()
     started_at = pw.DoubleField()
     last_heartbeat_at = pw.DoubleField()
-    current_job_id = pw.BigIntegerField(null=True)
 
     class Meta:
         table_name = "workers"

@@ -90,8 +90,7 @@ def up(migrator, db):
             pid INTEGER NOT NULL,
             queues TEXT NOT NULL,
             started_at DOUBLE PRECISION NOT NULL,
-            last_heartbeat_at DOUBLE PRECISION NOT NULL,
-            current_job_id BIGINT
+            last_heartbeat_at DOUBLE PRECISION NOT NULL
         )""",
     ]
     for statement in statements:

@@ -30,7 +30,9 @@ from supervisor.worker import WorkerProcess
 log = logging.getLogger("conveyor.supervisor")
 
 TICK_S = 0.1
-CRASH_WINDOW_S = 30.0   # a worker dying sooner than this after its start counts toward a crash loop
+# A worker dying sooner than this after its start, without finishing an attempt, counts
+# toward a crash loop; one that finished attempts in between was killed, not looping.
+CRASH_WINDOW_S = 30.0
 MAX_RESPAWN_DELAY_S = 30.0
 SCHEDULER_INTERVAL_S = 0.5  # well under a second, so even per-second schedules miss no slot
 
@@ -62,6 +64,7 @@ class Child:
     worker: jobs.WorkerInfo
     slot_index: int
     started_m: float
+    slot_writes: int = 0                   # the slot's write count when it started
     stop_reason: Optional[str] = None      # why we killed it: timeout, cancel or shutdown
     running: Optional[slots.Running] = None
 
@@ -165,7 +168,8 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(code)
         state.pid = pid
-        self.children[pid] = Child(pid, replace(worker, pid=pid), index, time.monotonic())
+        self.children[pid] = Child(pid, replace(worker, pid=pid), index, time.monotonic(),
+                                   state.slot.writes())
         log.debug("worker %s started (pid %d)", worker.id, pid)
 
     def _become_child(self):
@@ -204,7 +208,9 @@ class Supervisor:
         if not crashed:
             state.failures, state.respawn_at = 0, now_m
             return
-        state.failures = state.failures + 1 if now_m - child.started_m < CRASH_WINDOW_S else 1
+        finished_one = state.slot.writes() - child.slot_writes >= 2  # a start, then a clear
+        looping = now_m - child.started_m < CRASH_WINDOW_S and not finished_one
+        state.failures = state.failures + 1 if looping else 1
         delay = 0.0 if state.failures <= 1 else min(MAX_RESPAWN_DELAY_S, 2.0 ** (state.failures - 2))
         if delay:
             log.warning("worker slot %d keeps dying (%d times in a row); restarting in %.0fs",
@@ -214,9 +220,9 @@ class Supervisor:
     def _outcome_of(self, child, status):
         running = child.running or self.slots[child.slot_index].slot.read()
         if child.stop_reason == "timeout":
+            limit = f" of {running.timeout_s:g}s" if running else ""  # a torn slot tells nothing
             return jobs.Outcome("timed_out", error_type="Timeout",
-                                error_message=f"attempt ran past its timeout of "
-                                              f"{running.timeout_s:g}s and was killed")
+                                error_message=f"attempt ran past its timeout{limit} and was killed")
         if child.stop_reason == "cancel":
             return jobs.Outcome("cancelled", error_type="Cancelled",
                                 error_message="cancelled while running; the worker was stopped")

@@ -2,13 +2,16 @@
 
 The supervisor reads them to enforce timeouts and to know what a dead worker held,
 without a pipe message (and a wake-up) per job. One writer per slot; a sequence
-number makes a read that raced a write retry instead of seeing a torn value.
+number, odd while a write is under way, makes a read that raced a write retry instead of
+seeing a torn value. A writer killed mid-write leaves it odd: reads give up on it, and the
+next write (the supervisor's clear before a new worker starts) makes it whole again.
 """
 import mmap
 import struct
 from typing import NamedTuple, Optional
 
 _LAYOUT = struct.Struct("=Qqqdd")  # sequence, job id, attempt, deadline (monotonic), timeout
+_READ_TRIES = 10_000  # a live writer finishes a write in microseconds
 
 
 class Running(NamedTuple):
@@ -29,16 +32,23 @@ class Slot:
     def clear(self):
         self._write(0, 0, 0.0, 0.0)
 
+    def writes(self):
+        """How many times the slot was written: each start and each clear is one."""
+        return _LAYOUT.unpack_from(self._memory, self._offset)[0] // 2
+
     def read(self) -> Optional[Running]:
-        while True:
+        """The posted attempt; None when there is none, or when the slot stays torn."""
+        for _ in range(_READ_TRIES):
             before, job_id, attempt, deadline, timeout_s = _LAYOUT.unpack_from(
                 self._memory, self._offset)
             after = _LAYOUT.unpack_from(self._memory, self._offset)[0]
             if before == after and before % 2 == 0:
                 return Running(job_id, attempt, deadline, timeout_s) if job_id else None
+        return None
 
     def _write(self, job_id, attempt, deadline, timeout_s):
         sequence = _LAYOUT.unpack_from(self._memory, self._offset)[0]
+        sequence += sequence % 2  # left odd by a writer that died mid-write
         struct.pack_into("=Q", self._memory, self._offset, sequence + 1)
         _LAYOUT.pack_into(self._memory, self._offset, sequence + 1, job_id, attempt,
                           deadline, timeout_s)

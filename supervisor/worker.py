@@ -44,12 +44,18 @@ class WorkerProcess:
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
         while not self.stopping.is_set() and not self._orphaned() and not self._worn_out():
+            asked_m = time.monotonic()
             claimed = self._until_done(partial(jobs.claim, self.worker, 1),
                                        give_up_when_stopping=True)
             if not claimed:
                 self.stopping.wait(self.settings.poll_interval_s * random.uniform(0.5, 1.0))
                 continue
             for job in claimed:
+                if self._lease_in_doubt(asked_m) and \
+                        not self._until_done(partial(jobs.heartbeat, self.worker, job)):
+                    log.warning("lease lost before the attempt started; not running it",
+                                extra=_tags(job, self.worker))
+                    continue
                 self._run_one(job)
         self.finished.set()
         self._until_done(metrics.flush, give_up_when_stopping=True)
@@ -97,6 +103,11 @@ class WorkerProcess:
                     return None
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _lease_in_doubt(self, asked_m):
+        """A claim answered this late (a partition, a stall) may have outlived its lease
+        before the heartbeat thread first renews it: someone else may run the job now."""
+        return time.monotonic() - asked_m > self.settings.lease_s - self.settings.heartbeat_s
 
     def _orphaned(self):
         return os.getppid() != self.parent_pid

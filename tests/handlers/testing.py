@@ -5,6 +5,7 @@ tests read): "<event> <job_id> <attempt> <pid> <time>". One short write with O_A
 is atomic, so lines from concurrent workers never interleave.
 """
 import os
+import random
 import signal
 import time
 
@@ -99,6 +100,27 @@ def step(payload, ctx):
     if ctx.attempt < payload.get("succeed_on", 2):
         raise RuntimeError("failed after the charge")
     return charge
+
+
+def chaos_plan(job_id, attempt):
+    """(seconds to sleep, whether to fail) for attempt `attempt` of a t.chaos job: 0-50 ms,
+    and a failure about one time in ten, decided by the job and attempt alone."""
+    draw = random.Random(f"{job_id}:{attempt}")
+    return draw.uniform(0, 0.05), draw.random() < 0.10
+
+
+@handler("t.chaos")
+def chaos(payload, ctx):
+    """The fault-injection workload (tests/faults/): record start, work 0-50 ms, then
+    record end and return, or record fail and raise, as chaos_plan says."""
+    sleep_s, fails = chaos_plan(ctx.job_id, ctx.attempt)
+    record(payload, ctx, "start")
+    time.sleep(sleep_s)
+    if fails:
+        record(payload, ctx, "fail")
+        raise RuntimeError(f"chaos failure of job {ctx.job_id} attempt {ctx.attempt}")
+    record(payload, ctx, "end")
+    return {"attempt": ctx.attempt}
 
 
 @handler("t.schema", schema={"type": "object", "required": ["to"],

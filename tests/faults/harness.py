@@ -1,0 +1,646 @@
+"""The fault-injection harness: run t.chaos jobs on real supervisors while faults are
+injected, then check from the database and the handlers' side-effect log that nothing was
+lost, no attempt ran twice, no two attempts of a job overlapped and `flask audit` is clean.
+
+Each scenario is a function of a Conveyor (tests/conftest.py) and a size; it returns the
+run's Figures. The pytest scenarios (tests/faults/test_faults_*.py) run them small; the
+soak command (`python -m tests.faults.soak`) runs them at full size, over and over.
+"""
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import requests
+
+from apiserver import Gunicorn
+# LONG_LEASE where a worker's death is seen by its supervisor at once (no lease need
+# expire); SHORT_LEASE where recovery goes through the lease (a host lost, a worker stalled
+# or cut off).
+from checks import LONG_LEASE, SHORT_LEASE
+from conftest import ProcessGroup, side_effects
+from proxy import PartitionProxy
+
+FINAL = ("succeeded", "dead", "cancelled")
+
+
+@dataclass
+class Figures:
+    """What one run did and what the final checks found."""
+    scenario: str
+    backend: str
+    seed: int
+    jobs: int = 0
+    succeeded: int = 0
+    dead: int = 0
+    attempts: int = 0
+    fenced: int = 0
+    kills: int = 0
+    restarts: int = 0
+    stalls: int = 0
+    partitions: int = 0
+    lost: int = 0
+    duplicated_attempts: int = 0
+    overlaps: int = 0
+    misrecorded: int = 0
+    audit_violations: int = 0
+    seconds: float = 0.0
+    api_answers: dict = field(default_factory=dict)  # HTTP status: count, where probed
+    problems: list = field(default_factory=list)
+
+    @property
+    def clean(self):
+        return not (self.lost or self.duplicated_attempts or self.overlaps or self.misrecorded
+                    or self.audit_violations or self.problems)
+
+    def line(self):
+        faults = " ".join(f"{name}={getattr(self, name)}"
+                          for name in ("kills", "restarts", "stalls", "partitions")
+                          if getattr(self, name))
+        api = "".join(f"api_{status}={count} " for status, count in sorted(self.api_answers.items()))
+        return (f"{self.scenario} [{self.backend}] jobs={self.jobs} succeeded={self.succeeded} "
+                f"dead={self.dead} attempts={self.attempts} fenced={self.fenced} "
+                f"{faults or 'faults=0'} lost={self.lost} "
+                f"duplicated_attempts={self.duplicated_attempts} overlaps={self.overlaps} "
+                f"misrecorded={self.misrecorded} audit_violations={self.audit_violations} "
+                f"{api}seconds={self.seconds:.0f} seed={self.seed}")
+
+    def report(self):
+        return "\n".join([self.line(), *self.problems[:30]])
+
+
+# ---------------------------------------------------------------------------- running
+
+def seed():
+    """FAULTS_SEED, to replay a run; else a new one (every figure line prints its seed)."""
+    return int(os.environ.get("FAULTS_SEED") or random.randrange(2 ** 32))
+
+
+def retrying(operation, timeout=120.0):
+    """Run a database read of the harness itself through an outage."""
+    from models import DB_ERRORS, reset_connection
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return operation()
+        except DB_ERRORS:
+            reset_connection()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def submit_chaos(conveyor, count, effects_log, batch=500):
+    ids = []
+    for start in range(0, count, batch):
+        size = min(batch, count - start)
+        ids += conveyor.submit_many("t.chaos", [{"log": effects_log}] * size)
+    return ids
+
+
+def unfinished():
+    from models import Job
+    return Job.select().where(Job.status.not_in(FINAL)).count()
+
+
+def drain(timeout_s, quiet_s=60.0):
+    """Wait until every job is final; fail when nothing finishes for quiet_s seconds."""
+    deadline = time.monotonic() + timeout_s
+    left, progress_at = retrying(unfinished), time.monotonic()
+    while left:
+        if time.monotonic() > deadline or time.monotonic() - progress_at > quiet_s:
+            raise AssertionError(f"{left} jobs still unfinished (no progress for "
+                                 f"{time.monotonic() - progress_at:.0f}s)")
+        time.sleep(0.2)
+        now_left = retrying(unfinished)
+        if now_left != left:
+            left, progress_at = now_left, time.monotonic()
+
+
+def wait_done_fraction(total, fraction, timeout_s=300.0):
+    """Wait until `fraction` of total jobs are final."""
+    deadline = time.monotonic() + timeout_s
+    while retrying(unfinished) > total * (1 - fraction):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"under {fraction:.0%} of {total} jobs done in {timeout_s}s")
+        time.sleep(0.1)
+
+
+class ChaosLoop:
+    """Call strike() every ~every_s seconds (jittered) in a thread, until stop()."""
+
+    def __init__(self, strike, every_s, rng):
+        self.strike, self.every_s, self.rng = strike, every_s, rng
+        self.errors = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chaos", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.every_s * self.rng.uniform(0.5, 1.5)):
+            try:
+                self.strike()
+            except Exception as exc:  # noqa: BLE001 - reported with the figures
+                self.errors.append(f"chaos loop: {type(exc).__name__}: {exc}")
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(60)
+        return self.errors
+
+
+def stop_pool(supervisors, grace_s=20.0):
+    """SIGTERM every live supervisor, so running attempts finish and late outcomes get
+    reported; each must exit 0 by itself. Returns the problems."""
+    live = [supervisor for supervisor in supervisors if supervisor.proc.poll() is None]
+    for supervisor in live:
+        supervisor.proc.send_signal(signal.SIGTERM)
+    problems = []
+    for supervisor in live:
+        try:
+            code = supervisor.proc.wait(grace_s)
+            if code != 0:
+                problems.append(f"supervisor {supervisor.pid} exited {code} on SIGTERM")
+        except subprocess.TimeoutExpired:
+            problems.append(f"supervisor {supervisor.pid} still running {grace_s:g}s after "
+                            f"SIGTERM (log: {supervisor.log_path})")
+    for supervisor in supervisors:
+        supervisor.kill_group()
+    return problems
+
+
+def start_pool(conveyor, supervisors=2, concurrency=4, **env):
+    pool = [conveyor.start_supervisor(concurrency=concurrency, **env) for _ in range(supervisors)]
+    for supervisor in pool:
+        supervisor.wait_for_workers(concurrency, timeout=60)
+    return pool
+
+
+# ---------------------------------------------------------------------------- the checks
+
+def check(conveyor, figures, effects_log, acknowledged=()):
+    """Fill figures from the final database and side-effect log (and `flask audit`)."""
+    from models import Attempt, Job
+
+    def problem(kind, text):
+        setattr(figures, kind, getattr(figures, kind) + 1)
+        figures.problems.append(f"{kind}: {text}")
+
+    jobs = {job.id: job for job in retrying(lambda: list(Job.select()))}
+    history = defaultdict(dict)
+    for attempt in retrying(lambda: list(Attempt.select())):
+        if attempt.number in history[attempt.job_id]:
+            problem("duplicated_attempts", f"job {attempt.job_id}: two rows for attempt "
+                                           f"{attempt.number}")
+        history[attempt.job_id][attempt.number] = attempt
+    figures.jobs = len(jobs)
+    figures.attempts = sum(len(attempts) for attempts in history.values())
+    figures.fenced = sum(a.fenced for attempts in history.values() for a in attempts.values())
+
+    for job_id in acknowledged:
+        if job_id not in jobs:
+            problem("lost", f"job {job_id} was acknowledged but is not in the database")
+    for job in jobs.values():
+        figures.succeeded += job.status == "succeeded"
+        figures.dead += job.status == "dead"
+        if job.status not in ("succeeded", "dead"):
+            problem("lost", f"job {job.id} ended {job.status}")
+        running = [n for n, a in history[job.id].items() if a.status == "running"]
+        if running:
+            problem("lost", f"job {job.id} ({job.status}) has attempts {running} stuck running")
+        succeeded = [n for n, a in history[job.id].items() if a.status == "succeeded"]
+        if job.status == "succeeded" and len(succeeded) != 1:
+            problem("misrecorded", f"job {job.id} succeeded with succeeded attempts {succeeded}")
+        if job.status == "dead" and succeeded:
+            problem("misrecorded", f"job {job.id} is dead after attempts {succeeded} succeeded")
+        ordered = [history[job.id][n] for n in sorted(history[job.id])]
+        for earlier, later in zip(ordered, ordered[1:]):
+            if earlier.finished_at is None or later.started_at < earlier.finished_at:
+                problem("overlaps", f"job {job.id}: attempt {later.number} started before "
+                                    f"attempt {earlier.number} was recorded finished")
+
+    starts, ends = defaultdict(list), defaultdict(list)
+    for event, job_id, number, pid, at in side_effects(effects_log):
+        key = (int(job_id), int(number))
+        (starts if event == "start" else ends)[key].append((event, int(pid), float(at)))
+    for (job_id, number), runs in starts.items():
+        attempt = history[job_id].get(number)
+        if len(runs) > 1:
+            problem("duplicated_attempts",
+                    f"job {job_id} attempt {number} started {len(runs)} times")
+        elif attempt is None or attempt.pid != runs[0][1]:
+            problem("duplicated_attempts", f"job {job_id} attempt {number} ran in pid "
+                                           f"{runs[0][1]}, which the database never gave it")
+    for job_id, attempts in history.items():
+        for number, attempt in attempts.items():
+            outcome = [event for event, pid, _ in ends[(job_id, number)] if pid == attempt.pid]
+            if attempt.status == "succeeded" and outcome != ["end"]:
+                problem("misrecorded", f"job {job_id} attempt {number} recorded succeeded, "
+                                       f"the handler says {outcome or 'nothing'}")
+            if attempt.status == "failed" and outcome != ["fail"]:
+                problem("misrecorded", f"job {job_id} attempt {number} recorded failed, "
+                                       f"the handler says {outcome or 'nothing'}")
+        # An attempt whose handler was still running after a later attempt began must have
+        # had its outcome refused: only a fenced attempt may overlap another.
+        numbers = sorted(n for n in attempts if (job_id, n) in starts)
+        for i, earlier in enumerate(numbers):
+            finished = [at for _, _, at in ends[(job_id, earlier)]]
+            for later in numbers[i + 1:]:
+                began = starts[(job_id, later)][0][2]
+                if finished and max(finished) > began and not attempts[earlier].fenced:
+                    problem("overlaps", f"job {job_id}: attempt {earlier} ran until after "
+                                        f"attempt {later} began, and its outcome was not refused")
+
+    result = conveyor.flask("audit", "--json", check=False)
+    try:
+        violations = json.loads(result.stdout)["violations"]
+    except ValueError:
+        violations = [{"detail": f"flask audit failed: {result.stdout}{result.stderr}"}]
+    figures.audit_violations = len(violations)
+    figures.problems += [f"audit: {v}" for v in violations[:10]]
+    return figures
+
+
+def integrity_problems(sqlite_path):
+    """PRAGMA integrity_check of a SQLite file, opened fresh: [] when it is sound."""
+    connection = sqlite3.connect(sqlite_path, timeout=30)
+    try:
+        rows = [row[0] for row in connection.execute("PRAGMA integrity_check")]
+    finally:
+        connection.close()
+    return [] if rows == ["ok"] else rows
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+def worker_chaos(conveyor, jobs, seed, kill_every_s=0.2, supervisors=2, concurrency=4):
+    """kill -9 a random worker process every ~kill_every_s while the jobs run."""
+    rng, started = random.Random(seed), time.monotonic()
+    figures = Figures("worker-chaos", _backend(conveyor), seed)
+    effects_log = str(conveyor.tmp_path / "effects.log")
+    pool = start_pool(conveyor, supervisors, concurrency, **LONG_LEASE)
+    submit_chaos(conveyor, jobs, effects_log)
+
+    def kill_a_worker():
+        victims = [pid for supervisor in pool for pid in supervisor.worker_pids()]
+        if victims:
+            _kill(rng.choice(victims), signal.SIGKILL)
+            figures.kills += 1
+    chaos = ChaosLoop(kill_a_worker, kill_every_s, rng)
+    try:
+        drain(timeout_s=max(600, jobs / 5))
+    finally:
+        figures.problems += chaos.stop()
+        figures.problems += stop_pool(pool)
+    figures.seconds = time.monotonic() - started
+    return check(conveyor, figures, effects_log)
+
+
+def host_chaos(conveyor, jobs, seed, kill_every_s=2.0, supervisors=2, concurrency=4):
+    """kill -9 a random supervisor every ~kill_every_s, with all its workers (a host lost)
+    or alone (its workers orphaned), and start a new one in its place."""
+    rng, started = random.Random(seed), time.monotonic()
+    figures = Figures("host-chaos", _backend(conveyor), seed)
+    effects_log = str(conveyor.tmp_path / "effects.log")
+    env = {**SHORT_LEASE}
+    pool = start_pool(conveyor, supervisors, concurrency, **env)
+    submit_chaos(conveyor, jobs, effects_log)
+
+    def kill_a_host():
+        index = rng.randrange(len(pool))
+        victim = pool[index]
+        if rng.random() < 0.75:
+            victim.kill_host()
+        else:
+            victim.signal(signal.SIGKILL)  # the supervisor alone: its workers must stop
+            victim.wait(10)
+        figures.kills += 1
+        time.sleep(rng.uniform(0, 0.5))
+        pool[index] = conveyor.start_supervisor(concurrency=concurrency, **env)
+        pool[index].wait_for_workers(concurrency, timeout=60)  # a host back up, then fair game
+        figures.restarts += 1
+    chaos = ChaosLoop(kill_a_host, kill_every_s, rng)
+    try:
+        drain(timeout_s=max(600, jobs / 3))
+    finally:
+        figures.problems += chaos.stop()
+        figures.problems += stop_pool(conveyor.supervisors)
+    figures.seconds = time.monotonic() - started
+    return check(conveyor, figures, effects_log)
+
+
+def worker_stalls(conveyor, jobs, seed, stall_every_s=1.0, supervisors=2, concurrency=4):
+    """SIGSTOP a random worker past its lease, then SIGCONT it, over and over: its late
+    outcome must be refused."""
+    rng, started = random.Random(seed), time.monotonic()
+    figures = Figures("stalls", _backend(conveyor), seed)
+    effects_log = str(conveyor.tmp_path / "effects.log")
+    lease_s = SHORT_LEASE["LEASE_S"]
+    pool = start_pool(conveyor, supervisors, concurrency, **SHORT_LEASE)
+    submit_chaos(conveyor, jobs, effects_log)
+    frozen = {}  # pid: when to thaw it
+
+    def stall_a_worker():
+        now_m = time.monotonic()
+        for pid, thaw_at in list(frozen.items()):
+            if now_m >= thaw_at:
+                _kill(pid, signal.SIGCONT)
+                del frozen[pid]
+        victims = [pid for supervisor in pool for pid in supervisor.worker_pids()
+                   if pid not in frozen]
+        if victims and len(frozen) < concurrency * supervisors // 4:
+            pid = rng.choice(victims)
+            _kill(pid, signal.SIGSTOP)
+            frozen[pid] = now_m + lease_s + rng.uniform(0.5, 2.5)
+            figures.stalls += 1
+    chaos = ChaosLoop(stall_a_worker, stall_every_s, rng)
+    try:
+        drain(timeout_s=max(600, jobs / 3))
+    finally:
+        figures.problems += chaos.stop()
+        for pid in frozen:
+            _kill(pid, signal.SIGCONT)
+        figures.problems += stop_pool(pool)
+    figures.seconds = time.monotonic() - started
+    return check(conveyor, figures, effects_log)
+
+
+def partitions(conveyor, jobs, seed, every_s=1.0, supervisors=2, concurrency=4):
+    """Cut one supervisor (and its workers) off the database for longer than the lease,
+    again and again, through a proxy that black-holes its traffic; the other supervisor
+    takes over its jobs, and its late outcomes are refused when the link returns."""
+    rng, started = random.Random(seed), time.monotonic()
+    figures = Figures("partitions", _backend(conveyor), seed)
+    effects_log = str(conveyor.tmp_path / "effects.log")
+    lease_s = SHORT_LEASE["LEASE_S"]
+    where = urlparse(conveyor.database_url)
+    proxy = PartitionProxy(where.hostname, where.port or 5432)
+    pool = start_pool(conveyor, supervisors - 1, concurrency, **SHORT_LEASE)
+    pool += start_pool(conveyor, 1, concurrency, DATABASE_URL=proxy.url_for(conveyor.database_url),
+                       **SHORT_LEASE)
+    submit_chaos(conveyor, jobs, effects_log)
+
+    def partition():
+        proxy.cut()
+        figures.partitions += 1
+        time.sleep(lease_s + rng.uniform(0.5, 3.0))
+        proxy.heal()
+    chaos = ChaosLoop(partition, every_s, rng)
+    try:
+        drain(timeout_s=max(600, jobs / 3))
+    finally:
+        figures.problems += chaos.stop()
+        proxy.heal()
+        figures.problems += stop_pool(pool)
+        proxy.close()
+    figures.seconds = time.monotonic() - started
+    return check(conveyor, figures, effects_log)
+
+
+def database_restarts(conveyor, cluster, jobs, seed, modes=("fast", "immediate"),
+                      supervisors=2, concurrency=4, api_threads=3):
+    """Restart the (private) PostgreSQL server during the run, once per mode. Supervisors
+    and a real gunicorn keep running: the workers finish the jobs without a restart, and
+    every API answer meanwhile is 2xx or 503 with Retry-After."""
+    rng, started = random.Random(seed), time.monotonic()
+    figures = Figures("database-restarts", "postgres", seed)
+    effects_log = str(conveyor.tmp_path / "effects.log")
+    pool = start_pool(conveyor, supervisors, concurrency, **LONG_LEASE)
+    workers_before = {pid for supervisor in pool for pid in supervisor.worker_pids()}
+    web = Gunicorn(conveyor.env, conveyor.tmp_path / "gunicorn.log")
+    key = conveyor.flask("keys", "create", "probe", "--admin", "--rate-limit",
+                         "100000/second").stdout.strip()
+    web_pids = {web.pid, *web.worker_pids()}
+    api = ApiProbe(web.url, key, effects_log, api_threads)
+    try:
+        ids = submit_chaos(conveyor, jobs, effects_log)
+        for index, mode in enumerate(modes):
+            wait_done_fraction(len(ids), (index + 1) / (len(modes) + 1))
+            before = api.answers()
+            cluster.restart(mode)
+            figures.restarts += 1
+            time.sleep(rng.uniform(1.0, 2.0))
+            if api.answers() - before < 10:
+                figures.problems.append(f"the API was not probed during the {mode} restart")
+        figures.problems += api.stop()
+        figures.problems += api.serves_again()
+        api.settle()
+        drain(timeout_s=max(600, jobs / 3))
+        for supervisor in pool:
+            if supervisor.proc.poll() is not None:
+                figures.problems.append(f"supervisor {supervisor.pid} exited "
+                                        f"{supervisor.proc.returncode}")
+        workers_after = {pid for supervisor in pool for pid in supervisor.worker_pids()}
+        if workers_after != workers_before:
+            figures.problems.append(f"worker processes were replaced: "
+                                    f"{sorted(workers_before - workers_after)} gone")
+        if {web.pid, *web.worker_pids()} != web_pids:
+            figures.problems.append("the web processes were replaced")
+        if "Traceback" in web.log():
+            figures.problems.append(f"gunicorn logged a traceback: {web.log()[-2000:]}")
+    finally:
+        figures.problems += api.stop()
+        web.stop()
+        figures.problems += stop_pool(pool)
+    figures.seconds = time.monotonic() - started
+    check(conveyor, figures, effects_log)
+    figures.problems += api.problems()
+    figures.api_answers = dict(api.statuses)
+    return figures
+
+
+class ApiProbe:
+    """Threads that call the API of a live gunicorn without pause: health, a job page and a
+    submission with an Idempotency-Key. Every answer must be 2xx, or 503 with Retry-After;
+    a 503'd submission is sent again later with the same key, and must make one job."""
+
+    def __init__(self, url, key, effects_log, threads):
+        self.url, self.key, self.effects_log = url, key, effects_log
+        self.statuses = defaultdict(int)
+        self.failures = []
+        self.pending = []  # idempotency keys whose submission got no 2xx
+        self.sent = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._probe, args=(i,), daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def answers(self):
+        return sum(self.statuses.values())
+
+    def _call(self, session, method, path, **kwargs):
+        try:
+            response = session.request(method, self.url + path, timeout=30,
+                                       headers={"Authorization": f"Bearer {self.key}",
+                                                **kwargs.pop("headers", {})}, **kwargs)
+        except requests.RequestException as exc:
+            with self._lock:
+                self.failures.append(f"{method} {path}: {type(exc).__name__}: {exc}")
+            return None
+        with self._lock:
+            self.statuses[response.status_code] += 1
+            if not (200 <= response.status_code < 300 or (
+                    response.status_code == 503 and response.headers.get("Retry-After"))):
+                self.failures.append(f"{method} {path}: {response.status_code} "
+                                     f"{response.text[:300]}")
+        return response
+
+    def _probe(self, index):
+        session = requests.Session()
+        count = 0
+        while not self._stop.is_set():
+            count += 1
+            self._call(session, "GET", "/healthz")
+            key = f"probe-{index}-{count}"
+            body = {"type": "t.chaos", "payload": {"log": self.effects_log}}
+            response = self._call(session, "POST", "/v1/jobs", json=body,
+                                  headers={"Idempotency-Key": key})
+            with self._lock:
+                self.sent.append(key)
+                if response is None or response.status_code >= 300:
+                    self.pending.append(key)
+            if response is not None and response.status_code in (200, 201):
+                self._call(session, "GET", f"/v1/jobs/{response.json()['id']}")
+            time.sleep(0.02)
+
+    def stop(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        return []
+
+    def serves_again(self):
+        """The same web process answers 2xx again, without having been restarted."""
+        session = requests.Session()
+        found = []
+        for path in ("/healthz", "/v1/stats", "/v1/jobs?limit=5"):
+            response = self._call(session, "GET", path)
+            if response is None or response.status_code != 200:
+                found.append(f"api: GET {path} after the restarts: "
+                             f"{response.status_code if response is not None else 'no answer'}")
+        return found
+
+    def settle(self):
+        """Send every unanswered submission again, with its key, until it is accepted."""
+        session = requests.Session()
+        for key in self.pending:
+            for _ in range(50):
+                response = self._call(session, "POST", "/v1/jobs", headers={"Idempotency-Key": key},
+                                      json={"type": "t.chaos", "payload": {"log": self.effects_log}})
+                if response is not None and response.status_code in (200, 201):
+                    break
+                time.sleep(0.2)
+
+    def problems(self):
+        from models import Job
+        found = []
+        if self.statuses.get(503, 0) == 0:
+            found.append("the API never answered 503: the outage was not seen")
+        if self.failures:
+            found.append(f"api: {len(self.failures)} bad answers of {self.answers()} "
+                         f"(statuses {dict(self.statuses)}), first ones:")
+            found += [f"api: {failure}" for failure in self.failures[:20]]
+        keys = retrying(lambda: list(Job.select(Job.idempotency_key)
+                                     .where(Job.idempotency_key.is_null(False)).tuples()))
+        counts = defaultdict(int)
+        for (key,) in keys:
+            counts[key] += 1
+        missing = [key for key in self.sent if counts.get(key) != 1]
+        if missing:
+            found.append(f"api: submissions without exactly one job: {missing[:10]}")
+        return found
+
+
+def sqlite_kills(conveyor, seconds, seed, kill_every_s=0.1, writers=3, supervisors=2,
+                 concurrency=4):
+    """Many processes write one SQLite file (workers, supervisors, submitters) while a
+    random one is killed -9 every ~kill_every_s. Then the file must pass integrity_check
+    and `flask audit`, hold every acknowledged job, and a fresh supervisor finish them."""
+    rng, started = random.Random(seed), time.monotonic()
+    figures = Figures("sqlite-kills", "sqlite", seed)
+    effects_log = str(conveyor.tmp_path / "effects.log")
+    acks = str(conveyor.tmp_path / "acks.log")
+    pool = start_pool(conveyor, supervisors, concurrency, **LONG_LEASE)
+    feeders = [Submitter(conveyor, effects_log, acks) for _ in range(writers)]
+
+    def kill_a_writer():
+        kind = rng.random()
+        if kind < 0.2:
+            index = rng.randrange(len(feeders))
+            feeders[index].kill_group()
+            feeders[index] = Submitter(conveyor, effects_log, acks)
+        elif kind < 0.3:
+            index = rng.randrange(len(pool))
+            pool[index].kill_host()
+            pool[index] = conveyor.start_supervisor(concurrency=concurrency, **LONG_LEASE)
+            figures.restarts += 1
+        else:
+            victims = [pid for supervisor in pool for pid in supervisor.worker_pids()]
+            if not victims:
+                return
+            _kill(rng.choice(victims), signal.SIGKILL)
+        figures.kills += 1
+    chaos = ChaosLoop(kill_a_writer, kill_every_s, rng)
+    try:
+        time.sleep(seconds)
+    finally:
+        figures.problems += chaos.stop()
+        for feeder in feeders:
+            feeder.kill_group()
+        for supervisor in pool:
+            supervisor.kill_host()  # the last kill of all, wherever each process was
+    path = conveyor.database_url[len("sqlite:///"):]
+    figures.problems += [f"integrity_check: {row}" for row in integrity_problems(path)]
+    audit = conveyor.flask("audit", check=False)
+    if audit.returncode != 0:
+        figures.problems.append(f"flask audit right after the kills: {audit.stdout[-2000:]}"
+                                f"{audit.stderr[-1000:]}")
+    survivor = conveyor.start_supervisor(concurrency=concurrency, **SHORT_LEASE)
+    try:
+        drain(timeout_s=600)
+    finally:
+        figures.problems += stop_pool([survivor])
+    figures.seconds = time.monotonic() - started
+    return check(conveyor, figures, effects_log, acknowledged=_acknowledged(acks))
+
+
+class Submitter:
+    """A process that enqueues batches of t.chaos jobs forever, and appends the ids of each
+    committed batch to an acknowledgement log."""
+
+    def __init__(self, conveyor, effects_log, acks):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "submitter.py")
+        self.process = ProcessGroup([sys.executable, script, effects_log, acks], conveyor.env,
+                                    conveyor.tmp_path / "submitters.log")
+
+    def kill_group(self):
+        self.process.kill_group()
+
+
+def _acknowledged(acks):
+    if not os.path.exists(acks):
+        return []
+    with open(acks) as f:
+        return [int(job_id) for line in f if line.endswith("\n") for job_id in line.split()]
+
+
+def _kill(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _backend(conveyor):
+    return "postgres" if conveyor.is_postgres else "sqlite"
+
