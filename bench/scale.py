@@ -1,0 +1,117 @@
+"""`python -m bench.scale [--history 0,100000,1000000] [--jobs 20000] [--workers 4]`
+
+Does history slow Conveyor down? For each size: a new PostgreSQL database, that many
+succeeded jobs with their attempts inserted in bulk (bench.explain.seed_history), VACUUM
+ANALYZE; then the claim and report plans (EXPLAIN ANALYZE of the statements the core
+sends, with one job pending and with the drain's backlog), a drain (bench.drain) and a
+latency run (bench.latency), each compared with the first size (normally 0).
+"""
+import argparse
+import time
+
+from bench import common, drain, explain, latency
+
+
+def explain_idle(db):
+    """Plans with one job pending (it is deleted afterwards: the drain starts clean)."""
+    import jobs
+    [(job, _)] = jobs.enqueue([jobs.validate_submission(
+        {"type": common.NOOP, "payload": {"n": 999_999_999}})])
+    try:
+        return explain.analyse(db.url)
+    finally:
+        db.query("DELETE FROM jobs WHERE id = %s", (job.id,))
+
+
+def run_one(history, jobs=20000, workers=4, samples=500):
+    db = common.Database("postgres", f"scale_{history}")
+    result = {"history": history}
+    try:
+        common.core(db.url)
+        result["seed_s"] = explain.seed_history(db, history) if history else 0.0
+        if not history:
+            db.query("VACUUM ANALYZE")
+        result["table_mb"] = round(db.query(
+            "SELECT pg_total_relation_size('jobs') + pg_total_relation_size('attempts')")[0][0]
+            / 2 ** 20, 1)
+        idle = explain_idle(db)
+        result["explain_idle"] = idle
+        drained = drain.run(jobs=jobs, workers=workers, db=db, run_audit=False, quiet=True,
+                            before_workers=lambda d: explain.analyse(d.url))
+        result["explain_backlog"] = drained.pop("before_workers", None)
+        result["drain"] = drained
+        result["latency"] = latency.run(workers=workers, samples=samples, db=db)
+        return result
+    finally:
+        common.reset_core_connection()
+        db.drop()
+
+
+def rows(results):
+    base = results[0]
+    out = []
+    for r in results:
+        d, lat = r["drain"], r["latency"]
+        idle, backlog = r.get("explain_idle") or {}, r.get("explain_backlog") or {}
+        out.append([
+            r["history"], r["table_mb"], d.get("jobs_per_s"),
+            ratio(d.get("jobs_per_s"), base["drain"].get("jobs_per_s")),
+            round(sum(v for k, v in (d.get("cpu_ms_per_job") or {}).items()
+                      if k in ("workers", "supervisor", "postgres_backends")), 2),
+            lat.get("p50_ms"), lat.get("p99_ms"),
+            ratio(lat.get("p50_ms"), base["latency"].get("p50_ms")),
+            ratio(lat.get("p99_ms"), base["latency"].get("p99_ms")),
+            (idle.get("claim_ms") or [None])[0], (backlog.get("claim_ms") or [None])[0],
+            "index" if str(idle.get("claim_uses", "")).startswith("index") and str(
+                backlog.get("claim_uses", "")).startswith("index") else "SEQ SCAN"])
+    return out
+
+
+HEADERS = ["history rows", "jobs+attempts MB", "drain jobs/s", "drain vs first",
+           "drain CPU ms/job",
+           "latency p50 ms", "p99 ms", "p50 vs first", "p99 vs first",
+           "claim exec ms (1 pending)", "claim exec ms (backlog)", "claim plan"]
+
+
+def ratio(value, base):
+    return round(value / base, 2) if value and base else None
+
+
+def report(results):
+    lines = [common.table(HEADERS, rows(results),
+                          title="scale: drain and latency against the history size")]
+    for r in results:
+        lines.append(f"history {r['history']:,} (seeded in {r['seed_s']}s):")
+        lines.append("  with 1 job pending:")
+        lines.append(explain.describe(r["explain_idle"]))
+        if r.get("explain_backlog"):
+            lines.append("  with the drain's backlog pending:")
+            lines.append(explain.describe(r["explain_backlog"]))
+        if "error" in r["drain"]:
+            lines.append(f"  drain: ERROR {r['drain']['error']}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--history", default="0,100000,1000000")
+    parser.add_argument("--jobs", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    results = []
+    for history in (int(h) for h in args.history.split(",")):
+        t0 = time.monotonic()
+        results.append(run_one(history, args.jobs, args.workers, args.samples))
+        r = results[-1]
+        common.say(f"history {history:,}: drain {r['drain'].get('jobs_per_s')} jobs/s, latency "
+                   f"p50/p99 {r['latency'].get('p50_ms')}/{r['latency'].get('p99_ms')} ms "
+                   f"({time.monotonic() - t0:.0f}s)")
+    common.say(report(results))
+    common.write_result(results, args.json_out)
+
+
+if __name__ == "__main__":
+    main()
