@@ -1,7 +1,9 @@
 """What jobs, attempts and workers look like to users: the JSON of the API and of `--json`."""
 from datetime import datetime, timezone
+from functools import lru_cache
 
 
+@lru_cache(maxsize=4096)  # the jobs of a batch share their created_at, and mostly run_at
 def timestamp(epoch):
     """Epoch seconds as an RFC 3339 string in UTC (None stays None)."""
     if epoch is None:

@@ -6,15 +6,18 @@ only call them. Every UPDATE that moves a job names the state, attempt and lease
 expects, and "0 rows" means someone else owns the job now: that is the fencing of SPEC §4.
 """
 import base64
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Optional
+from functools import partial
+from typing import Any, NamedTuple, Optional
 
 import peewee as pw
 from jsonschema import Draft202012Validator
@@ -22,7 +25,7 @@ from jsonschema import Draft202012Validator
 import handlers
 import metrics
 from config import settings
-from models import Attempt, Job, Step, Worker, db, is_postgres, now
+from models import Attempt, Job, Step, Worker, db, is_postgres, loaded, now
 
 PENDING = ("available", "scheduled", "retryable")
 FINAL = ("succeeded", "dead", "cancelled")
@@ -36,6 +39,17 @@ MAX_LIMIT = 500
 MAX_BATCH = 1000
 
 log = logging.getLogger("conveyor.jobs")
+# Made once: json.dumps with options makes a new encoder at every call.
+_compact_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+# On PostgreSQL, stored jobs that can run now are announced on this channel, in the
+# transaction that stores them; each supervisor LISTENs and wakes that many workers.
+NOTIFY_CHANNEL = "conveyor_jobs"
+
+
+def notify_payload(queue, count):
+    """What a NOTIFY on NOTIFY_CHANNEL says: count new jobs available now in queue."""
+    return f"{queue}:{count}"
 
 
 class JobError(Exception):
@@ -95,8 +109,21 @@ SUBMISSION_SCHEMA = {
 _submission_validator = Draft202012Validator(SUBMISSION_SCHEMA)
 
 
-@dataclass(frozen=True)
-class NewJob:
+def _property_check(schema):
+    """is_valid for one property of SUBMISSION_SCHEMA: jsonschema's own type check where
+    the schema names only a type, else its validator."""
+    if schema.keys() == {"type"}:
+        return partial(Draft202012Validator.TYPE_CHECKER.is_type, type=schema["type"])
+    return Draft202012Validator(schema).is_valid
+
+
+_property_checks = {name: _property_check(schema)
+                    for name, schema in SUBMISSION_SCHEMA["properties"].items()}
+_valid_values = {}  # (property, class, value) found valid; a batch repeats most of them
+_MAX_VALID_VALUES = 10_000
+
+
+class NewJob(NamedTuple):
     """A validated submission with every default resolved (the job's effective values)."""
     type: str
     payload: dict
@@ -110,6 +137,7 @@ class NewJob:
     backoff_max_s: float
     idempotency_key: Optional[str] = None
     request_hash: Optional[str] = None
+    payload_json: Optional[str] = None  # the payload as stored (compact JSON)
 
 
 def parse_time(text, name="run_at"):
@@ -135,24 +163,30 @@ def validate_submission(body, idempotency_key=None):
     """Check one submission and resolve its defaults; raise Invalid or TooLarge."""
     if not isinstance(body, dict):
         raise Invalid("a job must be a JSON object", ["(job): must be an object"])
+    payload = body.get("payload", {})
+    unproven = [item for item in body.items() if not _proven(item)]
     try:
         # JSON Schema's "number" lets NaN through (a CLI float, a parsed 1e999 is infinity):
-        # it would break the NOT NULL columns, every timeout and every JSON reader.
-        json.dumps(body, allow_nan=False)
+        # it would break the NOT NULL columns, every timeout and every JSON reader. (A value
+        # proven valid before passed this check then.)
+        payload_json = _compact_json.encode(payload)
+        rest = [value for name, value in unproven if name != "payload"]
+        if rest:
+            _compact_json.encode(rest)
     except ValueError:
         raise Invalid("the job holds NaN or Infinity, which are not JSON numbers",
                       ["(job): NaN and Infinity are not allowed"]) from None
-    errors = [f"{'/'.join(map(str, e.absolute_path)) or '(job)'}: {e.message}"
-              for e in _submission_validator.iter_errors(body)]
-    if errors:
-        raise Invalid("the job is not valid", errors)
+    if "type" not in body or not _fits_schema(unproven):
+        errors = [f"{'/'.join(map(str, e.absolute_path)) or '(job)'}: {e.message}"
+                  for e in _submission_validator.iter_errors(body)]
+        if errors:
+            raise Invalid("the job is not valid", errors)
     if "run_at" in body and "delay_s" in body:
         raise Invalid("give run_at or delay_s, not both", ["run_at: not allowed with delay_s"])
     handler = handlers.get(body["type"])
     if handler is None:
         raise Invalid(f"unknown job type {body['type']!r}", [f"type: {body['type']!r} is not registered"])
-    payload = body.get("payload", {})
-    size = len(json.dumps(payload, separators=(",", ":")).encode())
+    size = len(payload_json)  # ASCII: json.dumps escapes everything else
     limit = settings().max_payload_bytes
     if size > limit:
         raise TooLarge(f"the payload is {size} bytes, over the limit of {limit}")
@@ -181,11 +215,44 @@ def validate_submission(body, idempotency_key=None):
         backoff_max_s=float(cap),
         idempotency_key=key,
         request_hash=request_fingerprint(body) if key is not None else None,
+        payload_json=payload_json,
     )
 
 
+# SUBMISSION_SCHEMA checks each property on its own, so a submission fits it when it has a
+# type and each of its properties fits; a value found valid once (hashable: not an object or
+# a list) need not be checked again, and a batch repeats its types and queues.
+
+def _proven(item):
+    """Whether this (property, value) was found valid before."""
+    name, value = item
+    try:
+        return (name, value.__class__, value) in _valid_values  # class: True == 1, 1.0 == 1
+    except TypeError:
+        return False
+
+
+def _fits_schema(unproven):
+    """Whether these (property, value) all fit SUBMISSION_SCHEMA, as its validator says."""
+    for name, value in unproven:
+        check = _property_checks.get(name)
+        if check is None or not check(value):
+            return False  # additionalProperties, or an invalid value
+        try:
+            seen = (name, value.__class__, value)
+            hash(seen)
+        except TypeError:
+            continue
+        if len(_valid_values) >= _MAX_VALID_VALUES:
+            _valid_values.clear()
+        _valid_values[seen] = True
+    return True
+
+
 def _first(*values):
-    return next(v for v in values if v is not None)
+    for value in values:
+        if value is not None:
+            return value
 
 
 # ---------------------------------------------------------------------------- enqueue
@@ -198,69 +265,160 @@ def db_time():
 
 
 def enqueue(new_jobs, api_key_id=None):
-    """Insert jobs in one transaction; return [(job, created)] in the order given.
+    """Insert jobs in one statement; return [(job, created)] in the order given.
 
     A job with an idempotency key that this API key already used returns the existing
     job (created=False) when the request matches, and raises Conflict when it differs;
-    the unique index decides, so concurrent identical requests make one job.
+    the unique index decides, so concurrent identical requests make one job. On
+    PostgreSQL the same statement announces the jobs that can run now (NOTIFY_CHANNEL).
     """
-    with db.atomic():
-        current = db_time()
-        rows = [_row(new, current, api_key_id) for new in new_jobs]
-        ids = [None] * len(rows)
-        plain = [i for i, new in enumerate(new_jobs) if new.idempotency_key is None]
-        if plain:
-            inserted = (Job.insert_many([rows[i] for i in plain]).returning(Job.id)
-                        .execute())
-            for i, job_id in zip(plain, sorted(r.id for r in inserted)):
-                ids[i] = job_id
-        created = [True] * len(rows)
-        conflicts = []
-        for i, new in enumerate(new_jobs):
-            if new.idempotency_key is None:
-                continue
-            inserted = list(Job.insert(rows[i]).on_conflict(action="NOTHING")
-                            .returning(Job.id).execute())
-            if inserted:
-                ids[i] = inserted[0].id
-                continue
-            existing = (Job.select(Job.id, Job.request_hash)
-                        .where(pw.fn.COALESCE(Job.api_key_id, 0) == (api_key_id or 0),
-                               Job.idempotency_key == new.idempotency_key).first())
-            if existing is None:
-                raise Conflict("the job could not be stored; try again")
-            if existing.request_hash != new.request_hash:
-                conflicts.append(i)
-            ids[i], created[i] = existing.id, False
-        if conflicts:
-            raise Conflict("an idempotency key was already used for a different job",
-                           [f"{i}: idempotency key {new_jobs[i].idempotency_key!r} was used "
-                            f"for a different request (job {ids[i]})" for i in conflicts])
-        by_id = {job.id: job for job in Job.select().where(Job.id.in_(ids))}
-    stored = [(by_id[job_id], was_created) for job_id, was_created in zip(ids, created)]
-    for job, was_created in stored:
-        if was_created:
-            metrics.count("conveyor_jobs_submitted", type=job.type, queue=job.queue)
+    if not new_jobs:
+        return []
+    keyed = any(new.idempotency_key is not None for new in new_jobs)
+    # One statement is atomic by itself; a used key takes a second one (to read the
+    # job it names), and a conflict must undo the first.
+    with db.atomic() if keyed else contextlib.nullcontext():
+        inserted = (_insert_postgres if is_postgres() else _insert_sqlite)(
+            new_jobs, api_key_id, keyed)
+        stored = _stored(new_jobs, inserted, api_key_id)
+    created = [job for job, was_created in stored if was_created]
+    for (type_, queue), count in Counter((job.type, job.queue) for job in created).items():
+        metrics.count("conveyor_jobs_submitted", count, type=type_, queue=queue)
+    if log.isEnabledFor(logging.INFO):
+        for job in created:
             _event(logging.INFO, "submitted", job,
                    f"{job.status}, run at {job.run_at:.3f}" if job.status == "scheduled"
                    else job.status)
     return stored
 
 
-def _row(new, current, api_key_id):
-    run_at = new.run_at if new.run_at is not None else current + new.delay_s
-    return {
-        "type": new.type, "queue": new.queue, "payload": new.payload,
-        "priority": new.priority, "run_at": run_at,
-        "status": "scheduled" if run_at > current else "available",
-        "max_attempts": new.max_attempts, "timeout_s": new.timeout_s,
-        "backoff_base_s": new.backoff_base_s, "backoff_max_s": new.backoff_max_s,
-        "idempotency_key": new.idempotency_key, "request_hash": new.request_hash,
-        "api_key_id": api_key_id, "created_at": current,
-    }
+# What the insert sets; the other columns of a new job hold their defaults (_UNSET).
+_INSERTED = ("type", "queue", "payload", "priority", "run_at", "status", "max_attempts",
+             "timeout_s", "backoff_base_s", "backoff_max_s", "idempotency_key", "request_hash",
+             "api_key_id", "created_at")
+_UNSET = {"attempt": 0, "attempt_base": 0, "result": None, "last_error": None,
+          "dead_reason": None, "started_at": None, "finished_at": None, "lease_owner": None,
+          "heartbeat_at": None, "cancel_requested_at": None}
+_RETURNED = "id, idempotency_key, status, run_at, created_at"
+
+# What each job of _PG_INSERT's JSON document holds, in order (arrays: PostgreSQL reads
+# them much faster than objects).
+_GIVEN = (("type", "text"), ("queue", "text"), ("payload", "text"), ("priority", "int"),
+          ("run_at", "float8"), ("delay_s", "float8"), ("max_attempts", "int"),
+          ("timeout_s", "float8"), ("backoff_base_s", "float8"), ("backoff_max_s", "float8"),
+          ("idempotency_key", "text"), ("request_hash", "text"))
 
 
-# ---------------------------------------------------------------------------- claim
+def _pg_insert(keyed):
+    """One statement: the clock read once, the jobs given as one JSON document, a used
+    idempotency key skipped (ON CONFLICT, only where there are keys: it costs), and one
+    NOTIFY per queue that got jobs it can run now, sent at commit. The payload of a NOTIFY
+    is notify_payload(queue, count), in SQL."""
+    given = ", ".join(f"(job->>{i})::{kind} AS {name}" for i, (name, kind) in enumerate(_GIVEN))
+    return f"""
+WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
+given AS (SELECT {given} FROM json_array_elements(%s) AS job),
+new AS (
+    INSERT INTO jobs ({", ".join(_INSERTED)})
+    SELECT v.type, v.queue, v.payload, v.priority, COALESCE(v.run_at, clock.now + v.delay_s),
+           CASE WHEN COALESCE(v.run_at, clock.now + v.delay_s) > clock.now
+                THEN 'scheduled' ELSE 'available' END,
+           v.max_attempts, v.timeout_s, v.backoff_base_s, v.backoff_max_s, v.idempotency_key,
+           v.request_hash, %s::bigint, clock.now
+    FROM given AS v, clock
+    {"ON CONFLICT DO NOTHING" if keyed else ""}
+    RETURNING {_RETURNED}, queue),
+announced AS (
+    SELECT pg_notify(%s, queue || ':' || count(*)) FROM new
+    WHERE status = 'available' GROUP BY queue)
+SELECT {_RETURNED} FROM new, (SELECT count(*) FROM announced) AS notified"""
+
+
+_PG_INSERT = {keyed: _pg_insert(keyed) for keyed in (False, True)}
+
+
+def _insert_postgres(new_jobs, api_key_id, keyed):
+    """Insert on PostgreSQL; returns (id, idempotency_key, status, run_at, created_at) of
+    each row stored, by id (the order given)."""
+    given = _compact_json.encode([
+        (new.type, new.queue, _payload_json(new), new.priority, new.run_at, new.delay_s,
+         new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
+         new.idempotency_key, new.request_hash) for new in new_jobs])
+    cursor = db.execute_sql(_PG_INSERT[keyed], (given, api_key_id, NOTIFY_CHANNEL))
+    return sorted(cursor.fetchall())
+
+
+def _insert_sqlite(new_jobs, api_key_id, keyed):
+    """Insert on SQLite (which has no NOTIFY); returns what _insert_postgres does."""
+    current = time.time()  # SQLite lives on this host: its clock is ours
+    values = []
+    for new in new_jobs:
+        run_at = new.run_at if new.run_at is not None else current + new.delay_s
+        values += (new.type, new.queue, _payload_json(new), new.priority, run_at,
+                   "scheduled" if run_at > current else "available", new.max_attempts,
+                   new.timeout_s, new.backoff_base_s, new.backoff_max_s, new.idempotency_key,
+                   new.request_hash, api_key_id, current)
+    row = f"({', '.join('?' * len(_INSERTED))})"
+    cursor = db.execute_sql(
+        f"INSERT INTO jobs ({', '.join(_INSERTED)}) VALUES {', '.join([row] * len(new_jobs))} "
+        f"{'ON CONFLICT DO NOTHING' if keyed else ''} RETURNING {_RETURNED}", values)
+    return sorted(cursor.fetchall())
+
+
+def _payload_json(new):
+    return new.payload_json if new.payload_json is not None else \
+        json.dumps(new.payload, separators=(",", ":"))
+
+
+def _stored(new_jobs, inserted, api_key_id):
+    """[(job, created)] in the order given. The rows inserted without a key are the jobs
+    without one, in order; a key's row is the first job with that key. Any other job's key
+    was used already: it names the job it made, which must come from an equal request."""
+    plain = iter([row for row in inserted if row[1] is None])
+    by_key = {row[1]: row for row in inserted if row[1] is not None}
+    stored, used = [], []
+    for index, new in enumerate(new_jobs):
+        row = next(plain) if new.idempotency_key is None else by_key.pop(new.idempotency_key, None)
+        stored.append((None, False) if row is None else (_new_job(new, row, api_key_id), True))
+        if row is None:
+            used.append(index)
+    if used:
+        existing = {job.idempotency_key: job for job in Job.select().where(
+            pw.fn.COALESCE(Job.api_key_id, 0) == (api_key_id or 0),
+            Job.idempotency_key.in_(list({new_jobs[i].idempotency_key for i in used})))}
+        conflicts = []
+        for index in used:
+            job = existing.get(new_jobs[index].idempotency_key)
+            if job is None:
+                raise Conflict("the job could not be stored; try again")
+            if job.request_hash != new_jobs[index].request_hash:
+                conflicts.append(index)
+            stored[index] = (job, False)
+        if conflicts:
+            raise Conflict("an idempotency key was already used for a different job",
+                           [f"{i}: idempotency key {new_jobs[i].idempotency_key!r} was used "
+                            f"for a different request (job {stored[i][0].id})" for i in conflicts])
+    return stored
+
+
+def _new_job(new, row, api_key_id):
+    """The Job as stored, from what was sent and what the insert returned (no read-back)."""
+    job_id, key, status, run_at, created_at = row
+    return loaded(Job, {
+        **_UNSET, "id": job_id, "type": new.type, "queue": new.queue, "payload": new.payload,
+        "priority": new.priority, "run_at": run_at, "max_attempts": new.max_attempts,
+        "timeout_s": new.timeout_s, "backoff_base_s": new.backoff_base_s,
+        "backoff_max_s": new.backoff_max_s, "status": status, "idempotency_key": key,
+        "request_hash": new.request_hash, "api_key_id": api_key_id, "created_at": created_at})
+
+
+# ---------------------------------------------------------------------------- the worker's step
+
+# Literal, not bound: SQLite uses a partial index only when the query's condition spells out
+# the index's own predicate.
+PENDING_SQL = "status IN ('available', 'scheduled', 'retryable')"
+_PENDING = pw.SQL(PENDING_SQL)
+
 
 @dataclass(frozen=True)
 class WorkerInfo:
@@ -271,37 +429,261 @@ class WorkerInfo:
     queues: tuple = ()
 
 
+class Claimed(NamedTuple):
+    """A job as its worker holds it: what the handler, the retry policy and the lease need.
+    started_at is the database's clock when the attempt was claimed."""
+    id: int
+    type: str
+    queue: str
+    payload: dict
+    priority: int
+    run_at: float
+    max_attempts: int
+    timeout_s: float
+    backoff_base_s: float
+    backoff_max_s: float
+    attempt: int
+    attempt_base: int
+    idempotency_key: Optional[str]
+    started_at: float
+    cancel_requested_at: Optional[float]
+    lease_owner: str
+
+
+CLAIMED_COLUMNS = ", ".join(Claimed._fields)
+
+
+class Report(NamedTuple):
+    """A finished attempt to record: started_at/finished_at are its times on the database's
+    clock (None: the time of recording)."""
+    job: Claimed
+    outcome: "Outcome"
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+
+
 def claim(worker, limit=1):
-    """Lease up to `limit` due jobs to `worker`, starting a new attempt of each."""
-    if not is_postgres() and not _any_due(worker.queues):
-        return []  # spare SQLite's single write lock when there is nothing to take
-    candidates = (Job.select(Job.id)
-                  .where(Job.status.in_(PENDING), Job.run_at <= now())
-                  .order_by(Job.priority, Job.run_at, Job.id)
-                  .limit(limit))
-    if worker.queues:
-        candidates = candidates.where(Job.queue.in_(worker.queues))
+    """Start up to `limit` due jobs for `worker`; returns them (as Claimed)."""
+    return step(worker, (), limit)[0]
+
+
+def report(job, outcome):
+    """A worker reports its attempt's outcome. False when its lease was lost: the outcome
+    is refused, the attempt is marked fenced and the job is left as it is."""
+    return step(None, [Report(job, outcome)], 0)[1][0]
+
+
+def step(worker, reports=(), limit=1):
+    """Record the outcomes of finished attempts and start up to `limit` new ones, in one
+    round trip on PostgreSQL (one statement) and one transaction on SQLite.
+
+    Each outcome is accepted only from the lease that holds its job (fencing); a refused
+    one marks its attempt fenced. Returns (claimed jobs, [accepted?] per report).
+    """
+    rows = [_reported(r) for r in reports]
+    if not rows and not limit:
+        return [], []
+    if not rows and not is_postgres() and not _any_due(worker.queues):
+        return [], []  # spare SQLite's single write lock when there is nothing to take
     if is_postgres():
-        candidates = candidates.for_update("FOR UPDATE SKIP LOCKED")
-    with db.atomic():
-        claimed = list(Job.update(status="running", attempt=Job.attempt + 1,
-                                  lease_owner=worker.id, heartbeat_at=now(), started_at=now())
-                       .where(Job.id.in_(candidates))
-                       .returning(Job).execute())
-        if claimed:
-            Attempt.insert_many([{
-                "job_id": job.id, "number": job.attempt, "status": "running",
-                "worker_id": worker.id, "host": worker.host, "pid": worker.pid,
-                "started_at": job.started_at} for job in claimed]).execute()
+        claimed, moved, refused = _step_postgres(worker, rows, limit)
+    else:
+        claimed, moved, refused = _step_sqlite(worker, rows, limit)
+    accepted = []
+    for report_, row in zip(reports, rows):
+        job, outcome = report_.job, report_.outcome
+        if job.id in moved:
+            status, dead_reason, run_at, finished_at = moved[job.id]
+            started = report_.started_at if report_.started_at is not None else job.started_at
+            ended = report_.finished_at if report_.finished_at is not None else finished_at
+            _announce(Finished(job, outcome, status, dead_reason, run_at,
+                               None if ended is None else ended - started))
+        elif job.id in refused:
+            _event(logging.WARNING, "refused", job,
+                   f"late outcome refused: attempt {job.attempt} {outcome.status} after its "
+                   f"lease was lost", attempt=job.attempt, worker_id=job.lease_owner)
+        accepted.append(job.id not in refused)  # neither: our own earlier report committed
     claimed.sort(key=lambda job: (job.priority, job.run_at, job.id))
     for job in claimed:
         _event(logging.INFO, "started", job, f"attempt {job.attempt} on {worker.id}",
                attempt=job.attempt, worker_id=worker.id)
-    return claimed
+    return claimed, accepted
+
+
+def _reported(report_):
+    """The values one outcome writes: the retry policy decided here, fencing in SQL."""
+    job, outcome = report_.job, report_.outcome
+    move = next_transition(job, outcome)
+    result = None if outcome.result is None or move.status != "succeeded" else \
+        json.dumps(outcome.result, separators=(",", ":"))
+    return {"id": job.id, "attempt": job.attempt, "lease_owner": job.lease_owner,
+            "status": move.status, "delay_s": move.delay_s, "result": result,
+            "last_error": outcome.error, "dead_reason": move.dead_reason,
+            "attempt_status": outcome.status, "error_type": outcome.error_type,
+            "error_message": outcome.error_message, "traceback": outcome.traceback,
+            "started_at": report_.started_at, "finished_at": report_.finished_at}
+
+
+_REPORTED_TYPES = (("id", "bigint"), ("attempt", "int"), ("lease_owner", "text"),
+                   ("status", "text"), ("delay_s", "float8"), ("result", "text"),
+                   ("last_error", "text"), ("dead_reason", "text"), ("attempt_status", "text"),
+                   ("error_type", "text"), ("error_message", "text"), ("traceback", "text"),
+                   ("started_at", "float8"), ("finished_at", "float8"))
+
+
+def _finish_assignments(value, column, now_sql):
+    """SET clauses moving a running job by its reported outcome; value(name) is how the
+    statement refers to a reported field, column(name) to the job's own. A cancellation
+    requested while the attempt ran wins over a retry or a dead letter."""
+    status = value("status")
+    ended = f"COALESCE({value('finished_at')}, {now_sql})"  # when the attempt ended
+    cancelled = f"({column('cancel_requested_at')} IS NOT NULL AND {status} <> 'succeeded')"
+    return f"""status = CASE WHEN {cancelled} THEN 'cancelled' ELSE {status} END,
+        result = CASE WHEN {status} = 'succeeded' THEN {value('result')} ELSE {column('result')} END,
+        last_error = COALESCE({value('last_error')}, {column('last_error')}),
+        dead_reason = CASE WHEN {cancelled} THEN NULL ELSE {value('dead_reason')} END,
+        run_at = CASE WHEN {value('delay_s')} IS NULL THEN {column('run_at')}
+                      ELSE {ended} + {value('delay_s')} END,
+        finished_at = CASE WHEN {cancelled} OR {status} IN ('succeeded', 'dead')
+                           THEN {ended} END,
+        lease_owner = NULL, heartbeat_at = NULL"""
+
+
+_PG_NOW = "extract(epoch from now())::float8"  # one instant for the whole statement
+_pg_statements = {}
+
+
+def _pg_step_sql(reports, claiming, by_queue):
+    """The one statement of a PostgreSQL step (cached by its shape)."""
+    shape = (reports, claiming, by_queue)
+    if shape in _pg_statements:
+        return _pg_statements[shape]
+    ctes, selects = [], []
+    if claiming:
+        queue_filter = "AND queue = ANY(%s)" if by_queue else ""
+        ctes += [
+            f"""next AS (
+                SELECT id FROM jobs
+                WHERE {PENDING_SQL} AND run_at <= {_PG_NOW} {queue_filter}
+                ORDER BY priority, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED)""",
+            f"""claimed AS (
+                UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1,
+                                lease_owner = %s, heartbeat_at = {_PG_NOW}, started_at = {_PG_NOW}
+                FROM next WHERE jobs.id = next.id
+                RETURNING {', '.join(f'jobs.{c}' for c in Claimed._fields)})""",
+            """started AS (
+                INSERT INTO attempts (job_id, number, status, worker_id, host, pid, started_at)
+                SELECT id, attempt, 'running', lease_owner, %s, %s, started_at FROM claimed)""",
+        ]
+        selects.append(f"SELECT 'claimed' AS kind, {CLAIMED_COLUMNS}, NULL::text AS new_status, "
+                       f"NULL::text AS new_dead_reason, NULL::float8 AS finished_at FROM claimed")
+    if reports:
+        row = "(" + ", ".join(f"%s::{kind}" for _, kind in _REPORTED_TYPES) + ")"
+        columns = ", ".join(name for name, _ in _REPORTED_TYPES)
+        ctes[:0] = [
+            f"reported ({columns}) AS (VALUES {', '.join([row] * reports)})",
+            f"""moved AS (
+                UPDATE jobs SET {_finish_assignments(lambda name: f'r.{name}',
+                                                     lambda name: f'jobs.{name}', _PG_NOW)}
+                FROM reported r
+                WHERE jobs.id = r.id AND jobs.status = 'running' AND jobs.attempt = r.attempt
+                  AND jobs.lease_owner = r.lease_owner
+                RETURNING jobs.id, jobs.status, jobs.dead_reason, jobs.run_at, jobs.finished_at)""",
+            f"""ended AS (
+                UPDATE attempts SET status = r.attempt_status,
+                    started_at = COALESCE(r.started_at, attempts.started_at),
+                    finished_at = COALESCE(r.finished_at, {_PG_NOW}),
+                    error_type = r.error_type, error_message = r.error_message,
+                    traceback = r.traceback
+                FROM reported r JOIN moved m ON m.id = r.id
+                WHERE attempts.job_id = r.id AND attempts.number = r.attempt
+                  AND attempts.status = 'running')""",
+            """refused AS (
+                UPDATE attempts SET fenced = TRUE
+                FROM reported r
+                WHERE attempts.job_id = r.id AND attempts.number = r.attempt
+                  AND attempts.status <> r.attempt_status
+                  AND NOT EXISTS (SELECT 1 FROM moved m WHERE m.id = r.id)
+                RETURNING attempts.job_id)""",
+        ]
+        blanks = ", ".join(f"NULL AS {c}" for c in Claimed._fields[1:])
+        selects += [
+            f"SELECT 'moved', id, {blanks}, status, dead_reason, finished_at FROM moved",
+            f"SELECT 'refused', job_id, {blanks}, NULL, NULL, NULL FROM refused",
+        ]
+        selects[-2] = selects[-2].replace("NULL AS run_at", "run_at AS run_at")
+    sql = "WITH " + ",\n".join(ctes) + "\n" + "\nUNION ALL\n".join(selects)
+    _pg_statements[shape] = sql
+    return sql
+
+
+def _step_postgres(worker, rows, limit):
+    params = [row[name] for row in rows for name, _ in _REPORTED_TYPES]
+    by_queue = bool(limit and worker.queues)
+    if limit:
+        if by_queue:
+            params.append(list(worker.queues))
+        params += [limit, worker.id, worker.host, worker.pid]
+    cursor = db.execute_sql(_pg_step_sql(len(rows), bool(limit), by_queue), params)
+    claimed, moved, refused = [], {}, set()
+    for kind, *values in cursor.fetchall():
+        if kind == "claimed":
+            claimed.append(_claimed(values[:len(Claimed._fields)]))
+        elif kind == "moved":
+            moved[values[0]] = (values[-3], values[-2], values[5], values[-1])
+        else:
+            refused.add(values[0])
+    return claimed, moved, refused
+
+
+def _claimed(values):
+    job = Claimed(*values)
+    return job._replace(payload=json.loads(job.payload))
+
+
+_SQLITE_MOVE = f"""UPDATE jobs SET {_finish_assignments(lambda name: f':{name}', str, ':now')}
+    WHERE id = :id AND status = 'running' AND attempt = :attempt AND lease_owner = :lease_owner
+    RETURNING status, dead_reason, run_at, finished_at"""
+_SQLITE_END = """UPDATE attempts SET status = :attempt_status,
+        started_at = COALESCE(:started_at, started_at), finished_at = COALESCE(:finished_at, :now),
+        error_type = :error_type, error_message = :error_message, traceback = :traceback
+    WHERE job_id = :id AND number = :attempt AND status = 'running'"""
+_SQLITE_REFUSE = """UPDATE attempts SET fenced = 1
+    WHERE job_id = :id AND number = :attempt AND status <> :attempt_status RETURNING job_id"""
+_SQLITE_CLAIM = f"""UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = ?,
+        heartbeat_at = ?, started_at = ?
+    WHERE id IN (SELECT id FROM jobs WHERE {PENDING_SQL} AND run_at <= ? {{queues}}
+                 ORDER BY priority, run_at, id LIMIT ?)
+    RETURNING {CLAIMED_COLUMNS}"""
+
+
+def _step_sqlite(worker, rows, limit):
+    claimed, moved, refused = [], {}, set()
+    with db.atomic():  # BEGIN IMMEDIATE: the write lock first, so no upgrade can fail
+        current = time.time()  # SQLite lives on this host: its clock is ours
+        for row in rows:
+            values = {**row, "now": current}
+            found = db.execute_sql(_SQLITE_MOVE, values).fetchone()
+            if found:
+                moved[row["id"]] = found
+                db.execute_sql(_SQLITE_END, values)
+            elif db.execute_sql(_SQLITE_REFUSE, values).fetchone():
+                refused.add(row["id"])
+        if limit:
+            queues = f"AND queue IN ({', '.join('?' * len(worker.queues))})" if worker.queues else ""
+            cursor = db.execute_sql(_SQLITE_CLAIM.format(queues=queues), [
+                worker.id, current, current, current, *worker.queues, limit])
+            claimed = [_claimed(values) for values in cursor.fetchall()]
+            if claimed:
+                Attempt.insert_many([{
+                    "job_id": job.id, "number": job.attempt, "status": "running",
+                    "worker_id": worker.id, "host": worker.host, "pid": worker.pid,
+                    "started_at": job.started_at} for job in claimed]).execute()
+    return claimed, moved, refused
 
 
 def _any_due(queues):
-    query = Job.select(Job.id).where(Job.status.in_(PENDING), Job.run_at <= now())
+    query = Job.select(Job.id).where(_PENDING, Job.run_at <= now())
     if queues:
         query = query.where(Job.queue.in_(queues))
     return query.exists()
@@ -311,23 +693,29 @@ def stage_due():
     """Mark scheduled and retryable jobs whose time has come `available` (claim takes them
     either way; this keeps the stored status true for readers)."""
     return (Job.update(status="available")
-            .where(Job.status.in_(("scheduled", "retryable")), Job.run_at <= now())
+            .where(pw.SQL("status IN ('scheduled', 'retryable')"), Job.run_at <= now())
             .execute())
 
 
 # ---------------------------------------------------------------------------- heartbeat
 
-def heartbeat(worker, job=None):
-    """Renew the worker's registration and its job's lease; False when the lease is lost."""
+def heartbeat(worker, job_ids=()):
+    """Renew the worker's registration and the leases it holds on these jobs; returns the
+    ids of those whose lease it still holds.
+
+    Only the jobs the worker knows it holds: a claim whose answer was lost (the connection
+    broke after the commit) leaves jobs under its lease that it will never run, and those
+    must expire and be reaped, not be kept alive forever."""
     with db.atomic():
-        updated = (Worker.update(last_heartbeat_at=now())
-                   .where(Worker.id == worker.id).execute())
-        if not updated:
+        if not Worker.update(last_heartbeat_at=now()).where(Worker.id == worker.id).execute():
             register_worker(worker)
-        if job is None:
-            return True
-        return bool(Job.update(heartbeat_at=now())
-                    .where(_holds(job)).execute())
+        if not job_ids:
+            return set()
+        renewed = (Job.update(heartbeat_at=now())
+                   .where(Job.id.in_(list(job_ids)), Job.status == "running",
+                          Job.lease_owner == worker.id)
+                   .returning(Job.id).execute())
+        return {row.id for row in renewed}
 
 
 def _holds(job):
@@ -390,27 +778,6 @@ def next_transition(job, outcome):
         return Transition("retryable", delay_s=0.0)
     return Transition("retryable", delay_s=backoff_delay(
         attempts_used, job.backoff_base_s, job.backoff_max_s))
-
-
-def report(job, outcome):
-    """A worker reports its attempt's outcome. False when its lease was lost: the outcome
-    is refused, the attempt is marked fenced and the job is left as it is."""
-    with db.atomic():
-        finished = _finish(job, outcome, _holds(job))
-        if finished is None:
-            recorded = Attempt.get_or_none(Attempt.job_id == job.id,
-                                           Attempt.number == job.attempt)
-            if recorded is not None and recorded.status == outcome.status:
-                return True  # our own report committed before the connection dropped
-            (Attempt.update(fenced=True)
-             .where(Attempt.job_id == job.id, Attempt.number == job.attempt).execute())
-    if finished is None:
-        _event(logging.WARNING, "refused", job,
-               f"late outcome refused: attempt {job.attempt} {outcome.status} after its lease "
-               f"was lost", attempt=job.attempt, worker_id=job.lease_owner)
-        return False
-    _announce(finished)
-    return True
 
 
 def end_attempts(worker_id, outcome, job_id=None):
@@ -643,10 +1010,14 @@ def cancellations(worker_ids):
 def dlq_retry(job_id):
     """Send a dead job back to `available` with a fresh attempt budget; history is kept."""
     with db.atomic():
-        moved = (Job.update(status="available", run_at=now(), attempt_base=Job.attempt,
-                            finished_at=None, dead_reason=None)
-                 .where(Job.id == job_id, Job.status == "dead").execute())
-    job = _dlq_result(job_id, moved)
+        moved = list(Job.update(status="available", run_at=now(), attempt_base=Job.attempt,
+                                finished_at=None, dead_reason=None)
+                     .where(Job.id == job_id, Job.status == "dead").returning(Job.queue)
+                     .execute())
+        if moved and is_postgres():
+            db.execute_sql("SELECT pg_notify(%s, %s)",
+                           (NOTIFY_CHANNEL, notify_payload(moved[0].queue, 1)))
+    job = _dlq_result(job_id, len(moved))
     _event(logging.INFO, "requeued", job, "back from the dead-letter queue with "
            f"{job.max_attempts} fresh attempts", status=job.status)
     return job

@@ -123,6 +123,14 @@ class BaseModel(pw.Model):
         legacy_table_names = False
 
 
+def loaded(model, data):
+    """A model instance as if read from the database (nothing to save), from its column
+    values: for rows a hot path reads or writes with SQL of its own."""
+    instance = model(__no_default__=True)
+    instance.__data__ = data
+    return instance
+
+
 class Job(BaseModel):
     id = pw.BigAutoField()
     type = pw.TextField()

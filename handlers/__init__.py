@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Optional
 
 from jsonschema import Draft202012Validator
@@ -56,11 +57,15 @@ class Handler:
     def origin(self):
         return f"{self.fn.__module__}.{self.fn.__qualname__}"
 
+    @cached_property
+    def _validator(self):
+        return None if self.schema is None else Draft202012Validator(self.schema)
+
     def payload_errors(self, payload):
         """Messages for each way payload breaks the handler's schema (none when it fits)."""
-        if self.schema is None:
+        validator = self._validator
+        if validator is None or validator.is_valid(payload):
             return []
-        validator = Draft202012Validator(self.schema)
         return [_describe(error) for error in validator.iter_errors(payload)]
 
 

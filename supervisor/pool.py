@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import documents
@@ -24,7 +24,9 @@ import jobs
 import metrics
 import schedules
 from models import DB_ERRORS, reset_connection
+from models import is_postgres
 from supervisor import slots
+from supervisor.wakeups import LISTEN_ERRORS, Listener, WakePipe, wake_for
 from supervisor.worker import WorkerProcess
 
 log = logging.getLogger("conveyor.supervisor")
@@ -72,6 +74,7 @@ class Child:
 @dataclass
 class SlotState:
     slot: slots.Slot
+    pipe: WakePipe = field(default_factory=WakePipe)  # kept across respawns of the slot
     pid: Optional[int] = None
     failures: int = 0
     respawn_at: float = 0.0
@@ -87,6 +90,7 @@ class Supervisor:
         self.children: dict[int, Child] = {}
         self.stopping = False
         self.hurry = False
+        self.listener = Listener(jobs.NOTIFY_CHANNEL) if is_postgres() else None
         self.duties = [
             Duty("reaper", settings.heartbeat_s, lambda: jobs.reap_expired(settings.lease_s)),
             Duty("metrics", settings.heartbeat_s, metrics.flush),
@@ -96,6 +100,8 @@ class Supervisor:
             Duty("worker registry", settings.lease_s,
                  lambda: jobs.forget_stale_workers(settings.lease_s)),
         ]
+        if self.listener is not None:
+            self.duties.append(Duty("listener", 1.0, self._listen))
         if settings.retention_days > 0:
             self.duties.append(Duty("pruner", 3600.0, self._prune,
                                     next_at=time.monotonic() + 60.0))
@@ -134,12 +140,57 @@ class Supervisor:
         self.stopping = True
 
     def _wait(self, timeout):
-        if self._selector.select(timeout):
-            try:
-                while os.read(self._wake_r, 512):
+        for key, _ in self._selector.select(timeout):
+            if key.fileobj == self._wake_r:
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except BlockingIOError:
                     pass
-            except BlockingIOError:
+            else:
+                self._wake_workers()
+
+    # ------------------------------------------------------------------ wake-ups
+
+    def _listen(self):
+        """(Re)connect the LISTEN connection; until it is up, workers poll."""
+        if self.listener.connected or self.stopping:
+            return
+        try:
+            self._selector.register(self.listener.connect(), selectors.EVENT_READ)
+        except LISTEN_ERRORS as exc:
+            self.listener.close()
+            log.warning("cannot listen for new jobs, polling every %gs until it can: %s",
+                        self.settings.poll_interval_s, str(exc).strip()[:200])
+            return
+        log.debug("listening for new jobs on %s", self.listener.channel)
+        self._wake_all()  # jobs announced while we were deaf are claimable now
+
+    def _wake_workers(self):
+        try:
+            counts = self.listener.announced()
+        except LISTEN_ERRORS as exc:
+            log.warning("lost the connection that listens for new jobs; polling until it is "
+                        "back: %s", str(exc).strip()[:200])
+            self._unlisten()
+            return
+        if counts:
+            wake_for(counts, self.queues, self._live_slots())
+
+    def _wake_all(self):
+        for slot, pipe in self._live_slots():
+            pipe.wake()
+
+    def _live_slots(self):
+        return [(state.slot, state.pipe) for state in self.slots if state.pid is not None]
+
+    def _unlisten(self):
+        if self.listener is not None and self.listener.connected:
+            try:
+                self._selector.unregister(self.listener.fd)
+            except (KeyError, ValueError):
                 pass
+            self.listener.close()
 
     # ------------------------------------------------------------------ children
 
@@ -161,7 +212,7 @@ class Supervisor:
             try:
                 self._become_child()
                 code = WorkerProcess(replace(worker, pid=os.getpid()), state.slot,
-                                     self.settings).run()
+                                     state.pipe, self.settings).run()
             except BaseException:
                 log.exception("worker %s failed", worker.id)
             finally:
@@ -177,6 +228,8 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self._selector.close()
+        if self.listener is not None and self.listener.connected:
+            os.close(self.listener.fd)  # the parent's socket: never ours to use
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -292,6 +345,7 @@ class Supervisor:
     # ------------------------------------------------------------------ shutdown
 
     def _shutdown(self):
+        self._unlisten()
         grace = self.settings.shutdown_grace_s
         log.info("shutting down: stopping %d workers, waiting up to %gs for running attempts",
                  len(self.children), grace)

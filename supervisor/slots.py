@@ -1,7 +1,8 @@
-"""Shared-memory slots: where each worker posts the attempt it is running.
+"""Shared-memory slots: where each worker posts the attempt it is running, and its state.
 
-The supervisor reads them to enforce timeouts and to know what a dead worker held,
-without a pipe message (and a wake-up) per job. One writer per slot; a sequence
+The supervisor reads them to enforce timeouts, to know what a dead worker held and which
+worker to wake for a new job, without a pipe message (and a wake-up) per job. The state
+is one byte, written only by the worker. For the attempt, one writer per slot; a sequence
 number, odd while a write is under way, makes a read that raced a write retry instead of
 seeing a torn value. A writer killed mid-write leaves it odd: reads give up on it, and the
 next write (the supervisor's clear before a new worker starts) makes it whole again.
@@ -11,6 +12,9 @@ import struct
 from typing import NamedTuple, Optional
 
 _LAYOUT = struct.Struct("=Qqqdd")  # sequence, job id, attempt, deadline (monotonic), timeout
+_STATE_AT = _LAYOUT.size          # then one byte: the worker's state
+_SIZE = _LAYOUT.size + 8
+BUSY, CLAIMING, WAITING = 0, 1, 2  # running handlers / asking for jobs / asleep until woken
 _READ_TRIES = 10_000  # a live writer finishes a write in microseconds
 
 
@@ -24,7 +28,15 @@ class Running(NamedTuple):
 class Slot:
     def __init__(self, memory, index):
         self._memory = memory
-        self._offset = index * _LAYOUT.size
+        self._offset = index * _SIZE
+
+    @property
+    def state(self):
+        return self._memory[self._offset + _STATE_AT]
+
+    @state.setter
+    def state(self, value):
+        self._memory[self._offset + _STATE_AT] = value
 
     def start(self, job_id, attempt, deadline, timeout_s):
         self._write(job_id, attempt, deadline, timeout_s)
@@ -57,5 +69,5 @@ class Slot:
 
 def allocate(count):
     """Slots in anonymous shared memory, inherited by every child forked afterwards."""
-    memory = mmap.mmap(-1, max(1, count) * _LAYOUT.size)
+    memory = mmap.mmap(-1, max(1, count) * _SIZE)
     return [Slot(memory, i) for i in range(count)]

@@ -1,15 +1,20 @@
-"""A worker process: claim a job, run its handler, report the outcome; repeat.
+"""A worker process: claim jobs, run their handlers, report the outcomes; repeat.
 
-Forked by the supervisor, it runs one attempt at a time. A heartbeat thread renews the
-lease of the running attempt, so a stalled or partitioned worker loses its job to the
-reaper; its late outcome is then refused (fencing). The supervisor watches the shared
-slot this worker writes its current job to, and kills the process on a timeout or a
+Forked by the supervisor, it runs one attempt at a time. Each round trip to the database
+(jobs.step) reports the attempts just finished and claims the next ones: one job at a
+time when jobs are slow or scarce, up to WORKER_BATCH when they are fast, so a round trip
+is shared by many. A heartbeat thread renews the leases of what it holds, so a stalled or
+partitioned worker loses its jobs to the reaper; its late outcomes are then refused
+(fencing). With nothing to claim it sleeps on its wake pipe until the supervisor passes
+on an announced job, or the poll interval passes. The supervisor watches the shared slot
+this worker writes its current job and state to, and kills the process on a timeout or a
 cancellation.
 """
 import json
 import logging
 import os
 import random
+import select
 import signal
 import threading
 import time
@@ -20,71 +25,124 @@ import handlers
 import jobs
 import metrics
 from models import DB_ERRORS, reset_connection
+from supervisor import slots
 
 log = logging.getLogger("conveyor.worker")
 
 
+# A batch of claimed jobs should take about this long: long enough to spread one round trip
+# over many fast jobs, short enough that the last attempt of a batch starts soon after its
+# claim. Slow jobs are claimed one at a time.
+BATCH_TARGET_S = 0.01
+
+
 class WorkerProcess:
-    def __init__(self, worker, slot, settings):
+    def __init__(self, worker, slot, pipe, settings):
         self.worker = worker
         self.slot = slot
+        self.pipe = pipe  # the supervisor wakes us through it when a job is announced
         self.settings = settings
         self.parent_pid = os.getppid()
         self.stopping = threading.Event()
         self.finished = threading.Event()
-        self.current = None  # the job being run, read by the heartbeat thread
-        self.reports = 0  # odd while an outcome is being reported, read by the heartbeat
+        self.held = frozenset()  # ids of jobs claimed and not yet reported, for the heartbeat
+        self.steps = 0  # odd while a step (reports and claims) is under way
         self.jobs_done = 0
 
     def run(self):
         """The child's main: returns the exit code."""
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides, not a Ctrl-C
         self._until_done(partial(jobs.register_worker, self.worker))
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
-        while not self.stopping.is_set() and not self._orphaned() and not self._worn_out():
+        reports, limit = [], 1
+        while True:
+            leaving = self.stopping.is_set() or self._orphaned() or self._worn_out()
+            self.slot.state = slots.CLAIMING
             asked_m = time.monotonic()
-            claimed = self._until_done(partial(jobs.claim, self.worker, 1),
-                                       give_up_when_stopping=True)
+            claimed = self._step(reports, 0 if leaving else limit)
+            reports = []
+            if leaving:
+                break
             if not claimed:
-                self.stopping.wait(self.settings.poll_interval_s * random.uniform(0.5, 1.0))
+                limit = 1  # what comes next after a lull may be slow: no hoarding it
+                self._sleep()
                 continue
-            for job in claimed:
-                if self._lease_in_doubt(asked_m) and \
-                        not self._until_done(partial(jobs.heartbeat, self.worker, job)):
-                    log.warning("lease lost before the attempt started; not running it",
-                                extra=_tags(job, self.worker))
-                    continue
-                self._run_one(job)
+            self.slot.state = slots.BUSY
+            reports = self._run_batch(claimed, asked_m)
+            limit = self._next_limit(reports)
         self.finished.set()
         self._until_done(metrics.flush, give_up_when_stopping=True)
         self._until_done(partial(jobs.deregister_worker, self.worker.id), give_up_when_stopping=True)
         return 0
 
-    def _run_one(self, job):
-        self.current = job
-        self.slot.start(job.id, job.attempt, time.monotonic() + job.timeout_s, job.timeout_s)
-        outcome = execute(job)
-        self.reports += 1
-        self._until_done(partial(jobs.report, job, outcome))  # the core logs what it did
+    def _stop(self, *_):
+        self.stopping.set()
+        self.pipe.wake()  # out of _sleep at once
+
+    def _sleep(self):
+        """Until the supervisor wakes us for an announced job, or the poll interval passes
+        (the fallback when announcements are lost, and the only way on SQLite)."""
+        self.slot.state = slots.WAITING
+        if not self.stopping.is_set():
+            select.select([self.pipe.read_fd], [], [],
+                          self.settings.poll_interval_s * random.uniform(0.5, 1.0))
+        self.pipe.drain()
+
+    def _step(self, reports, limit):
+        """Report the finished attempts and claim the next ones, retrying through outages;
+        reports are never given up (the supervisor ends us after the grace period)."""
+        self.steps += 1
+        claimed, _ = self._until_done(partial(jobs.step, self.worker, reports, limit),
+                                      give_up_when_stopping=not reports) or ([], [])
+        self.held = frozenset(job.id for job in claimed)
+        self.steps += 1
+        self.jobs_done += len(reports)
+        return claimed
+
+    def _run_batch(self, claimed, asked_m):
+        """Run the claimed jobs one after another; returns their reports, with each
+        attempt's times on the database's clock: its claim time plus our time since the
+        claim returned, which can only fall short of the truth, never overrun it."""
+        claimed_m = time.monotonic()
+        reports = []
+        for job in claimed:
+            if self._lease_in_doubt(asked_m) and \
+                    job.id not in (self._until_done(partial(jobs.heartbeat, self.worker, [job.id])) or ()):
+                log.warning("lease lost before the attempt started; not running it",
+                            extra=_tags(job, self.worker))
+                continue
+            started_m = time.monotonic()
+            self.slot.start(job.id, job.attempt, started_m + job.timeout_s, job.timeout_s)
+            outcome = execute(job)
+            ended_m = time.monotonic()
+            reports.append(jobs.Report(job, outcome, job.started_at + (started_m - claimed_m),
+                                       job.started_at + (ended_m - claimed_m)))
         self.slot.clear()
-        self.current = None
-        self.reports += 1
-        self.jobs_done += 1
+        return reports
+
+    def _next_limit(self, reports):
+        """How many jobs to claim next: as many as fit BATCH_TARGET_S at the pace of the last
+        batch, at most WORKER_BATCH."""
+        if not reports:
+            return 1
+        took = sum(r.finished_at - r.started_at for r in reports) / len(reports)
+        return max(1, min(self.settings.worker_batch, int(BATCH_TARGET_S / max(took, 1e-5))))
 
     def _heartbeat(self):
         while not self.finished.wait(self.settings.heartbeat_s):
             if self._orphaned():
-                # Our supervisor died: stop renewing, so the reaper hands our job to another.
+                # Our supervisor died: stop renewing, so the reaper hands our jobs to others.
                 os._exit(70)
-            reports = self.reports
-            job = self.current
+            steps, held = self.steps, self.held
             try:
-                renewed = jobs.heartbeat(self.worker, job)
-                # A renewal that lost the race to the job's own report finds no lease either.
-                if not renewed and reports % 2 == 0 and self.reports == reports:
-                    log.warning("lease lost while running", extra=_tags(job, self.worker))
+                renewed = jobs.heartbeat(self.worker, held)
+                # A renewal that raced our own step finds those leases moved on, not lost.
+                lost = held - renewed if steps % 2 == 0 and self.steps == steps else ()
+                for job_id in lost:
+                    log.warning("lease of job %d lost while it was held", job_id,
+                                extra={"job_id": job_id, "worker_id": self.worker.id})
                 metrics.flush()
             except DB_ERRORS as exc:
                 log.warning("heartbeat failed: %s", _first_line(exc))
@@ -105,8 +163,9 @@ class WorkerProcess:
                 delay = min(delay * 2, 2.0)
 
     def _lease_in_doubt(self, asked_m):
-        """A claim answered this late (a partition, a stall) may have outlived its lease
-        before the heartbeat thread first renews it: someone else may run the job now."""
+        """A claim answered this late (a partition, a stall), or a batch that has run this
+        long since, may have outlived its lease before the heartbeat thread renews it:
+        someone else may run the job now."""
         return time.monotonic() - asked_m > self.settings.lease_s - self.settings.heartbeat_s
 
     def _orphaned(self):

@@ -189,3 +189,29 @@ def test_stalled_worker_result_is_refused(conveyor, effects_log, tmp_path, secon
     assert [a.status for a in conveyor.attempts(job_id)] == ["crashed", "succeeded"]
     assert alive(stalled.pid)  # a refused worker carries on with other jobs
     assert_audit_clean(conveyor)
+
+
+def test_job_claimed_by_a_lost_answer_is_reaped_though_its_worker_heartbeats(conveyor,
+                                                                           effects_log):
+    """A claim commits, and the connection breaks before the worker hears of it: the
+    worker's lease names the job, but the worker will never run it. Its heartbeat must not
+    keep that lease alive; the job is reaped after LEASE_S and run again."""
+    supervisor = conveyor.start_supervisor(concurrency=1, **SHORT_LEASE)
+    [pid] = supervisor.wait_for_workers(1)
+    [worker] = wait_for(lambda: [w for w in jobs.live_workers(SHORT_LEASE["LEASE_S"])
+                                 if w.pid == pid], message="the worker to register")
+    job_id = conveyor.submit("t.noop", {"log": effects_log}, run_at="2100-01-01T00:00:00Z")
+    from models import Job
+    Job.update(run_at=jobs.db_time()).where(Job.id == job_id).execute()
+    # The answer the worker never got: the job claimed under its lease, in its name.
+    [lost] = jobs.claim(jobs.WorkerInfo(id=worker.id, supervisor_id=worker.supervisor_id,
+                                        host=worker.host, pid=worker.pid))
+    assert lost.id == job_id
+
+    job = conveyor.wait_for_status(job_id, "succeeded", timeout=SHORT_LEASE["LEASE_S"] + 15)
+    reaped, retried = conveyor.attempts(job_id)
+    assert reaped.status == "crashed" and reaped.error_type == "LeaseExpired"
+    assert reaped.finished_at - reaped.started_at >= SHORT_LEASE["LEASE_S"]
+    assert retried.status == "succeeded" and retried.pid == pid
+    assert [line[:3] for line in side_effects(effects_log)] == [["run", str(job_id), "2"]]
+    assert_audit_clean(conveyor)

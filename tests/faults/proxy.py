@@ -3,7 +3,7 @@
 `cut()` stops forwarding in both directions but keeps every socket open: no FIN, no RST,
 each end just stops hearing from the other, as in a real partition (bytes pile up in the
 kernel's buffers; a new connection is accepted but never answered). `heal()` delivers
-what was held and resumes. `cut_after(predicate)` cuts right after forwarding the first
+what was held and resumes. `cut_after(predicate)` cuts as it forwards the first
 client message the predicate picks (it sees that message and the one before it on the
 same connection), to partition a process at an exact point of its protocol (inside a
 transaction, say).
@@ -93,11 +93,12 @@ class PartitionProxy:
                 if not data:
                     target.shutdown(socket.SHUT_WR)
                     return
-                self._open.wait()  # read just before a cut: held like the rest
-                target.sendall(data)
                 trigger = self._trigger
                 if from_client and trigger is not None and trigger(data, previous):
-                    self.cut()
+                    self.cut()  # first, so that no answer to this message can get back
+                else:
+                    self._open.wait()  # read just before a cut: held like the rest
+                target.sendall(data)
                 previous = data
         except OSError:
             pass

@@ -2,6 +2,7 @@
 PostgreSQL by a proxy that black-holes their traffic (sockets stay open, nothing gets
 through) for longer than the lease, while they hold jobs. Their jobs run elsewhere after
 the lease; when the link returns, their late results are refused and they carry on."""
+import threading
 from urllib.parse import urlparse
 
 import pytest
@@ -89,10 +90,14 @@ def test_cut_off_workers_job_runs_elsewhere_and_its_late_result_is_refused(
 def test_claim_answered_after_its_lease_expired_does_not_run_the_job(pg_conveyor, proxy,
                                                                      effects_log):
     cut_off, cut_off_worker = cut_off_supervisor(pg_conveyor, proxy)
-    # The claim commits, and the link goes down before the worker hears of it.
-    proxy.cut_after(lambda message, previous: message.startswith(b"Q") and b"COMMIT" in message
-                    and b'INSERT INTO "attempts"' in previous)
+    # The claim commits, and the link goes down before the worker hears of it. The worker
+    # claims all the time (finding nothing); the first claim the server gets after the job
+    # is stored is the one that takes it.
+    stored = threading.Event()
+    proxy.cut_after(lambda message, previous: stored.is_set() and message.startswith(b"Q")
+                    and b"FOR UPDATE SKIP LOCKED" in message and b"INSERT INTO attempts" in message)
     job_id = pg_conveyor.submit("t.noop", {"log": effects_log})
+    stored.set()
     wait_for(lambda: proxy.partitioned, message="the cut after a claim")
     assert running_attempt(pg_conveyor, job_id, 1).pid == cut_off_worker
     other = pg_conveyor.start_supervisor(concurrency=1, **SHORT_LEASE)
@@ -134,7 +139,7 @@ def test_reaper_passes_over_a_job_locked_by_a_cut_off_session(pg_conveyor):
     with cut_off.cursor() as cur:
         cur.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
     try:
-        wait_for(lambda: jobs.db_time() - job.heartbeat_at > 0.1, message="the lease to expire")
+        wait_for(lambda: jobs.db_time() - job.started_at > 0.1, message="the lease to expire")
         reaped = []
         reaper = threading.Thread(target=lambda: reaped.append(jobs.reap_expired(lease_s=0.1)),
                                   daemon=True)

@@ -4,7 +4,7 @@ import pytest
 
 from harness import seed, worker_stalls
 
-STALL_JOBS = 1000
+STALL_JOBS = 2000  # enough for several stalls, however fast the drain
 
 
 @pytest.mark.slow

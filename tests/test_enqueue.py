@@ -1,0 +1,152 @@
+"""Enqueue, the core of submission: one statement that stores a batch and, on PostgreSQL,
+announces in the same transaction the jobs that can run now (one NOTIFY per queue, with
+its count); what it answers is what it stored; its fast checks agree with the schema."""
+import select
+
+import psycopg2
+import pytest
+
+import documents
+import jobs
+from models import Job
+
+
+def submission(**fields):
+    return jobs.validate_submission({"type": "t.noop", **fields})
+
+
+@pytest.fixture
+def listener(pg_conveyor):
+    """A real LISTEN connection on the conveyor's database; returns a function that gives
+    the payloads of the notifications received so far."""
+    connection = psycopg2.connect(pg_conveyor.database_url)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"LISTEN {jobs.NOTIFY_CHANNEL}")
+
+    def received(quiet_s=0.3):
+        payloads = []
+        while select.select([connection], [], [], quiet_s)[0]:
+            connection.poll()
+            payloads += [n.payload for n in connection.notifies if n.channel == jobs.NOTIFY_CHANNEL]
+            connection.notifies.clear()
+        return payloads
+
+    yield received
+    connection.close()
+
+
+@pytest.mark.postgres
+def test_a_batch_announces_each_queue_once_with_the_count_it_can_run_now(listener):
+    jobs.enqueue([submission(queue="a")] * 3 + [submission(queue="b")] * 2
+                 + [submission(queue="a", delay_s=3600)] * 2
+                 + [submission(queue="b", run_at="2001-01-01T00:00:00Z")])
+    assert sorted(listener()) == [jobs.notify_payload("a", 3), jobs.notify_payload("b", 3)]
+
+
+@pytest.mark.postgres
+def test_scheduled_jobs_and_idempotent_replays_are_not_announced(listener):
+    jobs.enqueue([submission(delay_s=60), submission(run_at="2100-01-01T00:00:00Z")])
+    assert listener() == []
+    [(first, created)] = jobs.enqueue([submission(idempotency_key="k1")], api_key_id=7)
+    assert created and listener() == [jobs.notify_payload("default", 1)]
+    [(again, created)] = jobs.enqueue([submission(idempotency_key="k1")], api_key_id=7)
+    assert not created and again.id == first.id and listener() == []
+
+
+@pytest.mark.postgres
+def test_a_refused_batch_announces_nothing_and_stores_nothing(listener):
+    jobs.enqueue([submission(idempotency_key="taken", payload={"v": 1})])
+    assert listener() == [jobs.notify_payload("default", 1)]
+    with pytest.raises(jobs.Conflict):
+        jobs.enqueue([submission(queue="q")] * 5
+                     + [submission(idempotency_key="taken", payload={"v": 2})])
+    assert listener() == [] and Job.select().count() == 1
+
+
+@pytest.mark.postgres
+def test_a_job_retried_from_the_dead_letter_queue_is_announced(listener):
+    [(job, _)] = jobs.enqueue([submission(queue="late")])
+    Job.update(status="dead", dead_reason="max_attempts").where(Job.id == job.id).execute()
+    assert listener() == [jobs.notify_payload("late", 1)]
+    jobs.dlq_retry(job.id)
+    assert listener() == [jobs.notify_payload("late", 1)]
+    with pytest.raises(jobs.Conflict):
+        jobs.dlq_retry(job.id)
+    assert listener() == []
+
+
+def test_what_enqueue_answers_is_what_it_stored(conveyor):
+    new = [submission(payload={"n": 1, "s": "Stra\u00dfe \U0001f4a5", "big": 10 ** 30}),
+           submission(queue="q", priority=-5, delay_s=3600, max_attempts=2, timeout_s=1.5,
+                      backoff={"base_s": 0.25, "max_s": 8}),
+           submission(run_at="2001-02-03T04:05:06.5+01:00", idempotency_key="once"),
+           submission(run_at="2001-02-03T04:05:06.5+01:00", idempotency_key="once"),
+           submission(payload={"n": 2})]
+    stored = jobs.enqueue(new, api_key_id=3)
+    assert [created for _, created in stored] == [True, True, True, False, True]
+    assert stored[3][0].id == stored[2][0].id
+    for job, _ in stored:
+        read = jobs.get_job(job.id)
+        assert job.__data__ == read.__data__
+        assert documents.job(job) == documents.job(read)
+    assert [job.status for job, _ in stored] == ["available", "scheduled", "available",
+                                                 "available", "available"]
+    ids = [job.id for job, _ in stored]
+    assert ids[0] < ids[1] < ids[2] < ids[4]
+
+
+def test_a_job_due_now_is_available_and_a_later_one_scheduled(conveyor):
+    before = jobs.db_time()
+    [(job, _)] = jobs.enqueue([submission()])
+    assert job.status == "available" and before <= job.created_at == job.run_at <= jobs.db_time()
+    [(later, _)] = jobs.enqueue([submission(delay_s=0.5)])
+    assert later.status == "scheduled" and later.run_at == pytest.approx(later.created_at + 0.5)
+
+
+BODIES = [
+    {"type": "t.noop"},
+    {"type": "t.noop", "priority": 1},
+    {"type": "t.noop", "priority": True},
+    {"type": "t.noop", "priority": 1.0},
+    {"type": "t.noop", "priority": 1.5},
+    {"type": "t.noop", "priority": "1"},
+    {"type": "t.noop", "queue": "default"},
+    {"type": "t.noop", "queue": "default\n"},
+    {"type": "t.noop", "queue": 5},
+    {"type": "t.noop", "payload": {}},
+    {"type": "t.noop", "payload": []},
+    {"type": "t.noop", "payload": None},
+    {"type": "t.noop", "delay_s": 0},
+    {"type": "t.noop", "delay_s": -0.0},
+    {"type": "t.noop", "delay_s": False},
+    {"type": "t.noop", "timeout_s": 0},
+    {"type": "t.noop", "backoff": {"base_s": 1}},
+    {"type": "t.noop", "backoff": {"base_s": "1"}},
+    {"type": "t.noop", "idempotency_key": "k"},
+    {"type": "t.noop", "idempotency_key": ""},
+    {"type": "t.noop", "colour": "red"},
+    {"type": ""},
+    {"type": None},
+    {"payload": {}},
+]
+
+
+def fits_the_schema(body):
+    """validate_submission's verdict on the schema alone (later checks may refuse too)."""
+    try:
+        jobs.validate_submission(body)
+    except jobs.Invalid as exc:
+        return exc.detail != "the job is not valid"
+    return True
+
+
+def test_values_found_valid_before_do_not_let_an_unequal_value_through(conveyor):
+    expected = [jobs._submission_validator.is_valid(body) for body in BODIES]
+    assert expected.count(True) > 5 and expected.count(False) > 5
+    jobs._valid_values.clear()
+    assert [fits_the_schema(body) for body in BODIES] == expected
+    # Again, now that the valid values are remembered (True == 1 and 1.0 == 1, but only 1
+    # and 1.0 are integers; -0.0 == 0 and both are fine).
+    assert [fits_the_schema(body) for body in BODIES] == expected
+    assert [fits_the_schema(body) for body in reversed(BODIES)] == expected[::-1]
