@@ -1012,12 +1012,13 @@ def dlq_retry(job_id):
     with db.atomic():
         moved = list(Job.update(status="available", run_at=now(), attempt_base=Job.attempt,
                                 finished_at=None, dead_reason=None)
-                     .where(Job.id == job_id, Job.status == "dead").returning(Job.queue)
+                     .where(Job.id == job_id, Job.status == "dead").returning(Job)
                      .execute())
         if moved and is_postgres():
             db.execute_sql("SELECT pg_notify(%s, %s)",
                            (NOTIFY_CHANNEL, notify_payload(moved[0].queue, 1)))
-    job = _dlq_result(job_id, len(moved))
+    # The job as the retry left it: a woken worker may be running it already.
+    job = moved[0] if moved else _dlq_result(job_id, 0)
     _event(logging.INFO, "requeued", job, "back from the dead-letter queue with "
            f"{job.max_attempts} fresh attempts", status=job.status)
     return job
