@@ -493,10 +493,10 @@ def step(worker, reports=(), limit=1):
     for report_, row in zip(reports, rows):
         job, outcome = report_.job, report_.outcome
         if job.id in moved:
-            status, dead_reason, run_at, finished_at = moved[job.id]
+            status, dead_reason, _, finished_at = moved[job.id]
             started = report_.started_at if report_.started_at is not None else job.started_at
             ended = report_.finished_at if report_.finished_at is not None else finished_at
-            _announce(Finished(job, outcome, status, dead_reason, run_at,
+            _announce(Finished(job, outcome, status, dead_reason, row["delay_s"],
                                None if ended is None else ended - started))
         elif job.id in refused:
             _event(logging.WARNING, "refused", job,
@@ -828,7 +828,7 @@ class Finished:
     outcome: Outcome
     status: str
     dead_reason: Optional[str]
-    run_at: float
+    retry_in_s: Optional[float]  # the policy's delay, counted from the attempt's end
     duration_s: Optional[float]
 
 
@@ -851,7 +851,7 @@ def _finish(job, outcome, guard):
     if move.delay_s is not None:
         changes["run_at"] = now() + move.delay_s
     moved = list(Job.update(**changes).where(guard)
-                 .returning(Job.status, Job.dead_reason, Job.run_at).execute())
+                 .returning(Job.status, Job.dead_reason).execute())
     if not moved:
         return None
     ended = list(Attempt.update(status=outcome.status, finished_at=now(),
@@ -862,7 +862,7 @@ def _finish(job, outcome, guard):
                         Attempt.status == "running")
                  .returning(Attempt.started_at, Attempt.finished_at).execute())
     duration = ended[0].finished_at - ended[0].started_at if ended else None
-    return Finished(job, outcome, moved[0].status, moved[0].dead_reason, moved[0].run_at,
+    return Finished(job, outcome, moved[0].status, moved[0].dead_reason, move.delay_s,
                     duration)
 
 
@@ -882,7 +882,7 @@ def _announce(finished, event=None):
         metrics.count("conveyor_attempts_failed", outcome=outcome.status, **labels)
     ending = f"attempt {job.attempt} {outcome.status}: {outcome.error}"
     if status == "retryable":
-        delay = max(0.0, finished.run_at - db_time())
+        delay = finished.retry_in_s or 0.0
         _event(logging.WARNING, event or "retrying", job, f"{ending}; retrying in {delay:.3f}s",
                delay_s=round(delay, 3), **tags)
     elif status == "dead":
