@@ -13,6 +13,7 @@ import peewee as pw
 from limits import parse_many
 
 import documents
+import models
 from models import ApiKey, db, loaded, now
 
 ROLES = ("submit", "admin")
@@ -69,7 +70,7 @@ def verify(secret):
         return None
     presented = digest(secret)
     # Looked up on every request, so in plain SQL; never cached, so a revocation holds at once.
-    row = db.execute_sql(f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys "
+    row = models.execute(f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys "
                          f"WHERE key_hash = {db.param} AND revoked_at IS NULL",
                          (presented,)).fetchone()
     if row is None:

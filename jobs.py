@@ -25,6 +25,7 @@ from jsonschema import Draft202012Validator
 import handlers
 import metrics
 from config import settings
+import models
 from models import Attempt, Job, Step, Worker, db, is_postgres, loaded, now
 
 PENDING = ("available", "scheduled", "retryable")
@@ -344,7 +345,7 @@ def _insert_postgres(new_jobs, api_key_id, keyed):
         (new.type, new.queue, _payload_json(new), new.priority, new.run_at, new.delay_s,
          new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
          new.idempotency_key, new.request_hash) for new in new_jobs])
-    cursor = db.execute_sql(_PG_INSERT[keyed], (given, api_key_id, NOTIFY_CHANNEL))
+    cursor = models.execute(_PG_INSERT[keyed], (given, api_key_id, NOTIFY_CHANNEL))
     return sorted(cursor.fetchall())
 
 
@@ -624,7 +625,7 @@ def _step_postgres(worker, rows, limit):
         if by_queue:
             params.append(list(worker.queues))
         params += [limit, worker.id, worker.host, worker.pid]
-    cursor = db.execute_sql(_pg_step_sql(len(rows), bool(limit), by_queue), params)
+    cursor = models.execute(_pg_step_sql(len(rows), bool(limit), by_queue), params)
     claimed, moved, refused = [], {}, set()
     for kind, *values in cursor.fetchall():
         if kind == "claimed":

@@ -8,6 +8,7 @@ import pytest
 
 import documents
 import jobs
+import models
 from models import Job
 
 
@@ -150,3 +151,32 @@ def test_values_found_valid_before_do_not_let_an_unequal_value_through(conveyor)
     # and 1.0 are integers; -0.0 == 0 and both are fine).
     assert [fits_the_schema(body) for body in BODIES] == expected
     assert [fits_the_schema(body) for body in reversed(BODIES)] == expected[::-1]
+
+
+@pytest.mark.postgres
+def test_prepared_statements_outlive_a_rollback_and_are_made_again_on_a_new_connection(
+        pg_conveyor):
+    """Submission and claims run as statements prepared once per connection: a rolled-back
+    transaction keeps them (PREPARE is not transactional), and a connection lost with the
+    server's session prepares them again instead of naming statements it no longer has."""
+    [(first, _)] = jobs.enqueue([submission()])
+    with pytest.raises(RuntimeError):
+        with models.db.atomic():
+            jobs.enqueue([submission(idempotency_key="undone")])
+            raise RuntimeError("roll back")
+    assert not Job.select().where(Job.idempotency_key == "undone").exists()
+    [(second, _)] = jobs.enqueue([submission(idempotency_key="after")])  # prepared in it
+
+    killer = psycopg2.connect(pg_conveyor.database_url)
+    killer.autocommit = True
+    with killer.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)",
+                       (models.db.connection().get_backend_pid(),))
+    killer.close()
+    with pytest.raises(models.DB_ERRORS):
+        jobs.enqueue([submission()])  # the session, and its statements, are gone
+    models.reset_connection()
+    [(third, _)] = jobs.enqueue([submission()])
+    worker = jobs.WorkerInfo(id="w-prepared", supervisor_id="s", host="h", pid=1)
+    claimed = jobs.claim(worker, limit=10)
+    assert [job.id for job in claimed] == [first.id, second.id, third.id]

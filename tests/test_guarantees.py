@@ -202,10 +202,14 @@ def test_job_claimed_by_a_lost_answer_is_reaped_though_its_worker_heartbeats(con
                                  if w.pid == pid], message="the worker to register")
     job_id = conveyor.submit("t.noop", {"log": effects_log}, run_at="2100-01-01T00:00:00Z")
     from models import Job
-    Job.update(run_at=jobs.db_time()).where(Job.id == job_id).execute()
-    # The answer the worker never got: the job claimed under its lease, in its name.
-    [lost] = jobs.claim(jobs.WorkerInfo(id=worker.id, supervisor_id=worker.supervisor_id,
-                                        host=worker.host, pid=worker.pid))
+    os.kill(pid, signal.SIGSTOP)  # so that the worker cannot take the job first
+    try:
+        Job.update(run_at=jobs.db_time()).where(Job.id == job_id).execute()
+        # The answer the worker never got: the job claimed under its lease, in its name.
+        [lost] = jobs.claim(jobs.WorkerInfo(id=worker.id, supervisor_id=worker.supervisor_id,
+                                            host=worker.host, pid=worker.pid))
+    finally:
+        os.kill(pid, signal.SIGCONT)
     assert lost.id == job_id
 
     job = conveyor.wait_for_status(job_id, "succeeded", timeout=SHORT_LEASE["LEASE_S"] + 15)
