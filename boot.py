@@ -10,10 +10,11 @@ import logs
 import models
 
 
-def start(*, upgrade=True, check_database=True):
+def start(*, upgrade=True, check_database=True, custom_plans=False):
     settings = config.settings()
     logs.configure(settings)
-    models.open_database(settings.database_url, lease_s=settings.lease_s)
+    models.open_database(settings.database_url, lease_s=settings.lease_s,
+                         custom_plans=custom_plans)
     if check_database:
         models.check_connection()
     if upgrade:

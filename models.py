@@ -21,8 +21,14 @@ db = pw.DatabaseProxy()
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 
 
-def open_database(url, lease_s=None):
+def open_database(url, lease_s=None, custom_plans=False):
     """Point `db` at the database named by url (no connection is made yet).
+
+    custom_plans (PostgreSQL): plan each prepared statement for its parameters and the
+    tables as they are now, never with a generic plan. The worker's step joins `jobs` and
+    `attempts`; a generic plan chosen while they were small (a scan of the whole table)
+    would stay cached as they grow, until the next ANALYZE. Submission is planned once
+    (generic), which is where most of its planning cost went.
 
     On PostgreSQL the lease bounds two waits a partition would otherwise make endless:
     the server ends a session idle inside an open transaction for longer (so the row locks
@@ -42,12 +48,16 @@ def open_database(url, lease_s=None):
             connect_timeout=5, keepalives=1, keepalives_idle=5,
             keepalives_interval=2, keepalives_count=3,
             application_name="conveyor", connection_factory=PreparingConnection)
+        options = []
         if lease_s:
             lease_ms = math.ceil(lease_s * 1000)
             database.connect_params["tcp_user_timeout"] = lease_ms
-            timeout = f"-c idle_in_transaction_session_timeout={lease_ms}"
-            options = database.connect_params.get("options")
-            database.connect_params["options"] = f"{options} {timeout}" if options else timeout
+            options.append(f"-c idle_in_transaction_session_timeout={lease_ms}")
+        if custom_plans:
+            options.append("-c plan_cache_mode=force_custom_plan")
+        if options:
+            given = database.connect_params.get("options")
+            database.connect_params["options"] = " ".join(([given] if given else []) + options)
     db.initialize(database)
     return database
 

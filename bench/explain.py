@@ -66,13 +66,23 @@ def claim_and_report(db_url):
             [s for s in report_sql if not _is_savepoint(s[0])])
 
 
+def _is_prepare(statement):
+    return re.match(r"\s*PREPARE\b", statement[0]) is not None
+
+
 def explain(db_url, statements):
-    """EXPLAIN (ANALYZE, BUFFERS) each statement in order, in one rolled-back transaction."""
+    """EXPLAIN (ANALYZE, BUFFERS) each statement in order, in one rolled-back transaction.
+    The core prepares its hot statements (models.execute): a PREPARE is replayed as it is,
+    and an EXECUTE is planned as a worker's session plans it (custom plans)."""
     conn = common.pg_connect(db_url, autocommit=False)
     plans = []
     try:
         with conn.cursor() as cur:
+            cur.execute("SET plan_cache_mode = force_custom_plan")  # as the workers plan
             for sql, params in statements:
+                if _is_prepare((sql, params)):
+                    cur.execute(sql, params)
+                    continue
                 cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, params)
                 plans.append((sql, [row[0] for row in cur.fetchall()]))
     finally:
@@ -104,11 +114,14 @@ def analyse(db_url):
     if not claim_sql:
         return {"error": "jobs.claim sent no statement"}
     plans = explain(db_url, claim_sql + report_sql)
-    claim_plans, report_plans = plans[:len(claim_sql)], plans[len(claim_sql):]
+    claimed = len([s for s in claim_sql if not _is_prepare(s)])
+    reported = len([s for s in report_sql if not _is_prepare(s)])
+    claim_plans, report_plans = plans[:claimed], plans[claimed:]
     claim_update = claim_plans[0]
     return {
-        "claim_statements": len(claim_sql), "report_statements": len(report_sql),
-        "round_trips_per_job": len(claim_sql) + len(report_sql),  # at most: batches share them
+        # A PREPARE is sent once per connection, not per job: not counted.
+        "claim_statements": claimed, "report_statements": reported,
+        "round_trips_per_job": claimed + reported,  # at most: batches share them
         "claim_uses": index_verdict(claim_update[1]),
         "claim_ms": [execution_ms(p) for _, p in claim_plans],
         "claim_planning_ms": [execution_ms(p, "Planning") for _, p in claim_plans],
