@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -26,7 +26,7 @@ import handlers
 import metrics
 from config import settings
 import models
-from models import Attempt, Job, Step, Worker, db, is_postgres, loaded, now
+from models import Attempt, Job, Step, Worker, db, is_postgres, now
 
 PENDING = ("available", "scheduled", "retryable")
 FINAL = ("succeeded", "dead", "cancelled")
@@ -224,12 +224,18 @@ def validate_submission(body, idempotency_key=None):
 # type and each of its properties fits; a value found valid once (hashable: not an object or
 # a list) need not be checked again, and a batch repeats its types and queues.
 
+_UNREMEMBERED = (dict, list)  # a payload, a backoff: not hashable, checked every time
+
+
 def _proven(item):
     """Whether this (property, value) was found valid before."""
     name, value = item
+    kind = value.__class__  # True == 1 and 1.0 == 1, but they are not equally valid
+    if kind in _UNREMEMBERED:
+        return False
     try:
-        return (name, value.__class__, value) in _valid_values  # class: True == 1, 1.0 == 1
-    except TypeError:
+        return (name, kind, value) in _valid_values
+    except TypeError:  # not from JSON (a tuple holding a list, say): invalid, said later
         return False
 
 
@@ -239,14 +245,11 @@ def _fits_schema(unproven):
         check = _property_checks.get(name)
         if check is None or not check(value):
             return False  # additionalProperties, or an invalid value
-        try:
-            seen = (name, value.__class__, value)
-            hash(seen)
-        except TypeError:
+        if value.__class__ in _UNREMEMBERED:
             continue
         if len(_valid_values) >= _MAX_VALID_VALUES:
             _valid_values.clear()
-        _valid_values[seen] = True
+        _valid_values[(name, value.__class__, value)] = True
     return True
 
 
@@ -265,8 +268,13 @@ def db_time():
     return time.time()
 
 
+# A job as enqueue answers it: the value of each column of `jobs`, as stored. (Model
+# instances cost more to make and to read than the rest of a batch's answer.)
+StoredJob = namedtuple("StoredJob", Job._meta.sorted_field_names)
+
+
 def enqueue(new_jobs, api_key_id=None):
-    """Insert jobs in one statement; return [(job, created)] in the order given.
+    """Insert jobs in one statement; return [(StoredJob, created)] in the order given.
 
     A job with an idempotency key that this API key already used returns the existing
     job (created=False) when the request matches, and raises Conflict when it differs;
@@ -394,7 +402,7 @@ def _stored(new_jobs, inserted, api_key_id):
                 raise Conflict("the job could not be stored; try again")
             if job.request_hash != new_jobs[index].request_hash:
                 conflicts.append(index)
-            stored[index] = (job, False)
+            stored[index] = (StoredJob(**job.__data__), False)
         if conflicts:
             raise Conflict("an idempotency key was already used for a different job",
                            [f"{i}: idempotency key {new_jobs[i].idempotency_key!r} was used "
@@ -403,14 +411,14 @@ def _stored(new_jobs, inserted, api_key_id):
 
 
 def _new_job(new, row, api_key_id):
-    """The Job as stored, from what was sent and what the insert returned (no read-back)."""
+    """The job as stored, from what was sent and what the insert returned (no read-back)."""
     job_id, key, status, run_at, created_at = row
-    return loaded(Job, {
-        **_UNSET, "id": job_id, "type": new.type, "queue": new.queue, "payload": new.payload,
-        "priority": new.priority, "run_at": run_at, "max_attempts": new.max_attempts,
-        "timeout_s": new.timeout_s, "backoff_base_s": new.backoff_base_s,
-        "backoff_max_s": new.backoff_max_s, "status": status, "idempotency_key": key,
-        "request_hash": new.request_hash, "api_key_id": api_key_id, "created_at": created_at})
+    return StoredJob(
+        **_UNSET, id=job_id, type=new.type, queue=new.queue, payload=new.payload,
+        priority=new.priority, run_at=run_at, max_attempts=new.max_attempts,
+        timeout_s=new.timeout_s, backoff_base_s=new.backoff_base_s,
+        backoff_max_s=new.backoff_max_s, status=status, idempotency_key=key,
+        request_hash=new.request_hash, api_key_id=api_key_id, created_at=created_at)
 
 
 # ---------------------------------------------------------------------------- the worker's step

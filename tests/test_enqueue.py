@@ -89,7 +89,7 @@ def test_what_enqueue_answers_is_what_it_stored(conveyor):
     assert stored[3][0].id == stored[2][0].id
     for job, _ in stored:
         read = jobs.get_job(job.id)
-        assert job.__data__ == read.__data__
+        assert job._asdict() == read.__data__
         assert documents.job(job) == documents.job(read)
     assert [job.status for job, _ in stored] == ["available", "scheduled", "available",
                                                  "available", "available"]
