@@ -2,7 +2,7 @@
 
 Views parse the request, call the core and serialise. Who may call a view is declared on
 it with `@access(...)` (admin-only unless it says otherwise) and enforced by one
-before-request hook, followed by the per-key rate limit (flask-limiter). Every error
+before-request hook, which also counts the rate limits (app.RateLimits). Every error
 becomes an RFC 9457 problem+json response in one place; no input reaches SQL except as a
 bound parameter.
 """
@@ -12,13 +12,14 @@ import logging
 import math
 import re
 import time
+from functools import lru_cache
 
 from flask import Flask, Response, g, request
-from flask_limiter import Limiter
-from flask_limiter.errors import RateLimitExceeded
 from jsonschema import Draft202012Validator
 from limits import parse_many
 from limits.errors import ConfigurationError
+from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import IntegerConverter
 
@@ -223,29 +224,17 @@ def create_app():
         boot.start()
     except (ConfigError, HandlerError) as exc:
         fail_fast(exc)
-    logging.getLogger("flask-limiter").setLevel(logging.WARNING)  # not a line per 429
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings().max_request_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.url_map.converters["job_id"] = JobIdConverter
-    limiter = Limiter(
-        key_func=lambda: f"key:{g.api_key.key_hash[:32]}",  # unique across deployments
-        application_limits=[current_rate_limit],
-        application_limits_exempt_when=lambda: "api_key" not in g,
-        storage_uri=settings().ratelimit_storage_uri,
-        strategy="fixed-window",
-        headers_enabled=True,
-        retry_after="delta-seconds",
-        swallow_errors=True,  # a storage outage falls back to memory, never fails a request
-        in_memory_fallback_enabled=True,
-    )
-    _register_errors(app)
-    _register_access(app, limiter)
     try:
-        limiter.init_app(app)  # after the access hook: limits are per key, so it comes first
+        storage = storage_from_string(settings().ratelimit_storage_uri)
     except ConfigurationError as exc:
         fail_fast(ConfigError(f"RATELIMIT_STORAGE_URI {settings().ratelimit_storage_uri!r} "
                               f"is not usable: {exc}"))
+    _register_errors(app)
+    _register_access(app, FixedWindowRateLimiter(storage))
     _register_routes(app)
     cli.register(app)
     # Counts reach the database from a thread in each gunicorn worker (gunicorn.conf.py)
@@ -254,44 +243,74 @@ def create_app():
     return app
 
 
-def current_rate_limit():
-    key = g.get("api_key")
-    return (key.rate_limit if key is not None else None) or settings().rate_limit
+class RateLimits:
+    """The two limits of SPEC §6, counted with a fixed window in RATELIMIT_STORAGE_URI by
+    flask-limiter's storage layer (the `limits` package):
+    - RATE_LIMIT per API key (a key's own rate limit overrides it), over every route;
+    - AUTH_FAIL_LIMIT failed authentications per client address: 401 until the limit is
+      reached, then 429 for every request with a key from that address until the window
+      ends, so that a correct guess cannot get through either.
+    The access hook applies them itself: flask-limiter's request hooks, which resolve and
+    evaluate limits in general, cost more than the rest of a submission (bench/RESULTS.md).
+    A storage that cannot be reached lets requests through, with a warning."""
 
+    KEY, FAILED_AUTH = "key", "auth-fail"
+    WARN_EVERY_S = 10
 
-class FailedAuthLimit:
-    """AUTH_FAIL_LIMIT per client address. Failures answer 401 until the limit is reached,
-    then every request with a key from that address answers 429 until the window ends,
-    so a correct guess cannot get through either."""
+    def __init__(self, strategy, failed_auth_limit):
+        self.strategy = strategy
+        self.failed_auth = parse_many(failed_auth_limit)
+        self.parsed = lru_cache(maxsize=256)(parse_many)
+        self.warned_at = -math.inf
 
-    SCOPE = "auth-fail"
+    def check_failed_auth(self, address):
+        for item in self.failed_auth:
+            if not self._counted(self.strategy.test, item, self.FAILED_AUTH, address):
+                self._refuse(item, self.FAILED_AUTH, address, "failed_authentication",
+                             f"too many failed authentications from {address} (limit {item})")
 
-    def __init__(self, limiter, limit):
-        self.limiter = limiter
-        self.items = parse_many(limit)
+    def record_failed_auth(self, address):
+        for item in self.failed_auth:
+            self._counted(self.strategy.hit, item, self.FAILED_AUTH, address)
 
-    def check(self, address):
+    def hit_key(self, key):
+        """Count one request of this key: the X-RateLimit-* headers for its response, or
+        ApiError 429 once it is over its limit."""
+        identity = key.key_hash[:32]  # unique across deployments sharing a storage
+        headers = {}
+        for item in self.parsed(key.rate_limit or settings().rate_limit):
+            if not self._counted(self.strategy.hit, item, self.KEY, identity):
+                self._refuse(item, self.KEY, identity, "api_key",
+                             f"this API key is over its rate limit of {item}")
+            stats = self._counted(self.strategy.get_window_stats, item, self.KEY, identity)
+            if stats is not True and (not headers or
+                                      stats.remaining < int(headers["X-RateLimit-Remaining"])):
+                headers = self._headers(item, stats)
+        return headers
+
+    def _refuse(self, item, scope, identity, name, detail):
+        metrics.count("conveyor_rate_limited", limit=name)
+        stats = self.strategy.get_window_stats(item, scope, identity)
+        wait = max(1, math.ceil(stats.reset_time - time.time()))
+        raise ApiError(429, "Too many requests", f"{detail}; retry in {wait}s",
+                       {**self._headers(item, stats), "Retry-After": str(wait)})
+
+    @staticmethod
+    def _headers(item, stats):
+        return {"X-RateLimit-Limit": str(item.amount),
+                "X-RateLimit-Remaining": str(stats.remaining),
+                "X-RateLimit-Reset": str(int(stats.reset_time))}
+
+    def _counted(self, call, *args):
+        """call(*args) on the storage; True (let it through) when the storage fails."""
         try:
-            for item in self.items:
-                if not self.limiter.limiter.test(item, self.SCOPE, address):
-                    metrics.count("conveyor_rate_limited", limit="failed_authentication")
-                    reset = self.limiter.limiter.get_window_stats(item, self.SCOPE, address)[0]
-                    wait = max(1, math.ceil(reset - time.time()))
-                    raise ApiError(429, "Too many requests",
-                                   f"too many failed authentications from {address} "
-                                   f"(limit {item}); retry in {wait}s",
-                                   {"Retry-After": str(wait)})
-        except ApiError:
-            raise
-        except Exception as exc:  # the limit storage is down: authenticate without it
-            log.warning("failed-authentication limit unavailable: %s", exc)
-
-    def record(self, address):
-        try:
-            for item in self.items:
-                self.limiter.limiter.hit(item, self.SCOPE, address)
+            return call(*args)
         except Exception as exc:
-            log.warning("failed-authentication limit unavailable: %s", exc)
+            now = time.monotonic()
+            if now - self.warned_at >= self.WARN_EVERY_S:
+                self.warned_at = now
+                log.warning("rate limit storage unavailable, requests go unlimited: %s", exc)
+            return True
 
 
 def presented_key():
@@ -302,8 +321,8 @@ def presented_key():
     return request.headers.get("X-API-Key", "").strip() or None
 
 
-def _register_access(app, limiter):
-    failures = FailedAuthLimit(limiter, settings().auth_fail_limit)
+def _register_access(app, strategy):
+    limits = RateLimits(strategy, settings().auth_fail_limit)
 
     @app.before_request
     def authorize():
@@ -313,11 +332,11 @@ def _register_access(app, limiter):
         if level == PUBLIC:
             return
         address = request.remote_addr or "unknown"
-        failures.check(address)
+        limits.check_failed_auth(address)
         secret = presented_key()
         key = auth.verify(secret) if secret else None
         if key is None:
-            failures.record(address)
+            limits.record_failed_auth(address)
             detail = ("the API key is unknown or revoked" if secret else
                       "send an API key: Authorization: Bearer <key>, or X-API-Key: <key>")
             raise ApiError(401, "Unauthorized", detail,
@@ -326,16 +345,11 @@ def _register_access(app, limiter):
         if level == ADMIN and key.role != "admin":
             raise ApiError(403, "Forbidden", f"{request.method} {request.path} needs an "
                                              f"admin key; {key.name!r} is a submit key")
+        g.rate_limit_headers = limits.hit_key(key)
 
     @app.after_request
-    def retry_after_only_when_refused(response):
-        # flask-limiter sends Retry-After with every response, rounded down (0 within the
-        # last second of a window); it means something only on a refusal, and then at
-        # least 1. (Registered before the limiter, so it runs after the limiter's hook.)
-        if response.status_code not in (429, 503):
-            response.headers.pop("Retry-After", None)
-        elif response.headers.get("Retry-After") == "0":
-            response.headers["Retry-After"] = "1"
+    def rate_limit_headers(response):
+        response.headers.update(g.get("rate_limit_headers", ()))
         return response
 
 
@@ -347,13 +361,6 @@ def _register_errors(app):
     @app.errorhandler(jobs.JobError)
     def job_error(exc):
         return problem(exc.status, exc.title, exc.detail, errors=exc.errors)
-
-    @app.errorhandler(RateLimitExceeded)
-    def rate_limited(exc):
-        # Retry-After and the X-RateLimit-* headers are added by flask-limiter.
-        metrics.count("conveyor_rate_limited", limit="api_key")
-        return problem(429, "Too many requests",
-                       f"this API key is over its rate limit of {exc.limit.limit}")
 
     @app.errorhandler(HTTPException)
     def http_error(exc):

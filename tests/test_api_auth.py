@@ -6,6 +6,7 @@ soon as it is described (and test_api_openapi.py makes sure it is).
 import hashlib
 import json
 import re
+import time
 
 import pytest
 
@@ -155,6 +156,7 @@ def test_a_key_over_its_rate_limit_gets_429_with_retry_after(api_with):
         response = api.call("GET", path, key)
         assert response.status_code == 200
         assert response.headers["X-RateLimit-Limit"] == "3"
+        assert time.time() < int(response.headers["X-RateLimit-Reset"]) + 1 <= time.time() + 62
         assert "Retry-After" not in response.headers
         remaining.append(int(response.headers["X-RateLimit-Remaining"]))
     assert remaining == [2, 1, 0]
