@@ -4,6 +4,7 @@ One database for every process, chosen by DATABASE_URL: SQLite (WAL, busy timeou
 default, PostgreSQL for production. Times are stored as UTC epoch seconds (float) and
 read from the database's clock (`now()`), so hosts with skewed clocks agree on leases.
 """
+import hashlib
 import itertools
 import json
 import math
@@ -70,8 +71,13 @@ class PreparingConnection(psycopg2.extensions.connection):
         self.prepared = {}  # SQL text -> the name of its prepared statement
 
 
-_statement_numbers = itertools.count(1)
 _PLACEHOLDER = re.compile(r"%(s|%)")
+
+
+def statement_name(sql):
+    """The name under which execute() prepares sql: the same in every process, so that
+    pg_prepared_statements, logs and the fault tests can tell which statement runs."""
+    return "conveyor_" + hashlib.sha1(sql.encode()).hexdigest()[:16]
 
 
 def execute(sql, params=()):
@@ -85,7 +91,7 @@ def execute(sql, params=()):
     connection = db.connection()
     name = connection.prepared.get(sql)
     if name is None:
-        name = f"conveyor_{next(_statement_numbers)}"
+        name = statement_name(sql)
         numbers = itertools.count(1)
         body = _PLACEHOLDER.sub(lambda m: f"${next(numbers)}" if m[1] == "s" else m[0], sql)
         db.execute_sql(f"PREPARE {name} AS {body}", ())

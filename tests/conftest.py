@@ -204,7 +204,22 @@ class SupervisorProcess(ProcessGroup):
         super().__init__(args, env, log_path)
 
     def worker_pids(self):
-        return self.children()
+        """The supervisor's forked workers: children running its own command line (not a
+        short-lived helper such as the `file` croniter's import runs through `platform`)."""
+        try:
+            supervisor = psutil.Process(self.pid)
+            command = supervisor.cmdline()
+            children = supervisor.children()
+        except psutil.Error:
+            return []
+        pids = []
+        for child in children:
+            try:
+                if child.cmdline() == command:
+                    pids.append(child.pid)
+            except psutil.Error:  # gone meanwhile
+                pass
+        return pids
 
     def wait_for_workers(self, count, timeout=20.0):
         return wait_for(lambda: len(self.worker_pids()) >= count and self.worker_pids(),

@@ -7,6 +7,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+import jobs
+import models
 from checks import (SHORT_LEASE, alive, assert_audit_clean, effect_seen, gate_path,
                     release, running_attempt)
 from conftest import side_effects, wait_for
@@ -94,8 +96,9 @@ def test_claim_answered_after_its_lease_expired_does_not_run_the_job(pg_conveyor
     # claims all the time (finding nothing); the first claim the server gets after the job
     # is stored is the one that takes it.
     stored = threading.Event()
+    claim = models.statement_name(jobs._pg_step_sql(0, True, False)).encode()  # prepared
     proxy.cut_after(lambda message, previous: stored.is_set() and message.startswith(b"Q")
-                    and b"FOR UPDATE SKIP LOCKED" in message and b"INSERT INTO attempts" in message)
+                    and b"EXECUTE " + claim in message)
     job_id = pg_conveyor.submit("t.noop", {"log": effects_log})
     stored.set()
     wait_for(lambda: proxy.partitioned, message="the cut after a claim")
@@ -149,5 +152,6 @@ def test_reaper_passes_over_a_job_locked_by_a_cut_off_session(pg_conveyor):
         assert reaped == [[]] and pg_conveyor.job(job_id).status == "running"
     finally:
         cut_off.close()  # the server ends the session (the lease-long idle timeout, in life)
-    [taken] = jobs.reap_expired(lease_s=0.1)
+    # The server ends that session, and lets go of the row, a moment after the close.
+    [taken] = wait_for(lambda: jobs.reap_expired(lease_s=0.1), message="the job to be reaped")
     assert taken.id == job_id and pg_conveyor.job(job_id).status in ("retryable", "available")
