@@ -55,7 +55,7 @@ def open_database(url, lease_s=None, custom_plans=False):
             database.connect_params["tcp_user_timeout"] = lease_ms
             options.append(f"-c idle_in_transaction_session_timeout={lease_ms}")
         if custom_plans:
-            options.append("-c plan_cache_mode=force_custom_plan -c enable_seqscan=off")
+            options.append("-c plan_cache_mode=force_custom_plan")
         if options:
             given = database.connect_params.get("options")
             database.connect_params["options"] = " ".join(([given] if given else []) + options)
