@@ -7,6 +7,7 @@ read from the database's clock (`now()`), so hosts with skewed clocks agree on l
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from playhouse.db_url import connect as connect_url
 from config import ConfigError
 
 db = pw.DatabaseProxy()
+log = logging.getLogger("conveyor.db")
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 
@@ -80,24 +82,46 @@ def statement_name(sql):
     return "conveyor_" + hashlib.sha1(sql.encode()).hexdigest()[:16]
 
 
+# The server-side errors of a connection that does not keep its prepared statements: one
+# whose transactions each go to another server session (a transaction-pooling pgbouncer).
+_LOST_STATEMENT = {"26000", "42P05"}  # invalid_sql_statement_name, duplicate_prepared_statement
+_preparing = True
+
+
 def execute(sql, params=()):
     """db.execute_sql for the statements run on every job or request. On PostgreSQL the
     statement is prepared once per connection (PREPARE, which outlives transactions) and
-    then only EXECUTEd, so the server does not plan it again on each call: planning cost
-    as much as running the statements that submit and claim jobs. `sql` takes %s
-    placeholders, as execute_sql does."""
-    if not is_postgres():
+    then only EXECUTEd, so the server does not parse and plan it again on each call:
+    that cost as much as running the statements that submit and claim jobs. `sql` takes
+    %s placeholders, as execute_sql does.
+
+    Behind a pooler that hands each transaction to another server session, a statement
+    prepared in one is unknown in the next (or already known, prepared by another
+    client): then this process stops preparing, says so once, and runs the statement
+    again as it is, unless a transaction was open (its caller sees the error)."""
+    global _preparing
+    if not _preparing or not is_postgres():
         return db.execute_sql(sql, params)
     connection = db.connection()
-    name = connection.prepared.get(sql)
-    if name is None:
-        name = statement_name(sql)
-        numbers = itertools.count(1)
-        body = _PLACEHOLDER.sub(lambda m: f"${next(numbers)}" if m[1] == "s" else m[0], sql)
-        db.execute_sql(f"PREPARE {name} AS {body}", ())
-        connection.prepared[sql] = name
-    arguments = f"({', '.join(['%s'] * len(params))})" if params else ""
-    return db.execute_sql(f"EXECUTE {name}{arguments}", params)
+    try:
+        name = connection.prepared.get(sql)
+        if name is None:
+            name = statement_name(sql)
+            numbers = itertools.count(1)
+            body = _PLACEHOLDER.sub(lambda m: f"${next(numbers)}" if m[1] == "s" else m[0], sql)
+            db.execute_sql(f"PREPARE {name} AS {body}", ())
+            connection.prepared[sql] = name
+        arguments = f"({', '.join(['%s'] * len(params))})" if params else ""
+        return db.execute_sql(f"EXECUTE {name}{arguments}", params)
+    except DB_ERRORS as exc:
+        if getattr(exc.__context__, "pgcode", None) not in _LOST_STATEMENT:
+            raise
+        _preparing = False
+        log.warning("the database session does not keep prepared statements (a pooler in "
+                    "transaction mode?): running statements unprepared from now on")
+        if db.in_transaction():
+            raise
+        return db.execute_sql(sql, params)
 
 
 def is_postgres():

@@ -180,3 +180,31 @@ def test_prepared_statements_outlive_a_rollback_and_are_made_again_on_a_new_conn
     worker = jobs.WorkerInfo(id="w-prepared", supervisor_id="s", host="h", pid=1)
     claimed = jobs.claim(worker, limit=10)
     assert [job.id for job in claimed] == [first.id, second.id, third.id]
+
+
+@pytest.mark.postgres
+def test_statements_run_unprepared_once_the_session_forgets_them(pg_conveyor, monkeypatch):
+    """Behind a transaction-pooling pgbouncer each transaction may go to another server
+    session, where the statement this connection prepared is unknown: submission and
+    claims go on, unprepared from then on (here the session forgets them itself)."""
+    monkeypatch.setattr(models, "_preparing", True)
+    [(first, _)] = jobs.enqueue([submission()])
+    models.db.execute_sql("DEALLOCATE ALL")
+    [(second, _)] = jobs.enqueue([submission()])
+    assert not models._preparing
+    worker = jobs.WorkerInfo(id="w-unprepared", supervisor_id="s", host="h", pid=1)
+    assert [job.id for job in jobs.claim(worker, limit=5)] == [first.id, second.id]
+
+
+@pytest.mark.postgres
+def test_statements_run_unprepared_when_the_session_has_another_clients(pg_conveyor,
+                                                                        monkeypatch):
+    """...or the other session already holds a statement of that name, prepared there by
+    another client of the pool: the claim still takes its job."""
+    monkeypatch.setattr(models, "_preparing", True)
+    [(job, _)] = jobs.enqueue([submission()])
+    claim_sql = jobs._pg_step_sql(0, True, False)
+    models.db.execute_sql(f"PREPARE {models.statement_name(claim_sql)} AS SELECT 1")
+    worker = jobs.WorkerInfo(id="w-unprepared", supervisor_id="s", host="h", pid=1)
+    assert [claimed.id for claimed in jobs.claim(worker)] == [job.id]
+    assert not models._preparing
