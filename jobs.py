@@ -692,7 +692,9 @@ def _step_sqlite(worker, rows, limit):
 
 
 def _any_due(queues):
-    query = Job.select(Job.id).where(_PENDING, Job.run_at <= now())
+    """Whether _step_sqlite would find a job to claim: by its clock, time.time() (SQLite's
+    own 'now' is cut to the millisecond, so a job stored due could look not due yet)."""
+    query = Job.select(Job.id).where(_PENDING, Job.run_at <= time.time())
     if queues:
         query = query.where(Job.queue.in_(queues))
     return query.exists()

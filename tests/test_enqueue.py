@@ -208,3 +208,13 @@ def test_statements_run_unprepared_when_the_session_has_another_clients(pg_conve
     worker = jobs.WorkerInfo(id="w-unprepared", supervisor_id="s", host="h", pid=1)
     assert [claimed.id for claimed in jobs.claim(worker)] == [job.id]
     assert not models._preparing
+
+
+def test_a_job_due_now_can_be_claimed_at_once(conveyor):
+    """A job stored due now is claimed by the very next claim. (SQLite's own 'now' runs up
+    to a millisecond behind the clock a job's run_at is stored with: a check on it found
+    no job due yet.)"""
+    worker = jobs.WorkerInfo(id="w-at-once", supervisor_id="s", host="h", pid=1)
+    for _ in range(20):
+        [(job, _)] = jobs.enqueue([submission()])
+        assert [claimed.id for claimed in jobs.claim(worker)] == [job.id]
