@@ -553,7 +553,7 @@ def _finish_assignments(value, column, now_sql):
         dead_reason = CASE WHEN {cancelled} THEN NULL ELSE {value('dead_reason')} END,
         run_at = CASE WHEN {value('delay_s')} IS NULL THEN {column('run_at')}
                       ELSE {ended} + {value('delay_s')} END,
-        finished_at = CASE WHEN {cancelled} OR {status} IN ('succeeded', 'dead')
+        finished_at = CASE WHEN {cancelled} OR {status} IN ('succeeded', 'dead', 'cancelled')
                            THEN {ended} END,
         lease_owner = NULL, heartbeat_at = NULL"""
 
@@ -800,7 +800,7 @@ def end_attempts(worker_id, outcome, job_id=None):
     ended = []
     for job in query:
         with db.atomic():
-            finished = _finish(job, outcome, _holds(job))
+            finished = _finish(job, outcome)
         if finished is not None:
             _announce(finished)
             ended.append(job)
@@ -817,14 +817,8 @@ def reap_expired(lease_s, limit=100):
                       error_message=f"no heartbeat for over {lease_s:g}s: worker or host lost")
     reaped = []
     for job in stale:
-        guard = _holds(job) & (Job.heartbeat_at < now() - lease_s)
-        if is_postgres():
-            # A row another session holds locked (one cut off or stalled mid-transaction,
-            # until the server ends it) waits for a later round instead of stalling us.
-            guard &= Job.id.in_(Job.select(Job.id).where(Job.id == job.id)
-                                .for_update("FOR UPDATE SKIP LOCKED"))
         with db.atomic():
-            finished = _finish(job, outcome, guard)
+            finished = _finish(job, outcome, stale_after_s=lease_s)
         if finished is not None:
             metrics.count("conveyor_attempts_reaped", type=job.type, queue=job.queue)
             _announce(finished, event="reaped")
@@ -843,26 +837,30 @@ class Finished:
     duration_s: Optional[float]
 
 
-def _finish(job, outcome, guard):
-    """Apply the retry policy to a running job under guard; None if another process owns
-    the job now, else what was done (to announce once the transaction commits)."""
-    move = next_transition(job, outcome)
-    changes = {"status": move.status, "lease_owner": None, "heartbeat_at": None,
-               "finished_at": now() if move.status in FINAL else None}
-    if move.status == "succeeded":
-        changes["result"] = outcome.result
-    else:
-        # A cancellation requested while the attempt ran wins over a retry or dead letter.
-        requested = Job.cancel_requested_at.is_null(False)
-        changes["status"] = pw.Case(None, [(requested, "cancelled")], move.status)
-        changes["finished_at"] = pw.Case(None, [(requested, now())], changes["finished_at"])
-        changes["dead_reason"] = pw.Case(None, [(requested, None)], move.dead_reason)
-    if outcome.error is not None:
-        changes["last_error"] = outcome.error
-    if move.delay_s is not None:
-        changes["run_at"] = now() + move.delay_s
-    moved = list(Job.update(**changes).where(guard)
-                 .returning(Job.status, Job.dead_reason).execute())
+def _finish(job, outcome, stale_after_s=None):
+    """Apply the retry policy to a job still running this attempt under this lease (and,
+    with stale_after_s, whose heartbeat is older than that); None if another process owns
+    the job now, else what was done (to announce once the transaction commits). The job
+    moves by the same SET clauses as a worker's report."""
+    values = {**_reported(Report(job, outcome)), "stale_after_s": stale_after_s}
+    kinds = dict(_REPORTED_TYPES)
+
+    def named(name):  # a named parameter, in the driver's style
+        return f"%({name})s" if is_postgres() else f":{name}"
+
+    clock = now().sql
+    assignments = _finish_assignments(lambda name: f"CAST({named(name)} AS {kinds[name]})",
+                                      str, clock)
+    sql = (f"UPDATE jobs SET {assignments} WHERE id = {named('id')} AND status = 'running' "
+           f"AND attempt = {named('attempt')} AND lease_owner = {named('lease_owner')}")
+    if stale_after_s is not None:
+        # The guard re-checks staleness, so a heartbeat that lands first wins.
+        sql += f" AND heartbeat_at < {clock} - {named('stale_after_s')}"
+        if is_postgres():
+            # A row another session holds locked (one cut off or stalled mid-transaction,
+            # until the server ends it) waits for a later round instead of stalling us.
+            sql += f" AND id IN (SELECT id FROM jobs WHERE id = {named('id')} FOR UPDATE SKIP LOCKED)"
+    moved = db.execute_sql(sql + " RETURNING status, dead_reason", values).fetchall()
     if not moved:
         return None
     ended = list(Attempt.update(status=outcome.status, finished_at=now(),
@@ -873,8 +871,8 @@ def _finish(job, outcome, guard):
                         Attempt.status == "running")
                  .returning(Attempt.started_at, Attempt.finished_at).execute())
     duration = ended[0].finished_at - ended[0].started_at if ended else None
-    return Finished(job, outcome, moved[0].status, moved[0].dead_reason, move.delay_s,
-                    duration)
+    [(status, dead_reason)] = moved
+    return Finished(job, outcome, status, dead_reason, values["delay_s"], duration)
 
 
 def _announce(finished, event=None):

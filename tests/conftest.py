@@ -205,7 +205,7 @@ class SupervisorProcess(ProcessGroup):
 
     def worker_pids(self):
         """The supervisor's forked workers: children running its own command line (not a
-        short-lived helper such as the `file` croniter's import runs through `platform`)."""
+        helper such as the `file` that croniter's import runs through `platform`)."""
         try:
             supervisor = psutil.Process(self.pid)
             command = supervisor.cmdline()
@@ -222,8 +222,19 @@ class SupervisorProcess(ProcessGroup):
         return pids
 
     def wait_for_workers(self, count, timeout=20.0):
-        return wait_for(lambda: len(self.worker_pids()) >= count and self.worker_pids(),
-                        timeout, message=f"{count} workers of supervisor {self.pid}")
+        """The pids of at least `count` workers, once each has registered in the database:
+        a helper child is forked with the supervisor's command line too, until it execs."""
+        from models import Worker
+
+        def registered():
+            pids = self.worker_pids()
+            if len(pids) < count:
+                return None
+            known = {w.pid for w in Worker.select(Worker.pid).where(Worker.pid.in_(pids))}
+            ready = [pid for pid in pids if pid in known]
+            return len(ready) >= count and ready
+
+        return wait_for(registered, timeout, message=f"{count} workers of supervisor {self.pid}")
 
     def kill_host(self):
         """kill -9 the supervisor and every worker it forked, at once."""

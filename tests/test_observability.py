@@ -56,7 +56,10 @@ def test_metrics_sum_every_web_and_worker_process(conveyor, gunicorn, tmp_path):
                      queue="risky") == 4 and sum(
             v for (name, _), v in samples.items()
             if name == "conveyor_attempt_duration_seconds_count") == len(attempts)
-        return done and samples
+        # The web processes flush their counts on their own clock, the workers on theirs.
+        submitted = sum(v for (name, _), v in samples.items()
+                        if name == "conveyor_jobs_submitted_total")
+        return done and submitted == len(bodies) and samples
     samples = wait_for(settled, timeout=20, interval=0.2, message="the counts to be flushed")
 
     assert value(samples, "conveyor_jobs_submitted_total", type="t.noop", queue="default") == 12
