@@ -277,16 +277,15 @@ class RateLimits:
         """Count one request of this key: the X-RateLimit-* headers for its response, or
         ApiError 429 once it is over its limit."""
         identity = key.key_hash[:32]  # unique across deployments sharing a storage
-        headers = {}
+        tightest = None  # (remaining, item, stats) of the limit closest to refusing
         for item in self.parsed(key.rate_limit or settings().rate_limit):
             if not self._counted(self.strategy.hit, item, self.KEY, identity):
                 self._refuse(item, self.KEY, identity, "api_key",
                              f"this API key is over its rate limit of {item}")
             stats = self._counted(self.strategy.get_window_stats, item, self.KEY, identity)
-            if stats is not True and (not headers or
-                                      stats.remaining < int(headers["X-RateLimit-Remaining"])):
-                headers = self._headers(item, stats)
-        return headers
+            if stats is not True and (tightest is None or stats.remaining < tightest[0]):
+                tightest = (stats.remaining, item, stats)
+        return {} if tightest is None else self._headers(*tightest[1:])
 
     def _refuse(self, item, scope, identity, name, detail):
         metrics.count("conveyor_rate_limited", limit=name)

@@ -128,6 +128,7 @@ class NewJob(NamedTuple):
     """A validated submission with every default resolved (the job's effective values)."""
     type: str
     payload: dict
+    payload_json: str  # the payload as stored (compact JSON), encoded once when checked
     queue: str
     priority: int
     run_at: Optional[float]
@@ -138,7 +139,6 @@ class NewJob(NamedTuple):
     backoff_max_s: float
     idempotency_key: Optional[str] = None
     request_hash: Optional[str] = None
-    payload_json: Optional[str] = None  # the payload as stored (compact JSON)
 
 
 def parse_time(text, name="run_at"):
@@ -350,7 +350,7 @@ def _insert_postgres(new_jobs, api_key_id, keyed):
     """Insert on PostgreSQL; returns (id, idempotency_key, status, run_at, created_at) of
     each row stored, by id (the order given)."""
     given = _compact_json.encode([
-        (new.type, new.queue, _payload_json(new), new.priority, new.run_at, new.delay_s,
+        (new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
          new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
          new.idempotency_key, new.request_hash) for new in new_jobs])
     cursor = models.execute(_PG_INSERT[keyed], (given, api_key_id, NOTIFY_CHANNEL))
@@ -363,7 +363,7 @@ def _insert_sqlite(new_jobs, api_key_id, keyed):
     values = []
     for new in new_jobs:
         run_at = new.run_at if new.run_at is not None else current + new.delay_s
-        values += (new.type, new.queue, _payload_json(new), new.priority, run_at,
+        values += (new.type, new.queue, new.payload_json, new.priority, run_at,
                    "scheduled" if run_at > current else "available", new.max_attempts,
                    new.timeout_s, new.backoff_base_s, new.backoff_max_s, new.idempotency_key,
                    new.request_hash, api_key_id, current)
@@ -372,11 +372,6 @@ def _insert_sqlite(new_jobs, api_key_id, keyed):
         f"INSERT INTO jobs ({', '.join(_INSERTED)}) VALUES {', '.join([row] * len(new_jobs))} "
         f"{'ON CONFLICT DO NOTHING' if keyed else ''} RETURNING {_RETURNED}", values)
     return sorted(cursor.fetchall())
-
-
-def _payload_json(new):
-    return new.payload_json if new.payload_json is not None else \
-        json.dumps(new.payload, separators=(",", ":"))
 
 
 def _stored(new_jobs, inserted, api_key_id):
@@ -425,7 +420,7 @@ def _new_job(new, row, api_key_id):
 
 # Literal, not bound: SQLite uses a partial index only when the query's condition spells out
 # the index's own predicate.
-PENDING_SQL = "status IN ('available', 'scheduled', 'retryable')"
+PENDING_SQL = "status IN (%s)" % ", ".join(f"'{status}'" for status in PENDING)
 _PENDING = pw.SQL(PENDING_SQL)
 
 
@@ -538,6 +533,7 @@ _REPORTED_TYPES = (("id", "bigint"), ("attempt", "int"), ("lease_owner", "text")
                    ("last_error", "text"), ("dead_reason", "text"), ("attempt_status", "text"),
                    ("error_type", "text"), ("error_message", "text"), ("traceback", "text"),
                    ("started_at", "float8"), ("finished_at", "float8"))
+_REPORTED_KINDS = dict(_REPORTED_TYPES)
 
 
 def _finish_assignments(value, column, now_sql):
@@ -843,14 +839,13 @@ def _finish(job, outcome, stale_after_s=None):
     the job now, else what was done (to announce once the transaction commits). The job
     moves by the same SET clauses as a worker's report."""
     values = {**_reported(Report(job, outcome)), "stale_after_s": stale_after_s}
-    kinds = dict(_REPORTED_TYPES)
 
     def named(name):  # a named parameter, in the driver's style
         return f"%({name})s" if is_postgres() else f":{name}"
 
     clock = now().sql
-    assignments = _finish_assignments(lambda name: f"CAST({named(name)} AS {kinds[name]})",
-                                      str, clock)
+    assignments = _finish_assignments(
+        lambda name: f"CAST({named(name)} AS {_REPORTED_KINDS[name]})", str, clock)
     sql = (f"UPDATE jobs SET {assignments} WHERE id = {named('id')} AND status = 'running' "
            f"AND attempt = {named('attempt')} AND lease_owner = {named('lease_owner')}")
     if stale_after_s is not None:
