@@ -171,6 +171,9 @@ def test_rate_limits_in_redis_hold_across_two_gunicorn_processes(conveyor, gunic
     assert len(pids) == 2, "both gunicorn workers should have answered"
     # One limit, whichever process answered: each alone would have let up to 25 through.
     assert Counter(statuses) == {200: 25, 429: len(statuses) - 25}
+    # gunicorn logs a request after sending its response: the last lines may lag.
+    wait_for(lambda: len(server.served(access_log, "/v1/jobs")) >= len(statuses),
+             message="the access log to catch up")
     assert Counter(status for _, status in server.served(access_log, "/v1/jobs")) == Counter(statuses)
 
 
