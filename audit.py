@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from models import Attempt, Job
 
-FINISHED_ATTEMPT = ("succeeded", "failed", "timed_out", "crashed", "interrupted", "cancelled")
+FINISHED_ATTEMPT = ("succeeded", "failed", "timed_out", "crashed", "interrupted", "cancelled",
+                    "released")
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ from models import Attempt, Job, Step, Worker, db, is_postgres, now
 PENDING = ("available", "scheduled", "retryable")
 FINAL = ("succeeded", "dead", "cancelled")
 STATUSES = ("scheduled", "available", "running", "succeeded", "retryable", "dead", "cancelled")
+# `released`: claimed by a worker that died before it began the attempt; it does not count.
 ATTEMPT_STATUSES = ("running", "succeeded", "failed", "timed_out", "crashed", "interrupted",
-                    "cancelled")
+                    "cancelled", "released")
 # "$(?!\n)": a JSON Schema pattern is a search, and "$" alone also matches before a final
 # newline, which would let "default\n" through as a queue name.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$(?!\n)"
@@ -507,7 +508,7 @@ def step(worker, reports=(), limit=1):
                    f"late outcome refused: attempt {job.attempt} {outcome.status} after its "
                    f"lease was lost", attempt=job.attempt, worker_id=job.lease_owner)
         accepted.append(job.id not in refused)  # neither: our own earlier report committed
-    claimed.sort(key=lambda job: (job.priority, job.run_at, job.id))
+    claimed.sort(key=run_order)  # the order the worker runs them in
     for job in claimed:
         _event(logging.INFO, "started", job, f"attempt {job.attempt} on {worker.id}",
                attempt=job.attempt, worker_id=worker.id)
@@ -522,7 +523,7 @@ def _reported(report_):
         json.dumps(outcome.result, separators=(",", ":"))
     return {"id": job.id, "attempt": job.attempt, "lease_owner": job.lease_owner,
             "status": move.status, "delay_s": move.delay_s, "result": result,
-            "last_error": outcome.error, "dead_reason": move.dead_reason,
+            "last_error": None if move.refund else outcome.error, "dead_reason": move.dead_reason,
             "attempt_status": outcome.status, "error_type": outcome.error_type,
             "error_message": outcome.error_message, "traceback": outcome.traceback,
             "started_at": report_.started_at, "finished_at": report_.finished_at}
@@ -542,6 +543,8 @@ def _finish_assignments(value, column, now_sql):
     requested while the attempt ran wins over a retry or a dead letter."""
     status = value("status")
     ended = f"COALESCE({value('finished_at')}, {now_sql})"  # when the attempt ended
+    # A released attempt never began: its number stays taken, its budget is given back.
+    refund = f"CASE WHEN {value('attempt_status')} = 'released' THEN 1 ELSE 0 END"
     cancelled = f"({column('cancel_requested_at')} IS NOT NULL AND {status} <> 'succeeded')"
     return f"""status = CASE WHEN {cancelled} THEN 'cancelled' ELSE {status} END,
         result = CASE WHEN {status} = 'succeeded' THEN {value('result')} ELSE {column('result')} END,
@@ -551,6 +554,7 @@ def _finish_assignments(value, column, now_sql):
                       ELSE {ended} + {value('delay_s')} END,
         finished_at = CASE WHEN {cancelled} OR {status} IN ('succeeded', 'dead', 'cancelled')
                            THEN {ended} END,
+        attempt_base = {column('attempt_base')} + {refund},
         lease_owner = NULL, heartbeat_at = NULL"""
 
 
@@ -760,6 +764,7 @@ class Transition:
     status: str
     delay_s: Optional[float] = None
     dead_reason: Optional[str] = None
+    refund: bool = False  # the attempt does not count toward max_attempts
 
 
 def backoff_delay(attempts_used, base_s, max_s, rand=random.random):
@@ -774,6 +779,8 @@ def next_transition(job, outcome):
         return Transition("succeeded")
     if outcome.status == "cancelled":
         return Transition("cancelled")
+    if outcome.status == "released":
+        return Transition("available", refund=True)
     if outcome.permanent:
         return Transition("dead", dead_reason="permanent")
     attempts_used = job.attempt - job.attempt_base
@@ -787,39 +794,101 @@ def next_transition(job, outcome):
         attempts_used, job.backoff_base_s, job.backoff_max_s))
 
 
-def end_attempts(worker_id, outcome, job_id=None):
-    """A supervisor ends the running attempts of its worker (crash, timeout, shutdown
-    kill, cancellation); returns the jobs it ended."""
-    query = Job.select().where(Job.status == "running", Job.lease_owner == worker_id)
-    if job_id is not None:
-        query = query.where(Job.id == job_id)
+def released_outcome(why):
+    """The outcome of a claimed attempt whose handler never began: the job goes back to
+    `available` at once with its attempt budget intact."""
+    return Outcome("released", error_type="Released",
+                   error_message=f"claimed but not started: {why}; it does not count")
+
+
+def end_attempts(worker_id, outcome, running_job_id=None):
+    """A supervisor ends what its dead or killed worker held: the attempt whose handler was
+    running (running_job_id, from the worker's slot) ends with outcome; every other job the
+    worker had claimed never began, and is released. Returns the jobs ended."""
+    held = list(Job.select().where(Job.status == "running", Job.lease_owner == worker_id))
+    released = released_outcome(f"its worker {worker_id} ended first ({outcome.error})")
+    return _end_held(held, lambda job: outcome if job.id == running_job_id else released)
+
+
+def release(worker_id, job_ids, why):
+    """A worker gives back jobs it claimed and will not begin; returns the jobs released."""
+    held = list(Job.select().where(Job.id.in_(list(job_ids)), Job.status == "running",
+                                   Job.lease_owner == worker_id))
+    outcome = released_outcome(why)
+    return _end_held(held, lambda job: outcome)
+
+
+def _end_held(held, outcome_of):
     ended = []
-    for job in query:
+    for job in held:
         with db.atomic():
-            finished = _finish(job, outcome)
+            finished = _finish(job, outcome_of(job))
         if finished is not None:
-            _announce(finished)
-            ended.append(job)
-    return ended
+            ended.append(finished)
+    _announce_all(ended)
+    return [finished.job for finished in ended]
+
+
+def _announce_all(ended, event=None):
+    """Count and log committed transitions, and wake idle workers (on PostgreSQL, every
+    supervisor's) for the jobs released among them."""
+    for finished in ended:
+        _announce(finished, event)
+    released = Counter(f.job.queue for f in ended if f.outcome.status == "released")
+    if released and is_postgres():
+        for queue, count in released.items():
+            db.execute_sql("SELECT pg_notify(%s, %s)",
+                           (NOTIFY_CHANNEL, notify_payload(queue, count)))
+
+
+def run_order(job):
+    """The order in which a worker runs the jobs of one claim."""
+    return (job.priority, job.run_at, job.id)
 
 
 def reap_expired(lease_s, limit=100):
-    """Mark attempts whose heartbeat is older than the lease `crashed`; any process may call
-    this. The guard re-checks staleness, so a heartbeat that lands first wins."""
-    stale = (Job.select()
-             .where(Job.status == "running", Job.heartbeat_at < now() - lease_s)
-             .order_by(Job.heartbeat_at).limit(limit))
-    outcome = Outcome("crashed", error_type="LeaseExpired",
+    """Record the attempts of workers whose heartbeat is older than the lease; any process
+    may call this. Such a worker was lost with everything it held, and nobody saw how far
+    through its claim it got: the first job in its run order is charged the attempt
+    (`crashed`, as if its handler was running), the rest are released. A worker's claim is
+    taken whole, its rows locked in one transaction, so two reapers cannot each charge a
+    different job. The guard re-checks staleness, so a heartbeat that lands first wins.
+    Returns the jobs ended (crashed and released)."""
+    owners = (Job.select(Job.lease_owner)
+              .where(Job.status == "running", Job.heartbeat_at < now() - lease_s)
+              .distinct().limit(limit).tuples())
+    crashed = Outcome("crashed", error_type="LeaseExpired",
                       error_message=f"no heartbeat for over {lease_s:g}s: worker or host lost")
+    released = released_outcome(f"no heartbeat for over {lease_s:g}s, and an earlier job of "
+                                f"the same claim was charged the attempt")
     reaped = []
-    for job in stale:
+    for (owner,) in list(owners):
+        ended = []
         with db.atomic():
-            finished = _finish(job, outcome, stale_after_s=lease_s)
-        if finished is not None:
-            metrics.count("conveyor_attempts_reaped", type=job.type, queue=job.queue)
-            _announce(finished, event="reaped")
-            reaped.append(job)
+            held = sorted(_lock_stale_claim(owner, lease_s), key=run_order)
+            for job in held:
+                finished = _finish(job, crashed if job is held[0] else released, lease_s)
+                if finished is not None:
+                    ended.append(finished)
+        for finished in ended:
+            if finished.outcome is crashed:
+                metrics.count("conveyor_attempts_reaped", type=finished.job.type,
+                              queue=finished.job.queue)
+        _announce_all(ended, event="reaped")
+        reaped += [finished.job for finished in ended]
     return reaped
+
+
+def _lock_stale_claim(owner, lease_s):
+    """The stale running jobs of one worker, locked; [] when another session holds any of
+    them (a reaper, or a cut-off session until the server ends it): a later round retries
+    instead of deciding from part of the claim, or stalling on it."""
+    stale = (Job.select().where(Job.lease_owner == owner, Job.status == "running",
+                                Job.heartbeat_at < now() - lease_s))
+    if not is_postgres():
+        return list(stale)  # BEGIN IMMEDIATE: this transaction is the only writer
+    locked = list(stale.for_update("FOR UPDATE SKIP LOCKED"))
+    return locked if len(locked) == stale.count() else []
 
 
 @dataclass(frozen=True)
@@ -875,6 +944,13 @@ def _announce(finished, event=None):
     job, outcome, status = finished.job, finished.outcome, finished.status
     labels = {"type": job.type, "queue": job.queue}
     tags = {"attempt": job.attempt, "worker_id": job.lease_owner, "status": status}
+    if outcome.status == "released":  # it never ran: no duration, no failure
+        metrics.count("conveyor_attempts_released", **labels)
+        if status == "cancelled":
+            metrics.count("conveyor_jobs_cancelled", **labels)
+        _event(logging.INFO, "released", job, f"attempt {job.attempt} {outcome.error_message}; "
+               f"{status}", **tags)
+        return
     if finished.duration_s is not None:
         metrics.observe_duration(finished.duration_s, **labels)
     if outcome.status == "succeeded":

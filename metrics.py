@@ -32,6 +32,8 @@ COUNTERS = {
     "conveyor_jobs_cancelled": ("Jobs cancelled.", ("type", "queue")),
     "conveyor_attempts_reaped": ("Attempts recorded crashed because their lease expired.",
                                  ("type", "queue")),
+    "conveyor_attempts_released": ("Claimed attempts given back unstarted (their worker died "
+                                   "or left first); they do not count.", ("type", "queue")),
     "conveyor_rate_limited": ("Requests refused with 429, by which limit.", ("limit",)),
 }
 DURATION = "conveyor_attempt_duration_seconds"

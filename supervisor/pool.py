@@ -1,7 +1,8 @@
 """The supervisor: forks worker processes, watches them, and runs the background duties.
 
 Single-threaded on purpose (forking is only safe so). Each tick it collects exited
-children and records what they held (`crashed` at once, without waiting for the lease),
+children and records what they held at once, without waiting for the lease (the attempt
+whose handler was running `crashed`, the claimed jobs it had not begun released),
 kills an attempt past its timeout or whose job was cancelled, respawns workers (backing
 off when one keeps dying) and runs its duties: reap expired leases, stage due jobs,
 fire due schedules, flush metrics, forget dead workers, prune old history. On SIGTERM
@@ -248,13 +249,14 @@ class Supervisor:
     def _on_exit(self, child, status):
         state = self.slots[child.slot_index]
         state.pid = None
-        outcome = self._outcome_of(child, status)
-        ended = self._end_attempts(child, outcome)
+        running = child.running or state.slot.read()
+        outcome = self._outcome_of(child, running, status)
+        ended = self._end_attempts(child, outcome, running)
         crashed = child.stop_reason is None and (status != 0 or ended)
         if crashed:
             log.warning("worker %s (pid %d) died: %s", child.worker.id, child.pid,
                         outcome.error_message,
-                        extra={"job_id": ended[0].id} if ended else {})
+                        extra={"job_id": running.job_id} if running else {})
         if self.stopping:
             return
         now_m = time.monotonic()
@@ -270,8 +272,7 @@ class Supervisor:
                         child.slot_index, state.failures, delay)
         state.respawn_at = now_m + delay
 
-    def _outcome_of(self, child, status):
-        running = child.running or self.slots[child.slot_index].slot.read()
+    def _outcome_of(self, child, running, status):
         if child.stop_reason == "timeout":
             limit = f" of {running.timeout_s:g}s" if running else ""  # a torn slot tells nothing
             return jobs.Outcome("timed_out", error_type="Timeout",
@@ -286,9 +287,12 @@ class Supervisor:
         return jobs.Outcome("crashed", error_type="WorkerDied",
                             error_message=f"worker process {child.pid} {describe_exit(status)}")
 
-    def _end_attempts(self, child, outcome):
+    def _end_attempts(self, child, outcome, running):
+        """The attempt whose handler was running ends with outcome; the jobs the worker
+        had claimed but not begun go back at once, their attempt budget intact."""
         try:
-            ended = jobs.end_attempts(child.worker.id, outcome)
+            ended = jobs.end_attempts(child.worker.id, outcome,
+                                      running.job_id if running else None)
             jobs.deregister_worker(child.worker.id)
             return ended
         except DB_ERRORS as exc:

@@ -48,6 +48,12 @@ class WorkerProcess:
         self.held = frozenset()  # ids of jobs claimed and not yet reported, for the heartbeat
         self.steps = 0  # odd while a step (reports and claims) is under way
         self.jobs_done = 0
+        # Where the current claim stands, for leaving it cleanly if the supervisor dies:
+        # the jobs not begun yet and the reports of those finished. Changed under the lock
+        # by the main thread, read under it by the heartbeat thread.
+        self.claim_lock = threading.Lock()
+        self.unstarted = []
+        self.finished_reports = []
 
     def run(self):
         """The child's main: returns the exit code."""
@@ -96,8 +102,10 @@ class WorkerProcess:
         self.steps += 1
         claimed, _ = self._until_done(partial(jobs.step, self.worker, reports, limit),
                                       give_up_when_stopping=not reports) or ([], [])
-        self.held = frozenset(job.id for job in claimed)
-        self.steps += 1
+        with self.claim_lock:
+            self.held = frozenset(job.id for job in claimed)
+            self.unstarted, self.finished_reports = list(claimed), []
+            self.steps += 1
         self.jobs_done += len(reports)
         return claimed
 
@@ -106,19 +114,24 @@ class WorkerProcess:
         attempt's times on the database's clock: its claim time plus our time since the
         claim returned, which can only fall short of the truth, never overrun it."""
         claimed_m = time.monotonic()
-        reports = []
+        reports = self.finished_reports
         for job in claimed:
             if self._lease_in_doubt(asked_m) and \
                     job.id not in (self._until_done(partial(jobs.heartbeat, self.worker, [job.id])) or ()):
                 log.warning("lease lost before the attempt started; not running it",
                             extra=_tags(job, self.worker))
+                with self.claim_lock:
+                    self.unstarted.pop(0)
                 continue
-            started_m = time.monotonic()
-            self.slot.start(job.id, job.attempt, started_m + job.timeout_s, job.timeout_s)
+            with self.claim_lock:
+                self.unstarted.pop(0)  # it is begun from here on
+                started_m = time.monotonic()
+                self.slot.start(job.id, job.attempt, started_m + job.timeout_s, job.timeout_s)
             outcome = execute(job)
             ended_m = time.monotonic()
-            reports.append(jobs.Report(job, outcome, job.started_at + (started_m - claimed_m),
-                                       job.started_at + (ended_m - claimed_m)))
+            with self.claim_lock:
+                reports.append(jobs.Report(job, outcome, job.started_at + (started_m - claimed_m),
+                                           job.started_at + (ended_m - claimed_m)))
         self.slot.clear()
         return reports
 
@@ -133,8 +146,7 @@ class WorkerProcess:
     def _heartbeat(self):
         while not self.finished.wait(self.settings.heartbeat_s):
             if self._orphaned():
-                # Our supervisor died: stop renewing, so the reaper hands our jobs to others.
-                os._exit(70)
+                self._abandon()
             steps, held = self.steps, self.held
             try:
                 renewed = jobs.heartbeat(self.worker, held)
@@ -147,6 +159,24 @@ class WorkerProcess:
             except DB_ERRORS as exc:
                 log.warning("heartbeat failed: %s", _first_line(exc))
                 reset_connection()
+
+    def _abandon(self):
+        """Our supervisor died: leave at once, without renewing, so that the reaper hands
+        the attempt under way to another worker after its lease. First give back what the
+        reaper could not tell apart from it: the outcomes already known are reported and
+        the claimed jobs not begun are released. The main thread begins no job meanwhile;
+        a step under way (its claim unknown yet) is left to the reaper."""
+        with self.claim_lock:
+            if self.steps % 2 == 0:
+                try:
+                    jobs.step(self.worker, list(self.finished_reports), 0)
+                    jobs.release(self.worker.id, [job.id for job in self.unstarted],
+                                 f"worker {self.worker.id} lost its supervisor")
+                except DB_ERRORS as exc:
+                    log.warning("could not give back the claim before leaving: %s",
+                                _first_line(exc))
+            logging.shutdown()
+            os._exit(70)
 
     def _until_done(self, operation, give_up_when_stopping=False):
         """Run a database operation, retrying through outages with a capped backoff."""
