@@ -4,8 +4,10 @@ A bad value raises ConfigError naming the variable; entry points turn it into on
 on stderr and a non-zero exit (see `fail_fast`).
 """
 import os
+import re
 import sys
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 from urllib.parse import urlparse
 
 from limits import parse_many
@@ -67,6 +69,29 @@ def _queues(env):
     return tuple(q.strip() for q in raw.split(",") if q.strip())
 
 
+# A DNS name whose last label is not all digits, so a mistyped address is not taken for one.
+HOST_NAME = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*"
+                       r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _outbound_allow(env):
+    """OUTBOUND_ALLOW: addresses and networks (ip_network) and host names (str) to trust."""
+    entries = []
+    for raw in env.get("OUTBOUND_ALLOW", "").split(","):
+        entry = raw.strip().lower().rstrip(".")
+        if not entry:
+            continue
+        try:
+            entries.append(ip_network(entry))
+        except ValueError:
+            if not HOST_NAME.fullmatch(entry):
+                raise ConfigError(
+                    f"OUTBOUND_ALLOW must list addresses, networks like 10.0.0.0/8 or host "
+                    f"names, got {raw.strip()!r}") from None
+            entries.append(entry)
+    return tuple(entries)
+
+
 def _bool(env, name):
     return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -98,6 +123,7 @@ class Settings:
     log_format: str = "text"
     log_level: str = "info"
     metrics_public: bool = False
+    outbound_allow: tuple = ()
 
     @property
     def is_postgres(self):
@@ -132,6 +158,7 @@ class Settings:
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
             log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             metrics_public=_bool(env, "METRICS_PUBLIC"),
+            outbound_allow=_outbound_allow(env),
         )
         if settings.lease_s <= 2 * settings.heartbeat_s:
             raise ConfigError(

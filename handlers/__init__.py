@@ -1,4 +1,5 @@
-"""The handler API: `@handler` registers a job type; `Permanent` and `RetryAfter` steer retries.
+"""The handler API: `@handler` registers a job type; `Permanent` and `RetryAfter` steer retries;
+`outbound_session()` makes HTTP requests to URLs from payloads (see handlers/outbound.py).
 
 A job type is one module in this folder or in a folder named in HANDLER_PATHS; `load`
 imports them all. Handlers get the payload and a `Context`, and know nothing of the
@@ -18,7 +19,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 __all__ = ["handler", "Permanent", "RetryAfter", "Context", "Handler", "HandlerError",
-           "load", "get", "registered"]
+           "load", "get", "registered", "outbound_session", "OutboundRefused"]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 
@@ -187,3 +188,7 @@ def _import(module_name, path):
     except Exception as exc:
         raise HandlerError(
             f"handler module {path} failed to import: {type(exc).__name__}: {exc}") from None
+
+
+# Last: the guard's refusal is a Permanent, defined above.
+from handlers.outbound import OutboundRefused, outbound_session  # noqa: E402

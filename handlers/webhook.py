@@ -2,8 +2,9 @@
 
 The receiver's answer decides the retry: 2xx succeeds, 408/429/5xx and network errors
 retry (429/503 at the time their `Retry-After` asks for), any other 4xx or a redirect
-is `Permanent`. Every attempt sends the same `Idempotency-Key` so the receiver can drop
-a repeat: a timeout only tells us that we do not know whether the POST arrived.
+is `Permanent`, and so is a host on our own network that OUTBOUND_ALLOW does not list
+(handlers/outbound.py). Every attempt sends the same `Idempotency-Key` so the receiver can
+drop a repeat: a timeout only tells us that we do not know whether the POST arrived.
 """
 import email.utils
 import time
@@ -12,7 +13,7 @@ from datetime import timezone
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from handlers import Permanent, RetryAfter, handler
+from handlers import Permanent, RetryAfter, handler, outbound_session
 
 JOB_TIMEOUT_S = 60
 DEFAULT_TIMEOUT_S = 10
@@ -55,10 +56,10 @@ def post_webhook(payload, ctx):
     headers = CaseInsensitiveDict(payload.get("headers", {}))
     headers["Idempotency-Key"] = ctx.idempotency_key  # ours wins over a payload header
     try:
-        with requests.post(url, json=payload["body"], headers=headers, stream=True,
-                           timeout=min(payload.get("timeout_s", DEFAULT_TIMEOUT_S),
-                                       0.8 * ctx.timeout_s),
-                           allow_redirects=False) as response:
+        with outbound_session() as session, session.post(
+                url, json=payload["body"], headers=headers, stream=True,
+                timeout=min(payload.get("timeout_s", DEFAULT_TIMEOUT_S), 0.8 * ctx.timeout_s),
+                allow_redirects=False) as response:
             status = response.status_code
             excerpt = next(response.iter_content(EXCERPT_BYTES), b"").decode(errors="replace")
             retry_after = response.headers.get("Retry-After")

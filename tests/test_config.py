@@ -100,6 +100,8 @@ BAD_CONFIGURATIONS = {
     "lease not above two heartbeats": (lambda tmp: {"HEARTBEAT_S": "1", "LEASE_S": "2"},
                                        ["LEASE_S", "HEARTBEAT_S"]),
     "unknown log format": (lambda tmp: {"LOG_FORMAT": "xml"}, ["LOG_FORMAT", "xml"]),
+    "malformed outbound allow-list": (lambda tmp: {"OUTBOUND_ALLOW": "127.0.0.1,10.0.0.0/33"},
+                                      ["OUTBOUND_ALLOW", "10.0.0.0/33"]),
     "unreachable database": (
         lambda tmp: {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"},
         ["database", "127.0.0.1:1"]),
@@ -146,7 +148,8 @@ def test_settings_refuse_each_bad_value():
                         ("PORT", "-5"), ("DEFAULT_MAX_ATTEMPTS", "1.5"),
                         ("POLL_INTERVAL_S", "inf"), ("LOG_LEVEL", "loud"),
                         ("DATABASE_URL", "mysql://x"), ("RATE_LIMIT", "lots"),
-                        ("BACKOFF_MAX_S", "0.01"), ("HANDLER_PATHS", "/no/such/folder")]:
+                        ("BACKOFF_MAX_S", "0.01"), ("HANDLER_PATHS", "/no/such/folder"),
+                        ("OUTBOUND_ALLOW", "10.0.0.256")]:
         with pytest.raises(config.ConfigError, match=name):
             config.Settings.from_env({**base, name: value})
     assert config.Settings.from_env(base).lease_s == float(FAST_ENV["LEASE_S"])

@@ -1,6 +1,7 @@
 """`webhook.post` against a real HTTP receiver run by the test, with real workers: the
-receiver's answer decides success, retry or dead letter, and every attempt carries the
-same Idempotency-Key."""
+receiver's answer decides success, retry or dead letter, every attempt carries the
+same Idempotency-Key, and a receiver on our own network is reached only when
+OUTBOUND_ALLOW lists it."""
 import json
 import threading
 import time
@@ -32,10 +33,12 @@ class Received:
 
 
 class Receiver:
-    """An HTTP server on a free local port: records every POST and answers each path from
-    its script, in order (the last answer repeats)."""
+    """An HTTP server on a free port of a loopback address (HTTPS given an ssl context):
+    counts connections, records every POST and answers each path from its script, in
+    order (the last answer repeats)."""
 
-    def __init__(self):
+    def __init__(self, host="127.0.0.1", tls=None):
+        self.connections = 0
         self.received = []
         self.scripts = {}
         self.closing = threading.Event()
@@ -59,15 +62,25 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def verify_request(self, request, client_address):
+                receiver.connections += 1
+                return True
+
+        self.server = Server((host, 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "http" if tls is None else "https"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def script(self, path, *answers):
-        """Answer POSTs to path with these answers; returns the URL to post to."""
+    def script(self, path, *answers, host=None):
+        """Answer POSTs to path with these answers; returns the URL to post to (naming
+        the receiver by host, when given, instead of its address)."""
         self.scripts[path] = list(answers)
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        address, port = self.server.server_address
+        return f"{self.scheme}://{host or address}:{port}{path}"
 
     def requests_to(self, path):
         return [r for r in self.received if r.path == path]
@@ -90,7 +103,7 @@ def test_2xx_succeeds_with_status_and_a_bounded_excerpt(conveyor, receiver):
     body = {"event": "order.paid", "order": 42}
     job_id = conveyor.submit("webhook.post", {"url": url, "body": body,
                                               "headers": {"X-Signature": "sha256=abc"}})
-    conveyor.start_supervisor()
+    conveyor.start_supervisor(OUTBOUND_ALLOW="127.0.0.1")
 
     job = conveyor.wait_for_status(job_id, "succeeded", "dead")
 
@@ -107,7 +120,7 @@ def test_5xx_is_retried_with_the_same_idempotency_key(conveyor, receiver):
     url = receiver.script("/flaky", Answer(500, b"database down"), Answer(200))
     job_id = conveyor.submit("webhook.post", {"url": url, "body": {"n": 1}},
                              idempotency_key="order-42-paid")
-    conveyor.start_supervisor()
+    conveyor.start_supervisor(OUTBOUND_ALLOW="127.0.0.1")
 
     job = conveyor.wait_for_status(job_id, "succeeded", "dead")
 
@@ -124,7 +137,7 @@ def test_5xx_is_retried_with_the_same_idempotency_key(conveyor, receiver):
 def test_4xx_and_redirects_are_permanent(conveyor, receiver, status):
     url = receiver.script("/gone", Answer(status, b"no such hook", {"Location": "/elsewhere"}))
     job_id = conveyor.submit("webhook.post", {"url": url, "body": {}})
-    conveyor.start_supervisor()
+    conveyor.start_supervisor(OUTBOUND_ALLOW="127.0.0.1")
 
     job = conveyor.wait_for_status(job_id, "succeeded", "dead")
 
@@ -138,7 +151,7 @@ def test_429_is_retried_when_retry_after_says(conveyor, receiver):
     # BACKOFF_MAX_S is 0.5 in the tests: only the header can make the retry wait 1 s.
     url = receiver.script("/busy", Answer(429, b"slow down", {"Retry-After": "1"}), Answer(200))
     job_id = conveyor.submit("webhook.post", {"url": url, "body": {}})
-    conveyor.start_supervisor()
+    conveyor.start_supervisor(OUTBOUND_ALLOW="127.0.0.1")
 
     job = conveyor.wait_for_status(job_id, "succeeded", "dead")
 
@@ -151,7 +164,7 @@ def test_429_is_retried_when_retry_after_says(conveyor, receiver):
 def test_a_hung_receiver_times_out_and_is_retried(conveyor, receiver):
     url = receiver.script("/hang", Answer(200, hang_s=30), Answer(200, b"late but fine"))
     job_id = conveyor.submit("webhook.post", {"url": url, "body": {}, "timeout_s": 0.3})
-    conveyor.start_supervisor()
+    conveyor.start_supervisor(OUTBOUND_ALLOW="127.0.0.1")
 
     job = conveyor.wait_for_status(job_id, "succeeded", "dead")
 
@@ -185,3 +198,50 @@ def test_retry_after_accepts_seconds_and_http_dates():
                                now=now.timestamp()) == 0
     assert retry_after_seconds("soon") is None
     assert retry_after_seconds("-5") is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_local_receiver_is_never_reached_unless_outbound_allow_lists_it(conveyor, receiver,
+                                                                          host):
+    url = receiver.script("/internal", Answer(200), host=host)
+    job_id = conveyor.submit("webhook.post", {"url": url, "body": {"secret": "no"}})
+    conveyor.start_supervisor()
+
+    job = conveyor.wait_for_status(job_id, "succeeded", "dead")
+
+    assert (job.status, job.dead_reason) == ("dead", "permanent")
+    [attempt] = conveyor.attempts(job_id)
+    assert attempt.error_type == "OutboundRefused"
+    assert "127.0.0.1" in attempt.error_message and "OUTBOUND_ALLOW" in attempt.error_message
+    assert receiver.connections == 0
+
+
+@pytest.mark.parametrize("allow", ["127.0.0.0/8", "localhost"])
+def test_outbound_allow_admits_a_network_or_a_host_name(conveyor, receiver, allow):
+    url = receiver.script("/trusted", Answer(200), host="localhost")
+    job_id = conveyor.submit("webhook.post", {"url": url, "body": {}})
+    conveyor.start_supervisor(OUTBOUND_ALLOW=allow)
+
+    job = conveyor.wait_for_status(job_id, "succeeded", "dead")
+
+    assert (job.status, job.result["status"]) == ("succeeded", 200)
+    assert len(receiver.requests_to("/trusted")) == 1
+
+
+def test_metadata_and_private_addresses_are_refused_before_any_connection(conveyor, tmp_path):
+    egress = tmp_path / "egress.log"  # tests/handlers/no_egress.py blocks and records
+    targets = {"169.254.169.254": "http://169.254.169.254/latest/meta-data/",
+               "10.0.0.1": "http://10.0.0.1/hook",
+               "::ffff:169.254.169.254": "http://[::ffff:169.254.169.254]/",
+               "fd00:ec2::254": "https://[fd00:ec2::254]/"}
+    jobs_by_address = {address: conveyor.submit("webhook.post", {"url": url, "body": {}})
+                       for address, url in targets.items()}
+    conveyor.start_supervisor(OUTBOUND_ALLOW="127.0.0.1", TEST_EGRESS_LOG=str(egress))
+
+    for address, job_id in jobs_by_address.items():
+        job = conveyor.wait_for_status(job_id, "succeeded", "dead")
+        assert (job.status, job.dead_reason) == ("dead", "permanent")
+        [attempt] = conveyor.attempts(job_id)
+        assert attempt.error_type == "OutboundRefused"
+        assert f"refused to connect to {address}:" in attempt.error_message
+    assert not egress.exists(), egress.read_text()
