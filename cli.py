@@ -286,7 +286,7 @@ def schedules_show(name, as_json):
 
 @schedules_group.command("add")
 @click.argument("name")
-@click.option("--cron", required=True, help="5-field cron expression, e.g. '*/5 * * * *'.")
+@click.option("--cron", required=True, help=f"Cron expression, {schedules.CRON_FORMAT}")
 @click.option("--type", "type_", required=True, help="The job type each run enqueues.")
 @click.option("--payload", default="{}", help="The payload of each job, a JSON object.")
 @click.option("--timezone", default="UTC", help="IANA timezone the cron is read in.")
