@@ -6,6 +6,7 @@ exit non-zero; commands that show or list take --json for one JSON document on s
 """
 import json
 import re
+import signal
 import time
 
 import click
@@ -407,6 +408,9 @@ def top(interval, once, as_json):
                      "workers": [documents.worker(w) for w in jobs.live_workers(lease_s)]})
     if once:
         return click.echo(top_frame(lease_s))
+    # Ctrl-C is the way out, even when started with SIGINT ignored (a shell's background job,
+    # some CI runners): an ignored signal stays ignored across exec, and Python keeps it so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             frame = top_frame(lease_s)
