@@ -178,7 +178,8 @@ def test_every_time_option_reads_plain_seconds_or_units(conveyor):
     waiting = conveyor.submit("t.noop", delay_s=3600)
     timed_out = cli("jobs", "wait", str(waiting), "--timeout", "0.01m", check=False)
     assert timed_out.exit_code == 5
-    assert timed_out.stderr.splitlines()[-1] == f"Error: job {waiting} is still scheduled after 0.6s"
+    assert timed_out.stderr.splitlines()[-1] == (
+        f"Error: job {waiting} is still scheduled after 0.6s")
 
 
 def test_every_time_option_refuses_a_bad_value_in_one_line(conveyor):
