@@ -1,5 +1,5 @@
-"""The `flask` commands of SPEC §7: db, keys, jobs, dlq, schedules, prune and audit, and
-the operator's views: `jobs wait` and `top`.
+"""The `flask` commands (the README's Command line table): db, keys, jobs, dlq, schedules,
+prune and audit, and the operator's views: `jobs wait` and `top`.
 
 Thin callers of the core, like the routes. Refusals print one line (`Error: ...`) and
 exit non-zero; commands that show or list take --json for one JSON document on stdout.
@@ -380,7 +380,9 @@ def prune(older_than):
 @click.command("audit")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def audit_command(as_json):
-    """Check the stored history against SPEC §4; exits 1 on any violation."""
+    """Check every job's stored history against the guarantees (README, Guarantees): one
+    attempt at a time, each attempt at most once, fencing, nothing lost, succeeded is final.
+    Exits 1 on any violation."""
     report = audit.run()
     if as_json:
         emit({"jobs": report.jobs, "attempts": report.attempts,

@@ -1,4 +1,4 @@
-"""Recurring schedules (SPEC §8): create, change, pause, and fire them.
+"""Recurring schedules: create, change, pause, and fire them.
 
 Any number of supervisors call `fire_due`. A due slot is enqueued exactly once because
 the first process to insert its (schedule, slot) row wins; the others find the row and
