@@ -1,4 +1,4 @@
-"""The Flask app: the HTTP API of SPEC §6, thin over the core (jobs.py) and the keys (auth.py).
+"""The Flask app: the HTTP API, thin over the core (jobs.py) and the keys (auth.py).
 
 Views parse the request, call the core and serialise. Who may call a view is declared on
 it with `@access(...)` (admin-only unless it says otherwise) and enforced by one

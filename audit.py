@@ -1,4 +1,4 @@
-"""`flask audit`: check the stored history of every job against the guarantees of SPEC §4.
+"""`flask audit`: check the stored history of every job against the README's guarantees.
 
 Reads only. Each violation names the job, the guarantee it breaks and what was found.
 """

@@ -1,5 +1,5 @@
-"""API keys (SPEC §6): random, shown once, stored only as a SHA-256, checked in constant
-time, revoked by name. The routes and the `flask keys` commands both go through here.
+"""API keys: random, shown once, stored only as a SHA-256, checked in constant time,
+revoked by name. The routes and the `flask keys` commands both go through here.
 
 A key has 256 bits of randomness, so a fast hash is enough: nothing can be guessed from
 the stored digests, and a lookup by digest costs one indexed query.

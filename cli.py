@@ -1,11 +1,12 @@
-"""The `flask` commands of SPEC §7: db, keys, jobs, dlq, schedules, prune and audit, and
-the operator's views: `jobs wait` and `top`.
+"""The `flask` commands (the README's Command line table): db, keys, jobs, dlq, schedules,
+prune and audit, and the operator's views: `jobs wait` and `top`.
 
 Thin callers of the core, like the routes. Refusals print one line (`Error: ...`) and
 exit non-zero; commands that show or list take --json for one JSON document on stdout.
 """
 import json
 import re
+import signal
 import time
 
 import click
@@ -19,26 +20,28 @@ import models
 import schedules
 from config import settings
 
-DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+class Duration(click.ParamType):
+    """The one reading of every time option: seconds as a plain number (60, 0.5) or with a
+    unit (90s, 15m, 12h, 7d). A bad value is one `Error:` line and exit 1, like every other
+    refusal here, rather than click's usage block."""
 
+    name = "duration"
+    PATTERN = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)")
+    UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
-def parse_duration(text):
-    match = DURATION.match(text.strip())
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 12h or 7d")
-    return float(match.group(1)) * UNITS[match.group(2)]
+    def __init__(self, minimum=0.0):
+        self.minimum = minimum
 
-
-def parse_seconds(text):
-    """Seconds as a plain number (2.5) or a duration (30s, 15m, 12h, 7d)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        return parse_duration(text)
-    if not seconds >= 0:
-        raise click.BadParameter(f"{text!r} is not a number of seconds")
-    return seconds
+    def convert(self, value, param, ctx):
+        match = self.PATTERN.fullmatch(str(value).strip())
+        if not match:
+            raise click.ClickException(f"{param.opts[0]}: {value!r} is not a duration: "
+                                       f"seconds (60, 0.5) or 90s, 15m, 12h, 7d")
+        seconds = float(match[1]) * self.UNITS[match[2]]
+        if seconds < self.minimum:
+            raise click.ClickException(f"{param.opts[0]}: {value!r} is less than "
+                                       f"{self.minimum:g}s")
+        return seconds
 
 
 class Commands(AppGroup):
@@ -87,10 +90,12 @@ def db_upgrade():
 @click.option("--payload", default="{}", help="The payload, a JSON object.")
 @click.option("--queue")
 @click.option("--priority", type=int)
-@click.option("--delay", "delay_s", type=float, help="Seconds from now to run it.")
+@click.option("--delay", "delay_s", type=Duration(),
+              help="How long from now to run it: seconds, or 90s, 15m, 12h, 7d.")
 @click.option("--run-at", help="When to run it, RFC 3339 with an offset.")
 @click.option("--max-attempts", type=int)
-@click.option("--timeout", "timeout_s", type=float, help="Seconds an attempt may run.")
+@click.option("--timeout", "timeout_s", type=Duration(),
+              help="How long an attempt may run: seconds, or 90s, 15m, 12h.")
 @click.option("--idempotency-key")
 def jobs_submit(type, payload, **options):
     """Submit a job; prints its id."""
@@ -179,17 +184,17 @@ def describe_progress(job):
 
 @jobs_group.command("wait")
 @click.argument("job_id", type=int)
-@click.option("--timeout", help="Give up after this long: seconds or 30s, 15m, 12h "
-                                "(default: as long as it takes).")
+@click.option("--timeout", "limit", type=Duration(),
+              help="Give up after this long: seconds, or 30s, 15m, 12h "
+                   "(default: as long as it takes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final job as one JSON document.")
-def jobs_wait(job_id, timeout, as_json):
+def jobs_wait(job_id, limit, as_json):
     """Wait for a job to be succeeded, dead or cancelled, showing its status and attempt on
     stderr as they change.
 
     Exit status: 0 succeeded, 3 dead, 4 cancelled, 5 unfinished at --timeout, 1 when there
     is no such job.
     """
-    limit = parse_seconds(timeout) if timeout is not None else None
     job = jobs.get_job(job_id)
     started, interval = time.monotonic(), 0.05  # polls slow down to one a second
     shown, shown_at, outage = None, 0.0, False
@@ -286,7 +291,7 @@ def schedules_show(name, as_json):
 
 @schedules_group.command("add")
 @click.argument("name")
-@click.option("--cron", required=True, help="5-field cron expression, e.g. '*/5 * * * *'.")
+@click.option("--cron", required=True, help=f"Cron expression, {schedules.CRON_FORMAT}")
 @click.option("--type", "type_", required=True, help="The job type each run enqueues.")
 @click.option("--payload", default="{}", help="The payload of each job, a JSON object.")
 @click.option("--timezone", default="UTC", help="IANA timezone the cron is read in.")
@@ -364,17 +369,20 @@ def keys_revoke(name):
 
 
 @click.command("prune")
-@click.option("--older-than", help="Age like 30s, 15m, 12h or 7d (default RETENTION_DAYS).")
+@click.option("--older-than", type=Duration(),
+              help="Age: seconds, or 30s, 15m, 12h, 7d (default: RETENTION_DAYS).")
 def prune(older_than):
     """Delete succeeded and cancelled jobs finished before the cutoff."""
-    seconds = parse_duration(older_than) if older_than else settings().retention_days * 86400
+    seconds = settings().retention_days * 86400 if older_than is None else older_than
     click.echo(f"pruned {jobs.prune(seconds)} jobs")
 
 
 @click.command("audit")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def audit_command(as_json):
-    """Check the stored history against SPEC §4; exits 1 on any violation."""
+    """Check every job's stored history against the guarantees (README, Guarantees): one
+    attempt at a time, each attempt at most once, fencing, nothing lost, succeeded is final.
+    Exits 1 on any violation."""
     report = audit.run()
     if as_json:
         emit({"jobs": report.jobs, "attempts": report.attempts,
@@ -389,8 +397,8 @@ def audit_command(as_json):
 
 
 @click.command("top")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
-              help="Seconds between refreshes.")
+@click.option("--interval", type=Duration(minimum=0.1), default="2s", show_default=True,
+              help="Time between refreshes: seconds, or 2s, 1m.")
 @click.option("--once", is_flag=True, help="Print one frame and exit.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (stats and workers).")
 def top(interval, once, as_json):
@@ -402,6 +410,9 @@ def top(interval, once, as_json):
                      "workers": [documents.worker(w) for w in jobs.live_workers(lease_s)]})
     if once:
         return click.echo(top_frame(lease_s))
+    # Ctrl-C is the way out, even when started with SIGINT ignored (a shell's background job,
+    # some CI runners): an ignored signal stays ignored across exec, and Python keeps it so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             frame = top_frame(lease_s)

@@ -1,5 +1,5 @@
-"""A Python client for Conveyor's HTTP API (SPEC §6). It needs only `requests`: copy this
-one file into your project.
+"""A Python client for Conveyor's HTTP API (see the README's HTTP API section). It needs
+only `requests`: copy this one file into your project.
 
     from client import Conveyor
     c = Conveyor("http://localhost:5000", key)
@@ -174,7 +174,8 @@ class Backoff:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One attempt of a job (SPEC §3). `fenced`: a late outcome from it was refused."""
+    """One run of a job by a worker, numbered from 1. `fenced`: a late outcome from it was
+    refused (its worker had lost the job's lease)."""
     number: int
     status: str
     worker_id: str
@@ -195,8 +196,9 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Job:
-    """A job (SPEC §3). `attempts` is filled by get() and wait() only (oldest first);
-    `dead_reason` only on dead jobs."""
+    """A job and where it stands: `status`, and `attempt`, the number of its latest attempt.
+    `attempts` is filled by get() and wait() only (oldest first); `dead_reason` only on dead
+    jobs."""
     id: int
     type: str
     queue: str
@@ -246,8 +248,8 @@ class ScheduleRun:
 
 @dataclass(frozen=True)
 class Schedule:
-    """A recurring job (SPEC §8). `next_runs` and `recent_runs` come with one schedule's
-    page (get, create, update), not with lists."""
+    """A job enqueued on a cron (see the README's Schedules section). `next_runs` and
+    `recent_runs` come with one schedule's page (get, create, update), not with lists."""
     name: str
     cron: str
     type: str

@@ -1110,6 +1110,7 @@ def dlq_discard(job_id):
         moved = (Job.update(status="cancelled", finished_at=now())
                  .where(Job.id == job_id, Job.status == "dead").execute())
     job = _dlq_result(job_id, moved)
+    metrics.count("conveyor_jobs_cancelled", type=job.type, queue=job.queue)
     _event(logging.INFO, "discarded", job, "discarded from the dead-letter queue",
            status=job.status)
     return job

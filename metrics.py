@@ -29,7 +29,8 @@ COUNTERS = {
                                  "(failed, timed_out, crashed, interrupted).",
                                  ("type", "queue", "outcome")),
     "conveyor_jobs_dead": ("Jobs sent to the dead-letter queue.", ("type", "queue", "reason")),
-    "conveyor_jobs_cancelled": ("Jobs cancelled.", ("type", "queue")),
+    "conveyor_jobs_cancelled": ("Jobs cancelled, dead jobs discarded from the dead-letter "
+                                "queue included.", ("type", "queue")),
     "conveyor_attempts_reaped": ("Attempts recorded crashed because their lease expired.",
                                  ("type", "queue")),
     "conveyor_attempts_released": ("Claimed attempts given back unstarted (their worker died "

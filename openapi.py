@@ -159,7 +159,7 @@ SCHEMAS = {
                      "overlap", "paused", "next_run_at", "created_at", "updated_at"],
         "properties": {
             "name": {"type": "string"},
-            "cron": {"type": "string"},
+            "cron": {"type": "string", "description": schedules.CRON_FORMAT},
             "type": {"type": "string"},
             "payload": {"type": "object"},
             "queue": nullable({"type": "string"}),
@@ -197,8 +197,7 @@ SCHEMAS = {
         },
     },
     "ScheduleCreation": {**schedules.SCHEDULE_SCHEMA,
-                         "description": "A recurring job: 5-field cron (a 6th field for "
-                                        "seconds is accepted) read in `timezone` (IANA, "
+                         "description": "A recurring job: `cron` read in `timezone` (IANA, "
                                         "default UTC); overlap defaults to skip."},
     "ScheduleChange": {**schedules.CHANGE_SCHEMA,
                        "description": "The fields to change; a new cron or timezone, or a "

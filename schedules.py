@@ -1,4 +1,4 @@
-"""Recurring schedules (SPEC §8): create, change, pause, and fire them.
+"""Recurring schedules: create, change, pause, and fire them.
 
 Any number of supervisors call `fire_due`. A due slot is enqueued exactly once because
 the first process to insert its (schedule, slot) row wins; the others find the row and
@@ -20,8 +20,11 @@ from models import Job, Schedule, ScheduleRun, db, now
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$(?!\n)"  # see jobs.NAME_PATTERN
 MAX_LIMIT = jobs.MAX_LIMIT
 
+CRON_FORMAT = ("5 fields: minute hour day-of-month month day-of-week, e.g. '0 3 * * *'. An "
+               "optional 6th field for seconds goes LAST, as croniter reads it: "
+               "'*/5 * * * * 30' fires at second 30 of every fifth minute.")
 _FIELDS = {
-    "cron": {"type": "string", "minLength": 1, "maxLength": 200},
+    "cron": {"type": "string", "minLength": 1, "maxLength": 200, "description": CRON_FORMAT},
     "type": {"type": "string", "minLength": 1, "maxLength": 100},
     "payload": {"type": "object"},
     "queue": {"type": ["string", "null"], "pattern": jobs.NAME_PATTERN},

@@ -149,10 +149,48 @@ def test_bad_input_is_one_error_line_without_a_traceback(conveyor):
 
 
 @pytest.mark.parametrize("args", [("jobs", "show", "424242"),
-                                  ("jobs", "submit", "t.noop", "--timeout", "nan")])
+                                  ("jobs", "submit", "t.noop", "--timeout", "nan"),
+                                  ("jobs", "submit", "t.noop", "--delay", "abc")])
 def test_bad_input_in_a_real_process_is_one_error_line(conveyor, args):
     result = conveyor.flask(*args, check=False)
     assert result.returncode == 1
     assert result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1, \
         result.stderr
     assert result.stdout == ""
+
+
+TIME_OPTIONS = [("jobs", "submit", "t.noop", "--delay"), ("jobs", "submit", "t.noop", "--timeout"),
+                ("jobs", "wait", "1", "--timeout"), ("prune", "--older-than"),
+                ("top", "--once", "--interval")]
+
+
+def test_every_time_option_reads_plain_seconds_or_units(conveyor):
+    for text, seconds in (("90s", 90), ("2m", 120), ("150", 150), ("2.5", 2.5), ("1.5h", 5400)):
+        delayed = conveyor.job(int(cli("jobs", "submit", "t.noop", "--delay", text).stdout))
+        assert seconds - 5 < delayed.run_at - delayed.created_at <= seconds, text
+        limited = conveyor.job(int(cli("jobs", "submit", "t.noop", "--timeout", text).stdout))
+        assert limited.timeout_s == seconds, text
+        cancelled, _ = jobs.cancel(conveyor.submit("t.noop", delay_s=3600))
+        assert cli("jobs", "wait", str(cancelled.id), "--timeout", text,
+                   check=False).exit_code == 4, text
+        assert cli("prune", "--older-than", text).stdout.startswith("pruned "), text
+        assert "workers alive" in cli("top", "--once", "--interval", text).stdout, text
+    waiting = conveyor.submit("t.noop", delay_s=3600)
+    timed_out = cli("jobs", "wait", str(waiting), "--timeout", "0.01m", check=False)
+    assert timed_out.exit_code == 5
+    assert timed_out.stderr.splitlines()[-1] == (
+        f"Error: job {waiting} is still scheduled after 0.6s")
+
+
+def test_every_time_option_refuses_a_bad_value_in_one_line(conveyor):
+    for *command, option in TIME_OPTIONS:
+        for text in ("abc", "-5", "nan", "5 weeks", "2w", ""):
+            result = cli(*command, option, text, check=False)
+            assert result.exit_code == 1, (command, text)
+            assert result.stderr == (f"Error: {option}: {text!r} is not a duration: seconds "
+                                     f"(60, 0.5) or 90s, 15m, 12h, 7d\n"), result.stderr
+            assert result.stdout == ""
+    too_often = cli("top", "--interval", "0.05", check=False)
+    assert (too_often.exit_code, too_often.stderr) == (
+        1, "Error: --interval: '0.05' is less than 0.1s\n")
+    assert jobs.list_jobs()[0] == [], "a refused submission must store nothing"

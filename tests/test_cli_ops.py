@@ -7,6 +7,8 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 import jobs
 from checks import LONG_LEASE, cut_database_connections, gate_path, release, running_attempt
 from conftest import ProcessGroup, wait_for
@@ -14,10 +16,15 @@ from conftest import ProcessGroup, wait_for
 LONG_LEASE_ENV = {name: str(value) for name, value in LONG_LEASE.items()}
 
 
-def flask_process(conveyor, name, *args):
-    """A `flask` command left running, its stdout and stderr in one log."""
-    return ProcessGroup([sys.executable, "-m", "flask", *args], conveyor.env,
-                        conveyor.tmp_path / f"{name}.log")
+def flask_process(conveyor, name, *args, sigint_ignored=False):
+    """A `flask` command left running, its stdout and stderr in one log; sigint_ignored
+    starts it with SIGINT ignored, as a script's background job (`cmd &`) or some CI runners
+    are."""
+    command = [sys.executable, "-m", "flask", *args]
+    if sigint_ignored:  # the disposition is inherited through exec, as from such a parent
+        command = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, "
+                   "signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])", *command]
+    return ProcessGroup(command, conveyor.env, conveyor.tmp_path / f"{name}.log")
 
 
 def logged(process, text):
@@ -145,9 +152,10 @@ def test_top_once_shows_queues_by_status_and_what_each_worker_runs(conveyor, tmp
     assert sorted(w["pid"] for w in document["workers"]) == sorted(supervisor.worker_pids())
 
 
-def test_top_refreshes_every_interval_until_interrupted(conveyor):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["sigint-default", "sigint-ignored"])
+def test_top_refreshes_every_interval_until_interrupted(conveyor, sigint_ignored):
     conveyor.submit("t.noop")
-    top = flask_process(conveyor, "top", "top", "--interval", "0.2")
+    top = flask_process(conveyor, "top", "top", "--interval", "0.2", sigint_ignored=sigint_ignored)
     try:
         wait_for(lambda: top.log().count("workers alive: 0") >= 3, message="three frames")
         conveyor.submit("t.noop", queue="later")

@@ -103,6 +103,28 @@ def test_reaped_attempts_and_rate_limits_are_counted(conveyor, gunicorn):
                  outcome="crashed") == 1
 
 
+def test_discarding_a_dead_job_counts_as_a_cancellation(conveyor, gunicorn):
+    """A discarded dead job becomes cancelled, so conveyor_jobs_cancelled counts it whether
+    the API or `flask dlq discard` discarded it."""
+    key = admin_key(conveyor)
+    server = gunicorn(workers=1)
+    by_api, by_cli = [conveyor.submit("t.permanent", queue="risky") for _ in range(2)]
+    conveyor.start_supervisor(concurrency=1)
+    conveyor.wait_until_final([by_api, by_cli])
+    assert conveyor.statuses([by_api, by_cli]) == {by_api: "dead", by_cli: "dead"}
+
+    response = requests.delete(f"{server.url}/v1/dlq/{by_api}", headers=bearer(key), timeout=10)
+    assert response.status_code == 200, response.text
+    conveyor.flask("dlq", "discard", str(by_cli))
+
+    samples = wait_for(lambda: (s := scrape(server, key)) and value(
+        s, "conveyor_jobs_cancelled_total", type="t.permanent", queue="risky") >= 2 and s,
+        timeout=10, message="both discards to be counted")
+    assert value(samples, "conveyor_jobs_cancelled_total", type="t.permanent", queue="risky") == 2
+    assert value(samples, "conveyor_jobs", queue="risky", status="cancelled") == 2
+    assert value(samples, "conveyor_jobs", queue="risky", status="dead") == 0
+
+
 def test_retiring_old_processes_keeps_every_sum(conveyor):
     for process in ("old-a", "old-b", "current"):
         MetricCounter.insert(process_id=process, name="conveyor_jobs_submitted",
