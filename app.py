@@ -220,8 +220,9 @@ def owner():
 # ---------------------------------------------------------------------------- the app
 
 def create_app():
+    """The app, on a database whose schema the caller brings up to date (boot.ready)."""
     try:
-        boot.start()
+        boot.start(upgrade=False)
     except (ConfigError, HandlerError) as exc:
         fail_fast(exc)
     app = Flask(__name__, static_folder=None)

@@ -3,11 +3,19 @@
 Reads and checks the settings, points the models at the database and checks it answers,
 brings the schema up to date and loads the handlers. Any problem is a ConfigError or
 HandlerError with one line that names its cause.
+
+Importing the app migrates nothing: web migrates in gunicorn.conf.py's `on_starting`,
+the worker as it starts, the `flask` commands before they run (`flask db upgrade` itself
+reports what it applied); each calls `ready`, which also says what the process uses.
 """
+import logging
+
 import config
 import handlers
 import logs
 import models
+
+log = logging.getLogger("conveyor.boot")
 
 
 def start(*, upgrade=True, check_database=True, custom_plans=False):
@@ -22,3 +30,14 @@ def start(*, upgrade=True, check_database=True, custom_plans=False):
     handlers.load(settings.handler_paths)
     models.reset_connection()
     return settings
+
+
+def ready(process, level=logging.INFO):
+    """Bring the schema up to date and log one line of what this process uses: which
+    database, at which schema version, with which job types. Returns models.Schema."""
+    schema = models.upgrade()
+    applied = f", applied {', '.join(schema.applied)}" if schema.applied else ""
+    log.log(level, "%s uses %s (schema version %d%s) with job types: %s", process,
+            models.describe(), schema.version, applied,
+            ", ".join(sorted(handlers.registered())) or "none")
+    return schema

@@ -1,10 +1,12 @@
 """The `flask` commands (the README's Command line table): db, keys, jobs, dlq, schedules,
-prune and audit, and the operator's views: `jobs wait` and `top`.
+prune and audit, and the operator's views: `jobs wait`, `top` and `handlers`.
 
 Thin callers of the core, like the routes. Refusals print one line (`Error: ...`) and
 exit non-zero; commands that show or list take --json for one JSON document on stdout.
 """
+import inspect
 import json
+import logging
 import re
 import signal
 import time
@@ -14,7 +16,9 @@ from flask.cli import AppGroup
 
 import audit
 import auth
+import boot
 import documents
+import handlers
 import jobs
 import models
 import schedules
@@ -44,11 +48,16 @@ class Duration(click.ParamType):
         return seconds
 
 
-class Commands(AppGroup):
-    """A command group whose commands answer a refusal from the core with one clear line
-    (`Error: ...`, exit 1) instead of a traceback."""
+class Conveyor:
+    """What every command here does around its work: bring the schema up to date first,
+    quietly (unless it is `flask db upgrade`, which says what it applied), and answer a
+    refusal from the core with one clear line (`Error: ...`, exit 1), not a traceback."""
+
+    migrates_first = True
 
     def invoke(self, ctx):
+        if self.migrates_first:
+            boot.ready("flask", level=logging.DEBUG)
         try:
             return super().invoke(ctx)
         except jobs.JobError as exc:
@@ -56,6 +65,20 @@ class Commands(AppGroup):
             raise click.ClickException(f"{exc.detail}{details}") from None
         except auth.KeyRefused as exc:
             raise click.ClickException(str(exc)) from None
+
+
+class Commands(Conveyor, AppGroup):
+    """A command group of Conveyor's."""
+
+
+class Command(Conveyor, click.Command):
+    """A command of Conveyor's outside any group."""
+
+
+class SchemaCommands(Commands):
+    """`flask db`: its commands manage the schema themselves."""
+
+    migrates_first = False
 
 
 def json_object(text, option="--payload"):
@@ -72,7 +95,7 @@ def emit(document):
     click.echo(json.dumps(document, indent=2))
 
 
-db_group = Commands("db", help="Manage the database schema.")
+db_group = SchemaCommands("db", help="Manage the database schema.")
 jobs_group = Commands("jobs", help="Submit, show and list jobs.")
 dlq_group = Commands("dlq", help="The dead-letter queue.")
 schedules_group = Commands("schedules", help="Recurring jobs on a cron schedule.")
@@ -81,8 +104,9 @@ schedules_group = Commands("schedules", help="Recurring jobs on a cron schedule.
 @db_group.command("upgrade")
 def db_upgrade():
     """Create or migrate the schema (idempotent; also run when web and worker start)."""
-    applied = models.upgrade()
-    click.echo(f"applied {', '.join(applied)}" if applied else "schema is up to date")
+    schema = models.upgrade()
+    click.echo(f"applied {', '.join(schema.applied)}; schema at version {schema.version}"
+               if schema.applied else f"schema is up to date (version {schema.version})")
 
 
 @jobs_group.command("submit")
@@ -368,7 +392,7 @@ def keys_revoke(name):
     click.echo(f"key {name} revoked")
 
 
-@click.command("prune")
+@click.command("prune", cls=Command)
 @click.option("--older-than", type=Duration(),
               help="Age: seconds, or 30s, 15m, 12h, 7d (default: RETENTION_DAYS).")
 def prune(older_than):
@@ -377,7 +401,7 @@ def prune(older_than):
     click.echo(f"pruned {jobs.prune(seconds)} jobs")
 
 
-@click.command("audit")
+@click.command("audit", cls=Command)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def audit_command(as_json):
     """Check every job's stored history against the guarantees (README, Guarantees): one
@@ -396,7 +420,44 @@ def audit_command(as_json):
     raise SystemExit(1 if report.violations else 0)
 
 
-@click.command("top")
+@click.command("handlers", cls=Command)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def handlers_command(as_json):
+    """The registered job types (this folder's handlers/ and HANDLER_PATHS) with what a job
+    of each gets unless it says otherwise: queue, attempts, timeout, backoff."""
+    rows = [handler_options(h) for _, h in sorted(handlers.registered().items())]
+    if as_json:
+        return emit({"items": rows})
+    click.echo(f"{'type':<24} {'queue':<12} {'attempts':>8} {'timeout':>8} {'backoff':<12} "
+               f"{'schema':<6} path")
+    for row in rows:
+        backoff = f"{row['backoff_base_s']:g}s..{row['backoff_max_s']:g}s"
+        click.echo(f"{row['type']:<24} {row['queue']:<12} {row['max_attempts']:>8} "
+                   f"{row['timeout_s']:>7g}s {backoff:<12} {'yes' if row['schema'] else 'no':<6} "
+                   f"{row['path']}")
+    if not rows:
+        click.echo("no job types: add a module to handlers/ or a folder to HANDLER_PATHS")
+
+
+def handler_options(handler):
+    """A job type's options as a job gets them: the handler's own, else the settings'."""
+    conf = settings()
+
+    def given(value, default):
+        return default if value is None else value
+
+    return {"type": handler.name,
+            "queue": given(handler.queue, "default"),
+            "max_attempts": given(handler.max_attempts, conf.default_max_attempts),
+            "timeout_s": given(handler.timeout_s, conf.default_timeout_s),
+            "backoff_base_s": given(handler.backoff_base_s, conf.backoff_base_s),
+            "backoff_max_s": given(handler.backoff_max_s, conf.backoff_max_s),
+            "schema": handler.schema is not None,
+            "module": handler.origin,
+            "path": inspect.getsourcefile(handler.fn)}
+
+
+@click.command("top", cls=Command)
 @click.option("--interval", type=Duration(minimum=0.1), default="2s", show_default=True,
               help="Time between refreshes: seconds, or 2s, 1m.")
 @click.option("--once", is_flag=True, help="Print one frame and exit.")
@@ -459,5 +520,5 @@ def top_frame(lease_s):
 
 def register(app):
     for command in (db_group, jobs_group, dlq_group, schedules_group, keys_group, prune,
-                    audit_command, top):
+                    audit_command, handlers_command, top):
         app.cli.add_command(command)

@@ -20,3 +20,10 @@ def post_worker_init(worker):
     import metrics
     from config import settings
     metrics.flush_in_background(settings().heartbeat_s)
+
+
+def on_starting(server):
+    """Migrate the schema before any worker serves (the app, preloaded, does not), and say
+    in one line which database and job types web uses."""
+    import boot
+    boot.ready("web")

@@ -4,6 +4,7 @@ One database for every process, chosen by DATABASE_URL: SQLite (WAL, busy timeou
 default, PostgreSQL for production. Times are stored as UTC epoch seconds (float) and
 read from the database's clock (`now()`), so hosts with skewed clocks agree on leases.
 """
+import collections
 import hashlib
 import itertools
 import json
@@ -157,12 +158,19 @@ DB_ERRORS = (pw.DatabaseError, pw.InterfaceError)
 
 
 def describe():
-    """Where the database is, without credentials."""
+    """Where the database is, as a URL without the password: the SQLite file's full path
+    (a relative DATABASE_URL depends on the folder a process starts in)."""
     database = db.obj
     if isinstance(database, pw.SqliteDatabase):
-        return f"sqlite file {database.database}"
+        path = database.database
+        return f"sqlite:///{path if path == ':memory:' else os.path.abspath(path)}"
     params = database.connect_params
-    return f"postgresql {params.get('host', 'localhost')}:{params.get('port', 5432)}/{database.database}"
+    user = f"{params['user']}@" if params.get("user") else ""
+    return (f"postgresql://{user}{params.get('host', 'localhost')}:{params.get('port', 5432)}"
+            f"/{database.database}")
+
+
+Schema = collections.namedtuple("Schema", "applied version")
 
 
 def upgrade():
@@ -170,18 +178,19 @@ def upgrade():
 
     PostgreSQL serialises migrators on an advisory lock, SQLite on its write lock
     (BEGIN IMMEDIATE); each migration is recorded by name, so a second runner finds
-    nothing left to do.
+    nothing left to do. Returns Schema: the names this call applied, in order, and the
+    schema's version (the number of the latest migration applied, by anyone).
     """
     from playhouse.migrations import Runner
 
     database = db.obj
-    with database.connection_context():
+    with database.connection_context(), database.atomic():
         if is_postgres():
-            with database.atomic():
-                database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (0x636F6E76,))
-                return Runner(database, MIGRATIONS_DIR).up()
-        with database.atomic():
-            return Runner(database, MIGRATIONS_DIR).up()
+            database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (0x636F6E76,))
+        runner = Runner(database, MIGRATIONS_DIR)
+        applied = runner.up()
+        version = max((m.idx for m in runner.status() if m.applied), default=0)
+        return Schema(applied, version)
 
 
 class JSONField(pw.TextField):

@@ -16,7 +16,8 @@ from supervisor.pool import Supervisor
 def main(concurrency, queues):
     """Run worker processes that take jobs from the database until SIGTERM."""
     try:
-        settings = boot.start(custom_plans=True)  # see models.open_database
+        settings = boot.start(upgrade=False, custom_plans=True)  # see models.open_database
+        boot.ready("worker")
     except (ConfigError, HandlerError) as exc:
         fail_fast(exc)
     chosen = tuple(q.strip() for q in (queues or "").split(",") if q.strip())

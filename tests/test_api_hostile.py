@@ -203,7 +203,9 @@ def test_a_database_outage_is_503_with_retry_after_not_500(postgres_url, monkeyp
         monkeypatch.setenv(variable, value)
     config.reset()
     import app as app_module  # (its first import makes an app from the environment)
+    import models
     client = app_module.create_app().test_client()
+    models.upgrade()  # as web does when it starts (gunicorn.conf.py)
     key = auth.create("admin", "admin")[1]
     assert client.get("/v1/jobs", headers=bearer(key)).status_code == 200
     conftest.drop_pg_database(name)  # WITH (FORCE): our connection is cut too
