@@ -7,6 +7,7 @@ becomes an RFC 9457 problem+json response in one place; no input reaches SQL exc
 bound parameter.
 """
 import atexit
+import ipaddress
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ from functools import lru_cache
 from flask import Flask, Response, g, request
 from jsonschema import Draft202012Validator
 from limits import parse_many
-from limits.errors import ConfigurationError
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
@@ -52,9 +53,10 @@ class ApiError(Exception):
         self.status, self.title, self.detail, self.headers = status, title, detail, headers or {}
 
 
-def problem(status, title, detail, headers=None, errors=None):
+def problem(status, title, detail, headers=None, errors=None, **extensions):
+    """An RFC 9457 problem response; extensions are its extra members."""
     body = {"type": "about:blank", "title": title, "status": status,
-            "detail": _clip(detail)}
+            "detail": _clip(detail), **extensions}
     if errors:
         body["errors"] = [_clip(error) for error in errors]
     return Response(json.dumps(body), status=status, headers=headers,
@@ -76,11 +78,13 @@ def reply(document, status=200, headers=None):
                     mimetype="application/json")
 
 
-def access(level):
+def access(level, monitoring=False):
     """Declare who may call a view: PUBLIC, SUBMIT (submit and admin keys) or ADMIN.
-    A view without it is admin-only, so a new route is closed until it says otherwise."""
+    A view without it is admin-only, so a new route is closed until it says otherwise.
+    A monitoring view is served even while the rate-limit storage is unreachable, whatever
+    RATE_LIMIT_ON_STORAGE_ERROR says, so that it can report the outage."""
     def mark(view):
-        view.access = level
+        view.access, view.monitoring = level, monitoring
         return view
     return mark
 
@@ -229,14 +233,10 @@ def create_app():
     app.config["MAX_CONTENT_LENGTH"] = settings().max_request_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.url_map.converters["job_id"] = JobIdConverter
-    try:
-        storage = storage_from_string(settings().ratelimit_storage_uri)
-    except ConfigurationError as exc:
-        fail_fast(ConfigError(f"RATELIMIT_STORAGE_URI {settings().ratelimit_storage_uri!r} "
-                              f"is not usable: {exc}"))
+    rate_limits = RateLimits(settings())
     _register_errors(app)
-    _register_access(app, FixedWindowRateLimiter(storage))
-    _register_routes(app)
+    _register_access(app, rate_limits)
+    _register_routes(app, rate_limits)
     cli.register(app)
     # Counts reach the database from a thread in each gunicorn worker (gunicorn.conf.py)
     # and at exit, which is when a `flask` command's are stored.
@@ -245,48 +245,66 @@ def create_app():
 
 
 class RateLimits:
-    """The two limits of SPEC §6, counted with a fixed window in RATELIMIT_STORAGE_URI by
-    flask-limiter's storage layer (the `limits` package):
+    """The two limits of SPEC §6, counted with a fixed window in RATELIMIT_STORAGE_URI (or
+    REDIS_URL) by flask-limiter's storage layer (the `limits` package):
     - RATE_LIMIT per API key (a key's own rate limit overrides it), over every route;
     - AUTH_FAIL_LIMIT failed authentications per client address: 401 until the limit is
-      reached, then 429 for every request with a key from that address until the window
-      ends, so that a correct guess cannot get through either.
+      reached, then 429 until the window ends. Only requests without a valid key are
+      counted or refused there, so one client's failures never lock out a valid key.
     The access hook applies them itself: flask-limiter's request hooks, which resolve and
     evaluate limits in general, cost more than the rest of a submission (bench/RESULTS.md).
-    A storage that cannot be reached lets requests through, with a warning."""
+    When the storage cannot be reached, RATE_LIMIT_ON_STORAGE_ERROR decides (SPEC §13):
+    `closed` refuses the request with 503, `open` lets it through uncounted. Each request
+    tries the storage again, so limits hold again as soon as it answers."""
 
     KEY, FAILED_AUTH = "key", "auth-fail"
     WARN_EVERY_S = 10
+    RETRY_AFTER_S = 5
+    TIMEOUT_S = 1  # a Redis that does not answer must not hold requests for minutes
 
-    def __init__(self, strategy, failed_auth_limit):
-        self.strategy = strategy
-        self.failed_auth = parse_many(failed_auth_limit)
+    def __init__(self, conf):
+        uri = conf.ratelimit_storage_uri
+        options = {"socket_timeout": self.TIMEOUT_S, "socket_connect_timeout": self.TIMEOUT_S}
+        self.storage = storage_from_string(uri, wrap_exceptions=True, **(
+            options if uri.startswith(("redis://", "rediss://")) else {}))
+        self.strategy = FixedWindowRateLimiter(self.storage)
+        self.failed_auth_limits = parse_many(conf.auth_fail_limit)
         self.parsed = lru_cache(maxsize=256)(parse_many)
+        self.on_storage_error = conf.rate_limit_on_storage_error
+        self.reachable = True
         self.warned_at = -math.inf
 
-    def check_failed_auth(self, address):
-        for item in self.failed_auth:
-            if not self._counted(self.strategy.test, item, self.FAILED_AUTH, address):
+    def storage_state(self):
+        """Whether the storage answers now, and the policy while it does not (/healthz)."""
+        return {"ok": self.storage.check(), "on_error": self.on_storage_error}
+
+    def failed_auth(self, address):
+        """Count one failed authentication from address; ApiError 429 once it is over
+        AUTH_FAIL_LIMIT (the caller answers 401 below it)."""
+        self._counted(self._hit_failed_auth, address)
+
+    def hit_key(self, key, monitoring=False):
+        """Count one request of this key: the X-RateLimit-* headers for its response, or
+        ApiError 429 once it is over its limit."""
+        return self._counted(self._hit_key, key, monitoring=monitoring) or {}
+
+    def _hit_failed_auth(self, address):
+        for item in self.failed_auth_limits:
+            if not self.strategy.hit(item, self.FAILED_AUTH, address):
                 self._refuse(item, self.FAILED_AUTH, address, "failed_authentication",
                              f"too many failed authentications from {address} (limit {item})")
 
-    def record_failed_auth(self, address):
-        for item in self.failed_auth:
-            self._counted(self.strategy.hit, item, self.FAILED_AUTH, address)
-
-    def hit_key(self, key):
-        """Count one request of this key: the X-RateLimit-* headers for its response, or
-        ApiError 429 once it is over its limit."""
+    def _hit_key(self, key):
         identity = key.key_hash[:32]  # unique across deployments sharing a storage
         tightest = None  # (remaining, item, stats) of the limit closest to refusing
         for item in self.parsed(key.rate_limit or settings().rate_limit):
-            if not self._counted(self.strategy.hit, item, self.KEY, identity):
+            if not self.strategy.hit(item, self.KEY, identity):
                 self._refuse(item, self.KEY, identity, "api_key",
                              f"this API key is over its rate limit of {item}")
-            stats = self._counted(self.strategy.get_window_stats, item, self.KEY, identity)
-            if stats is not True and (tightest is None or stats.remaining < tightest[0]):
+            stats = self.strategy.get_window_stats(item, self.KEY, identity)
+            if tightest is None or stats.remaining < tightest[0]:
                 tightest = (stats.remaining, item, stats)
-        return {} if tightest is None else self._headers(*tightest[1:])
+        return self._headers(*tightest[1:])
 
     def _refuse(self, item, scope, identity, name, detail):
         metrics.count("conveyor_rate_limited", limit=name)
@@ -301,16 +319,58 @@ class RateLimits:
                 "X-RateLimit-Remaining": str(stats.remaining),
                 "X-RateLimit-Reset": str(int(stats.reset_time))}
 
-    def _counted(self, call, *args):
-        """call(*args) on the storage; True (let it through) when the storage fails."""
+    def _counted(self, count, *args, monitoring=False):
+        """count(*args) against the storage; when the storage fails, ApiError 503 under
+        the `closed` policy (unless monitoring), else None: the request goes uncounted."""
         try:
-            return call(*args)
-        except Exception as exc:
-            now = time.monotonic()
-            if now - self.warned_at >= self.WARN_EVERY_S:
-                self.warned_at = now
-                log.warning("rate limit storage unavailable, requests go unlimited: %s", exc)
-            return True
+            result = count(*args)
+        except StorageError as exc:
+            refused = self.on_storage_error == "closed" and not monitoring
+            self._storage_failed(exc.storage_error, refused)
+            if refused:
+                raise ApiError(503, "Service unavailable",
+                               "the rate-limit storage is unreachable; try again",
+                               {"Retry-After": str(self.RETRY_AFTER_S)}) from None
+            return None
+        if not self.reachable:
+            self.reachable = True
+            log.info("rate limit storage reachable again: requests are counted")
+        return result
+
+    def _storage_failed(self, error, refused):
+        self.reachable = False
+        metrics.count("conveyor_rate_limit_storage_errors",
+                      outcome="refused" if refused else "let_through")
+        now = time.monotonic()
+        if now - self.warned_at >= self.WARN_EVERY_S:
+            self.warned_at = now
+            log.warning("rate limit storage unreachable (RATE_LIMIT_ON_STORAGE_ERROR=%s), "
+                        "requests are %s: %s", self.on_storage_error,
+                        "refused with 503" if self.on_storage_error == "closed"
+                        else "let through uncounted", error)
+
+
+def client_address(trusted):
+    """Who sent the request, for the failed-authentication limit (SPEC §6): the direct
+    peer, unless it is one of TRUSTED_PROXIES. Then X-Forwarded-For is read from the right
+    (each proxy appends the address it was called from), skipping trusted hops: the first
+    untrusted one is the client. What is left of it, a client may have written itself."""
+    address = request.remote_addr or "unknown"
+    forwarded = ",".join(request.headers.getlist("X-Forwarded-For")).split(",")
+    for hop in reversed([hop.strip() for hop in forwarded if hop.strip()]):
+        if not _trusted(address, trusted):
+            break
+        address = hop
+    return address
+
+
+def _trusted(address, networks):
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:10.0.0.1 is 10.0.0.1
+    return any(ip in network for network in networks)
 
 
 def presented_key():
@@ -321,22 +381,21 @@ def presented_key():
     return request.headers.get("X-API-Key", "").strip() or None
 
 
-def _register_access(app, strategy):
-    limits = RateLimits(strategy, settings().auth_fail_limit)
+def _register_access(app, rate_limits):
+    trusted = settings().trusted_proxies
 
     @app.before_request
     def authorize():
         if request.routing_exception is not None:
             return  # a 404 or 405 says so, key or not
-        level = getattr(app.view_functions[request.endpoint], "access", ADMIN)
+        view = app.view_functions[request.endpoint]
+        level = getattr(view, "access", ADMIN)
         if level == PUBLIC:
             return
-        address = request.remote_addr or "unknown"
-        limits.check_failed_auth(address)
         secret = presented_key()
         key = auth.verify(secret) if secret else None
         if key is None:
-            limits.record_failed_auth(address)
+            rate_limits.failed_auth(client_address(trusted))
             detail = ("the API key is unknown or revoked" if secret else
                       "send an API key: Authorization: Bearer <key>, or X-API-Key: <key>")
             raise ApiError(401, "Unauthorized", detail,
@@ -345,7 +404,7 @@ def _register_access(app, strategy):
         if level == ADMIN and key.role != "admin":
             raise ApiError(403, "Forbidden", f"{request.method} {request.path} needs an "
                                              f"admin key; {key.name!r} is a submit key")
-        g.rate_limit_headers = limits.hit_key(key)
+        g.rate_limit_headers = rate_limits.hit_key(key, getattr(view, "monitoring", False))
 
     @app.after_request
     def rate_limit_headers(response):
@@ -394,11 +453,11 @@ def _register_errors(app):
         return problem(500, "Internal server error", "an unexpected error occurred")
 
 
-def _register_routes(app):
+def _register_routes(app, rate_limits):
     conf = settings()
     description = json.dumps(openapi.document(handlers.registered(),
                                               metrics_public=conf.metrics_public))
-    collectors = metrics.registry(conf.lease_s)
+    collectors = metrics.registry(conf.lease_s, rate_limits.storage.check)
 
     @app.get("/healthz")
     @access(PUBLIC)
@@ -409,7 +468,14 @@ def _register_routes(app):
             models.reset_connection()
             return problem(503, "Service unavailable", "the database does not answer",
                            {"Retry-After": "1"})
-        return reply({"status": "ok"})
+        storage = rate_limits.storage_state()
+        if not storage["ok"] and storage["on_error"] == "closed":
+            return problem(503, "Service unavailable",
+                           "the rate-limit storage is unreachable, so requests with a key "
+                           "are refused (RATE_LIMIT_ON_STORAGE_ERROR=closed)",
+                           {"Retry-After": str(RateLimits.RETRY_AFTER_S)},
+                           rate_limit_storage=storage)
+        return reply({"status": "ok", "rate_limit_storage": storage})
 
     @app.get("/openapi.json")
     @access(PUBLIC)
@@ -417,7 +483,7 @@ def _register_routes(app):
         return Response(description, mimetype="application/json")
 
     @app.get("/metrics")
-    @access(PUBLIC if conf.metrics_public else ADMIN)
+    @access(PUBLIC if conf.metrics_public else ADMIN, monitoring=True)
     def prometheus_metrics():
         return Response(metrics.exposition(collectors), content_type=metrics.CONTENT_TYPE)
 

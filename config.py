@@ -3,6 +3,7 @@
 A bad value raises ConfigError naming the variable; entry points turn it into one line
 on stderr and a non-zero exit (see `fail_fast`).
 """
+import ipaddress
 import os
 import re
 import sys
@@ -11,6 +12,8 @@ from ipaddress import ip_network
 from urllib.parse import urlparse
 
 from limits import parse_many
+from limits.errors import ConfigurationError
+from limits.storage import storage_from_string
 
 
 class ConfigError(Exception):
@@ -54,6 +57,31 @@ def _rate_limit(env, name, default):
     except ValueError:
         raise ConfigError(f"{name} is not a rate limit like '100/second', got {value!r}") from None
     return value
+
+
+def _ratelimit_storage(env):
+    """RATELIMIT_STORAGE_URI, else REDIS_URL (the platform convention), else memory://."""
+    for name in ("RATELIMIT_STORAGE_URI", "REDIS_URL"):
+        uri = env.get(name, "").strip()
+        if uri:
+            try:
+                storage_from_string(uri)  # builds a client only: nothing is contacted
+            except (ConfigurationError, ValueError) as exc:
+                raise ConfigError(f"{name} {uri!r} is not usable: {exc}") from None
+            return uri
+    return "memory://"
+
+
+def _trusted_proxies(env):
+    """The networks whose X-Forwarded-For is believed (app.client_address)."""
+    networks = []
+    for item in filter(None, (part.strip() for part in env.get("TRUSTED_PROXIES", "").split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"TRUSTED_PROXIES must be comma-separated addresses or CIDRs, "
+                              f"got {item!r}") from None
+    return tuple(networks)
 
 
 def _database_url(env):
@@ -102,7 +130,9 @@ class Settings:
     port: int = 5000
     rate_limit: str = "100/second"
     ratelimit_storage_uri: str = "memory://"
+    rate_limit_on_storage_error: str = "closed"
     auth_fail_limit: str = "30/minute"
+    trusted_proxies: tuple = ()
     max_payload_bytes: int = 256 * 1024
     max_request_bytes: int = 16 * 1024 * 1024
     worker_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -136,8 +166,11 @@ class Settings:
             database_url=_database_url(env),
             port=_number(env, "PORT", 5000, integer=True, minimum=1),
             rate_limit=_rate_limit(env, "RATE_LIMIT", "100/second"),
-            ratelimit_storage_uri=env.get("RATELIMIT_STORAGE_URI", "").strip() or "memory://",
+            ratelimit_storage_uri=_ratelimit_storage(env),
+            rate_limit_on_storage_error=_choice(env, "RATE_LIMIT_ON_STORAGE_ERROR", "closed",
+                                                ("open", "closed")),
             auth_fail_limit=_rate_limit(env, "AUTH_FAIL_LIMIT", "30/minute"),
+            trusted_proxies=_trusted_proxies(env),
             max_payload_bytes=_number(env, "MAX_PAYLOAD_BYTES", 256 * 1024, integer=True, minimum=1),
             max_request_bytes=_number(env, "MAX_REQUEST_BYTES", 16 * 1024 * 1024, integer=True, minimum=1),
             worker_concurrency=_number(env, "WORKER_CONCURRENCY", os.cpu_count() or 1, integer=True, minimum=1),

@@ -4,7 +4,8 @@ Counters (jobs submitted, succeeded, failed, dead, cancelled, reaped; attempt du
 rate-limit refusals) are counted where the event happens, into this process's memory,
 and flushed every few seconds into `metric_counters`: each process adds to its own rows,
 so no two processes contend on a row, and a scrape sums the rows of all of them. Gauges
-(queue depth, oldest available job, live workers) are read from the jobs at each scrape.
+(queue depth, oldest available job, live workers) are read from the jobs at each scrape,
+and whether the rate-limit storage answers from the web process scraped.
 """
 import atexit
 import json
@@ -36,6 +37,10 @@ COUNTERS = {
     "conveyor_attempts_released": ("Claimed attempts given back unstarted (their worker died "
                                    "or left first); they do not count.", ("type", "queue")),
     "conveyor_rate_limited": ("Requests refused with 429, by which limit.", ("limit",)),
+    "conveyor_rate_limit_storage_errors": (
+        "Requests that found the rate-limit storage unreachable, by what became of them "
+        "(refused with 503, or let_through uncounted: RATE_LIMIT_ON_STORAGE_ERROR).",
+        ("outcome",)),
 }
 DURATION = "conveyor_attempt_duration_seconds"
 DURATION_LABELS = ("type", "queue")
@@ -219,10 +224,24 @@ class JobsCollector:
             value=stats["workers_alive"])
 
 
-def registry(lease_s):
+class RateLimitStorageCollector:
+    """Whether this web process reaches its rate-limit storage, asked at each scrape."""
+
+    def __init__(self, reachable):
+        self.reachable = reachable
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "conveyor_rate_limit_storage_up",
+            "1 when the rate-limit storage answers the web process that was scraped, else 0.",
+            value=1 if self.reachable() else 0)
+
+
+def registry(lease_s, rate_limit_storage_reachable):
     collectors = CollectorRegistry(auto_describe=False)
     collectors.register(JobsCollector(lease_s))
     collectors.register(CountersCollector())
+    collectors.register(RateLimitStorageCollector(rate_limit_storage_reachable))
     return collectors
 
 

@@ -204,8 +204,16 @@ SCHEMAS = {
                                       "resume, starts from the next slot."},
     "Health": {
         "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"const": "ok"}},
+        "required": ["status", "rate_limit_storage"],
+        "properties": {
+            "status": {"const": "ok"},
+            "rate_limit_storage": {
+                "type": "object", "required": ["ok", "on_error"],
+                "description": "Whether the rate-limit storage answers, and what becomes "
+                               "of requests while it does not (RATE_LIMIT_ON_STORAGE_ERROR).",
+                "properties": {"ok": {"type": "boolean"},
+                               "on_error": {"enum": ["open", "closed"]}}},
+        },
     },
 }
 
@@ -244,7 +252,8 @@ RESPONSES = {
     "TooManyRequests": problem("Over this key's rate limit, or too many failed "
                                "authentications from this address.",
                                {**RETRY_AFTER, **RATE_HEADERS}),
-    "Unavailable": problem("The database does not answer; try again.", RETRY_AFTER),
+    "Unavailable": problem("The database or the rate-limit storage does not answer; "
+                           "try again.", RETRY_AFTER),
 }
 
 
@@ -441,9 +450,12 @@ PATHS = {
                          ok={"200": json_response("Every live worker.", ref("WorkerPage"))}),
     },
     "/healthz": {
-        "get": operation("health", "Whether the database answers", tag="ops",
+        "get": operation("health", "Whether the API can serve", tag="ops",
                          access="public",
-                         ok={"200": json_response("The database answers.", ref("Health"))},
+                         ok={"200": json_response("The database answers, and the rate-limit "
+                                                  "storage too unless "
+                                                  "RATE_LIMIT_ON_STORAGE_ERROR=open.",
+                                                  ref("Health"))},
                          errors=["Unavailable"]),
     },
     "/openapi.json": {

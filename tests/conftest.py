@@ -7,6 +7,7 @@ PostgreSQL fails instead.
 """
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -136,6 +137,12 @@ def postgres_url(request):
     url = request.getfixturevalue("pg_session_url")
     _empty_pg(url)
     return url
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_for(condition, timeout=15.0, interval=0.02, message="condition"):

@@ -102,6 +102,8 @@ BAD_CONFIGURATIONS = {
     "unknown log format": (lambda tmp: {"LOG_FORMAT": "xml"}, ["LOG_FORMAT", "xml"]),
     "malformed outbound allow-list": (lambda tmp: {"OUTBOUND_ALLOW": "127.0.0.1,10.0.0.0/33"},
                                       ["OUTBOUND_ALLOW", "10.0.0.0/33"]),
+    "a proxy that is not an address": (lambda tmp: {"TRUSTED_PROXIES": "10.0.0.1,nginx"},
+                                       ["TRUSTED_PROXIES", "'nginx'"]),
     "unreachable database": (
         lambda tmp: {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"},
         ["database", "127.0.0.1:1"]),
@@ -149,8 +151,24 @@ def test_settings_refuse_each_bad_value():
                         ("POLL_INTERVAL_S", "inf"), ("LOG_LEVEL", "loud"),
                         ("DATABASE_URL", "mysql://x"), ("RATE_LIMIT", "lots"),
                         ("BACKOFF_MAX_S", "0.01"), ("HANDLER_PATHS", "/no/such/folder"),
-                        ("OUTBOUND_ALLOW", "10.0.0.256")]:
+                        ("OUTBOUND_ALLOW", "10.0.0.256"),
+                        ("TRUSTED_PROXIES", "10.0.0.0/33"), ("REDIS_URL", "http://cache"),
+                        ("RATE_LIMIT_ON_STORAGE_ERROR", "maybe")]:
         with pytest.raises(config.ConfigError, match=name):
             config.Settings.from_env({**base, name: value})
     assert config.Settings.from_env(base).lease_s == float(FAST_ENV["LEASE_S"])
     assert os.path.isdir(TEST_HANDLERS)
+
+
+def test_rate_limits_are_counted_in_redis_url_unless_ratelimit_storage_uri_says_otherwise():
+    import config
+    base = {**FAST_ENV, "DATABASE_URL": "sqlite:///x.db", "HANDLER_PATHS": ""}
+    defaults = config.Settings.from_env(base)
+    assert (defaults.ratelimit_storage_uri, defaults.rate_limit_on_storage_error,
+            defaults.trusted_proxies) == ("memory://", "closed", ())
+    platform = {**base, "REDIS_URL": "rediss://:secret@cache.example:6380"}
+    assert config.Settings.from_env(platform).ratelimit_storage_uri == platform["REDIS_URL"]
+    chosen = {**platform, "RATELIMIT_STORAGE_URI": "redis://limits.example:6379/1"}
+    assert config.Settings.from_env(chosen).ratelimit_storage_uri == "redis://limits.example:6379/1"
+    proxies = config.Settings.from_env({**base, "TRUSTED_PROXIES": " 10.0.0.0/8, ::1 ,"})
+    assert [str(network) for network in proxies.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
