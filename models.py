@@ -12,10 +12,11 @@ import logging
 import math
 import os
 import re
+import select
 
 import peewee as pw
 import psycopg2.extensions
-from playhouse.db_url import connect as connect_url
+from playhouse.db_url import connect as connect_url, register_database
 
 from config import ConfigError
 
@@ -67,11 +68,50 @@ def open_database(url, lease_s=None, custom_plans=False):
 
 
 class PreparingConnection(psycopg2.extensions.connection):
-    """A psycopg2 connection that remembers which statements its session has prepared."""
+    """A psycopg2 connection that remembers which statements its session has prepared, and
+    tells without a round trip whether the server has ended its session."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.prepared = {}  # SQL text -> the name of its prepared statement
+        self._socket = select.poll()
+        self._socket.register(self.fileno(), select.POLLIN)
+
+    def ended(self):
+        """Whether the server has ended this idle session. The server sends nothing to an
+        idle session it keeps (no LISTEN on these), so anything to read means its end: the
+        FATAL message and end of file of a terminated backend (a restart, a failover,
+        pg_terminate_backend, a timeout), or the error of a connection TCP keepalives found
+        dead. Nothing to read costs one poll(2), not a round trip."""
+        return self.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE \
+            and bool(self._socket.poll(0))
+
+
+class PostgresqlDatabase(pw.PostgresqlDatabase):
+    """PostgreSQL whose connection (one per thread) is replaced before use once the server
+    has ended its session. Otherwise, after a database restart, each thread's first
+    statement would fail on its dead connection, however long ago the database came back
+    (a request answered 503, a worker's claim or heartbeat failed).
+
+    Only an idle connection is replaced: one inside a transaction (or in its COMMIT) must
+    fail, so that what it did is never silently lost with the session."""
+
+    def connection(self):
+        self._replace_if_ended()
+        return super().connection()
+
+    def cursor(self, *args, **kwargs):
+        self._replace_if_ended()
+        return super().cursor(*args, **kwargs)
+
+    def _replace_if_ended(self):
+        connection = self._state.conn
+        if connection is not None and connection.ended():
+            log.info("the database ended this connection; opening a new one")
+            reset_connection()
+
+
+register_database(PostgresqlDatabase, "postgresql")
 
 
 _PLACEHOLDER = re.compile(r"%(s|%)")
@@ -117,6 +157,8 @@ def execute(sql, params=()):
     except DB_ERRORS as exc:
         if getattr(exc.__context__, "pgcode", None) not in _LOST_STATEMENT:
             raise
+        if db.connection() is not connection:  # the server ended it between PREPARE and EXECUTE
+            return execute(sql, params)
         _preparing = False
         log.warning("the database session does not keep prepared statements (a pooler in "
                     "transaction mode?): running statements unprepared from now on")

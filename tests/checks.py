@@ -1,5 +1,6 @@
 """Assertions and probes shared by the fault-injection tests: is a process alive, which
 attempt is running where, does the history hold together, does `flask audit` agree."""
+import contextlib
 import json
 import os
 from collections import Counter
@@ -123,7 +124,8 @@ def gate_path(tmp_path, name="gate"):
 
 def cut_database_connections(pids, database_url):
     """Terminate the PostgreSQL connections of these processes, as a database restart
-    would; returns how many there were."""
+    would; returns how many there were. An idle connection cut is replaced before its next
+    use: to fail a query, cut it while it waits, inside `jobs_locked`."""
     port = urlparse(database_url).port or 5432
     ports = [c.laddr.port for pid in pids for c in psutil.Process(pid).net_connections("tcp")
              if c.raddr and c.raddr.port == port]
@@ -136,3 +138,21 @@ def cut_database_connections(pids, database_url):
             return sum(1 for terminated, in cur.fetchall() if terminated)
     finally:
         admin.close()
+
+
+@contextlib.contextmanager
+def jobs_locked(database_url):
+    """Hold an exclusive lock on the jobs table, so that a query reading it waits (and a
+    connection cut then fails mid-query); yields how many sessions wait for it."""
+    locker = psycopg2.connect(database_url, application_name="test-locker")
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+
+            def waiting():
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                            "'Lock' AND datname = current_database()")
+                return cur.fetchone()[0]
+            yield waiting
+    finally:
+        locker.close()  # the lock ends with the transaction

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import jobs
-from checks import LONG_LEASE, cut_database_connections, gate_path, release, running_attempt
+from checks import (LONG_LEASE, cut_database_connections, gate_path, jobs_locked, release,
+                    running_attempt)
 from conftest import ProcessGroup, wait_for
 
 LONG_LEASE_ENV = {name: str(value) for name, value in LONG_LEASE.items()}
@@ -71,7 +72,9 @@ def test_jobs_wait_keeps_waiting_through_a_database_restart(pg_conveyor):
     waiting = flask_process(pg_conveyor, "wait", "jobs", "wait", str(job_id))
     try:
         logged(waiting, f"job {job_id} scheduled")
-        assert cut_database_connections([waiting.pid], pg_conveyor.database_url) == 1
+        with jobs_locked(pg_conveyor.database_url) as waiting_sessions:
+            wait_for(lambda: waiting_sessions() == 1, message="the wait's poll to wait mid-query")
+            assert cut_database_connections([waiting.pid], pg_conveyor.database_url) == 1
         logged(waiting, "database unavailable, still waiting")
         jobs.cancel(job_id)
 

@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlparse
 
@@ -14,7 +15,7 @@ import pytest
 
 import auth
 from apiserver import Gunicorn, gunicorn  # noqa: F401 (fixture)
-from checks import LONG_LEASE, cut_database_connections
+from checks import LONG_LEASE, cut_database_connections, jobs_locked
 from client import (Conflict, ConnectionFailed, Conveyor, ConveyorError, Forbidden, Invalid,
                     Job, NotFound, RateLimited, TooLarge, Unauthorized, WaitTimeout)
 from conftest import wait_for
@@ -212,9 +213,13 @@ def test_a_database_outage_is_retried_after_retry_after(pg_conveyor, tmp_path, c
     try:
         caplog.set_level("INFO", logger="conveyor.client")
         client.stats()  # the server's one thread now holds a connection
-        assert cut_database_connections(server.worker_pids(), pg_conveyor.database_url) >= 1
-
-        assert client.stats().workers_alive == 0
+        with ThreadPoolExecutor(1) as pool:
+            with jobs_locked(pg_conveyor.database_url) as waiting_sessions:
+                stats = pool.submit(client.stats)
+                wait_for(lambda: waiting_sessions() == 1, message="the request to wait mid-query")
+                assert cut_database_connections(server.worker_pids(),
+                                                pg_conveyor.database_url) >= 1
+            assert stats.result(30).workers_alive == 0
         [retry] = [r.getMessage() for r in caplog.records if r.name == "conveyor.client"]
         assert "503 Service unavailable" in retry and "in 1.00s" in retry
     finally:

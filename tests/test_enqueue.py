@@ -9,6 +9,7 @@ import pytest
 import documents
 import jobs
 import models
+from conftest import wait_for
 from models import Job
 
 
@@ -158,7 +159,8 @@ def test_prepared_statements_outlive_a_rollback_and_are_made_again_on_a_new_conn
         pg_conveyor):
     """Submission and claims run as statements prepared once per connection: a rolled-back
     transaction keeps them (PREPARE is not transactional), and a connection lost with the
-    server's session prepares them again instead of naming statements it no longer has."""
+    server's session is replaced before use and prepares them again instead of naming
+    statements it no longer has."""
     [(first, _)] = jobs.enqueue([submission()])
     with pytest.raises(RuntimeError):
         with models.db.atomic():
@@ -169,14 +171,17 @@ def test_prepared_statements_outlive_a_rollback_and_are_made_again_on_a_new_conn
 
     killer = psycopg2.connect(pg_conveyor.database_url)
     killer.autocommit = True
+    backend = models.db.connection().get_backend_pid()
     with killer.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)",
-                       (models.db.connection().get_backend_pid(),))
+        cursor.execute("SELECT pg_terminate_backend(%s)", (backend,))
+
+        def ended():
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,))
+            return cursor.fetchone()[0] == 0
+        wait_for(ended, message="the terminated session to end")
     killer.close()
-    with pytest.raises(models.DB_ERRORS):
-        jobs.enqueue([submission()])  # the session, and its statements, are gone
-    models.reset_connection()
-    [(third, _)] = jobs.enqueue([submission()])
+    [(third, _)] = jobs.enqueue([submission()])  # the session, and its statements, were gone
+    assert models.db.connection().get_backend_pid() != backend
     worker = jobs.WorkerInfo(id="w-prepared", supervisor_id="s", host="h", pid=1)
     claimed = jobs.claim(worker, limit=10)
     assert [job.id for job in claimed] == [first.id, second.id, third.id]
