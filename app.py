@@ -7,6 +7,7 @@ becomes an RFC 9457 problem+json response in one place; no input reaches SQL exc
 bound parameter.
 """
 import atexit
+import ctypes
 import ipaddress
 import json
 import logging
@@ -15,7 +16,7 @@ import re
 import time
 from functools import lru_cache
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, after_this_request, g, request
 from jsonschema import Draft202012Validator
 from limits import parse_many
 from limits.errors import StorageError
@@ -42,6 +43,10 @@ log = logging.getLogger("conveyor.api")
 PUBLIC, SUBMIT, ADMIN = "public", "submit", "admin"
 MAX_JSON_DEPTH = 64
 MAX_ERROR_CHARS = 500  # one line of a problem's detail or errors; inputs can be huge
+READ_STEP = 64 * 1024  # a request body is read in steps of this many bytes
+RELEASE_AFTER_BYTES = 1024 * 1024  # a body this large gives its memory back afterwards
+# glibc's malloc_trim (None with another C library): see _release_memory_once_sent.
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
 _idempotency_key = Draft202012Validator(jobs.SUBMISSION_SCHEMA["properties"]["idempotency_key"])
 
 
@@ -78,6 +83,15 @@ def reply(document, status=200, headers=None):
                     mimetype="application/json")
 
 
+def _items_as_sent(stored):
+    """A batch's answer, {"items": [job, ...]}, encoded a job at a time while it is sent:
+    it is as large as the batch, and is never held whole."""
+    yield b'{"items":['
+    for index, (job, _) in enumerate(stored):
+        yield (b"," if index else b"") + _document_json.encode(documents.job(job)).encode()
+    yield b"]}"
+
+
 def access(level, monitoring=False):
     """Declare who may call a view: PUBLIC, SUBMIT (submit and admin keys) or ADMIN.
     A view without it is admin-only, so a new route is closed until it says otherwise.
@@ -89,8 +103,15 @@ def access(level, monitoring=False):
     return mark
 
 
+# An id as SPEC §6 spells it: ASCII digits, no leading zero (werkzeug's \d+ also takes
+# Arabic-Indic or fullwidth digits, and /v1/jobs/007 would name job 7).
+ID_PATTERN = "[1-9][0-9]*"
+
+
 class JobIdConverter(IntegerConverter):
-    """A job id in a path: 1 to 2**63-1; anything else is a 404, never an SQL overflow."""
+    """A job id in a path: 1 to 2**63-1 spelt ID_PATTERN; anything else is a 404, never an
+    SQL overflow."""
+    regex = ID_PATTERN
 
     def __init__(self, url_map):
         super().__init__(url_map, min=1, max=openapi.MAX_ID)
@@ -99,30 +120,79 @@ class JobIdConverter(IntegerConverter):
 # ---------------------------------------------------------------------------- parsing
 
 def json_body():
-    """The request body as JSON, or an ApiError that says what is wrong with it."""
+    """The request body as JSON, or an ApiError that says what is wrong with it.
+
+    A batch body can be MAX_REQUEST_BYTES: it is read once into one buffer, decoded, and
+    each copy let go as soon as the next exists (the request keeps none), so that the peak
+    stays near the bytes, the text and the parsed values of one body (bench/web_memory.py).
+    """
     if request.mimetype != "application/json" and not request.mimetype.endswith("+json"):
         raise ApiError(415, "Unsupported media type",
                        f"send JSON with Content-Type: application/json, not "
                        f"{request.mimetype or 'no content type'!r}")
+    raw = request_body()
     try:
-        raw = request.get_data(cache=True)
-    except HTTPException:
-        raise
-    except Exception as exc:  # the server could not read it: bad chunked encoding and such
-        raise ApiError(400, "Bad request", f"the body could not be read: {exc}") from None
-    try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
-                          parse_float=_finite_float)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "Bad request", "the body is not valid UTF-8") from None
+    del raw
+    try:
+        body = _json_decoder.decode(text)
     except RecursionError:
         raise ApiError(400, "Bad request", "the body is nested too deeply") from None
     except ValueError as exc:
         raise ApiError(400, "Bad request", f"the body is not valid JSON: {exc}") from None
+    finally:
+        del text
     if _deeper_than(body, MAX_JSON_DEPTH):
         raise ApiError(400, "Bad request",
                        f"the body is nested more than {MAX_JSON_DEPTH} levels deep")
     return body
+
+
+def request_body():
+    """The body's bytes (a bytearray), or 413 when it is over MAX_REQUEST_BYTES however it
+    is sent. Werkzeug's own limit stops reading a chunked body (no Content-Length) at the
+    limit without saying so, which took a body cut short for the whole."""
+    limit = settings().max_request_bytes
+    if (request.content_length or 0) > limit:
+        raise _too_large(limit)
+    # gunicorn ends wsgi.input where the body ends, with Content-Length or chunked, and says
+    # so (wsgi.input_terminated); werkzeug's request.stream ends it elsewhere (tests).
+    environ = request.environ
+    stream = environ["wsgi.input"] if environ.get("wsgi.input_terminated") else request.stream
+    body = bytearray()
+    try:
+        while chunk := stream.read(min(READ_STEP, limit + 1 - len(body))):
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(limit)
+    except (ApiError, HTTPException):
+        raise
+    except Exception as exc:  # the server could not read it: bad chunked encoding and such
+        raise ApiError(400, "Bad request", f"the body could not be read: {exc}") from None
+    finally:
+        if len(body) >= RELEASE_AFTER_BYTES and _malloc_trim is not None:
+            after_this_request(_release_memory_once_sent)
+    return body
+
+
+def _release_memory_once_sent(response):
+    """Once the answer to a large body is sent, give the memory it took back to the OS:
+    eight batches at once left the process at a gigabyte for good (bench/web_memory.py).
+    The thread's database connection is closed (libpq keeps a buffer as large as the
+    largest statement it sent until then), and glibc asked to return what its threads'
+    arenas freed."""
+    def release():
+        models.reset_connection()
+        _malloc_trim(0)
+    response.call_on_close(release)
+    return response
+
+
+def _too_large(limit):
+    return ApiError(413, "Payload too large",
+                    f"the body is over MAX_REQUEST_BYTES ({limit} bytes)")
 
 
 def _reject_constant(name):
@@ -134,6 +204,9 @@ def _finite_float(text):
     if not math.isfinite(value):
         raise ValueError(f"the number {text[:40]} is out of range")
     return value
+
+
+_json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def _deeper_than(value, limit):
@@ -167,12 +240,14 @@ def query(*allowed):
 
 
 def query_int(name, default, minimum, maximum):
+    """An integer query parameter, written as an id is (ASCII digits, no leading zero)."""
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not minimum <= int(raw) <= maximum:
+    if not (len(raw) <= 9 and re.fullmatch(f"0|{ID_PATTERN}", raw)
+            and minimum <= int(raw) <= maximum):
         raise jobs.Invalid(f"{name} must be an integer from {minimum} to {maximum}",
-                           [f"{name}: {raw!r} is out of range"])
+                           [f"{name}: {raw!r} is not such an integer"])
     return int(raw)
 
 
@@ -233,6 +308,9 @@ def create_app():
     app.config["MAX_CONTENT_LENGTH"] = settings().max_request_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.url_map.converters["job_id"] = JobIdConverter
+    # No redirects: werkzeug answers /v1//jobs with a 308 to an absolute URL built from the
+    # Host header, which a forged Host turns into a redirect to another site.
+    app.url_map.merge_slashes = False
     rate_limits = RateLimits(settings())
     _register_errors(app)
     _register_access(app, rate_limits)
@@ -504,8 +582,8 @@ def _register_routes(app, rate_limits):
     def submit_batch():
         stored = jobs.enqueue(batch_of(json_body()), api_key_id=g.api_key.id)
         created = any(was_created for _, was_created in stored)
-        return reply({"items": [documents.job(job) for job, _ in stored]},
-                     201 if created else 200)
+        return Response(_items_as_sent(stored), 201 if created else 200,
+                        mimetype="application/json")
 
     @app.get("/v1/jobs/<job_id:job_id>")
     @access(SUBMIT)

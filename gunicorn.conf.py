@@ -3,7 +3,10 @@
 One process with threads keeps the default in-memory rate limits exact; the app is
 loaded once, before forking, so bad configuration stops gunicorn with one line.
 """
+import json
 import os
+
+from gunicorn import util
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '5000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
@@ -27,3 +30,18 @@ def on_starting(server):
     in one line which database and job types web uses."""
     import boot
     boot.ready("web")
+
+
+def write_problem(sock, status_int, reason, mesg):
+    """What gunicorn answers itself, before the app sees a request (a request line or
+    headers too long, a malformed request): problem+json like every other error of the
+    API, in place of gunicorn's HTML page. Its workers send these through
+    gunicorn.util.write_error, with this signature; nothing else calls it."""
+    body = json.dumps({"type": "about:blank", "title": reason, "status": status_int,
+                       "detail": mesg[:500]}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/problem+json\r\nContent-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+util.write_error = write_problem
