@@ -312,7 +312,8 @@ def test_stats_workers_and_metrics_come_from_the_database(api):
     assert 'conveyor_jobs{queue="mail",status="running"} 0.0' in text
     assert "conveyor_workers_alive 0.0" in text
     assert api.call("GET", "/metrics").status_code == 401
-    assert api.call("GET", "/healthz").get_json() == {"status": "ok"}
+    assert api.call("GET", "/healthz").get_json() == {
+        "status": "ok", "rate_limit_storage": {"ok": True, "on_error": "closed"}}
 
 
 def test_metrics_are_public_with_metrics_public(api_with):
