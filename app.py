@@ -92,6 +92,13 @@ def _items_as_sent(stored):
     yield b"]}"
 
 
+def no_content():
+    """A 204: it has no body, so no Content-Type either."""
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
 def access(level, monitoring=False):
     """Declare who may call a view: PUBLIC, SUBMIT (submit and admin keys) or ADMIN.
     A view without it is admin-only, so a new route is closed until it says otherwise.
@@ -224,8 +231,8 @@ def _deeper_than(value, limit):
 def idempotency_key_header():
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _idempotency_key.is_valid(key):
-        raise jobs.Invalid("the Idempotency-Key header must be 1 to 255 printable ASCII "
-                           "characters", ["Idempotency-Key: invalid"])
+        raise jobs.InvalidRequest("the Idempotency-Key header must be 1 to 255 printable "
+                                  "ASCII characters", ["Idempotency-Key: invalid"])
     return key
 
 
@@ -233,9 +240,9 @@ def query(*allowed):
     """Refuse query parameters a route does not take (a typo must not widen a filter)."""
     unknown = sorted(set(request.args) - set(allowed))
     if unknown:
-        raise jobs.Invalid(f"unknown query parameter {unknown[0]!r}",
-                           [f"{name}: not a parameter of this route (it takes "
-                            f"{', '.join(allowed) or 'none'})" for name in unknown])
+        raise jobs.InvalidRequest(f"unknown query parameter {unknown[0]!r}",
+                                  [f"{name}: not a parameter of this route (it takes "
+                                   f"{', '.join(allowed) or 'none'})" for name in unknown])
     return request.args
 
 
@@ -246,15 +253,16 @@ def query_int(name, default, minimum, maximum):
         return default
     if not (len(raw) <= 9 and re.fullmatch(f"0|{ID_PATTERN}", raw)
             and minimum <= int(raw) <= maximum):
-        raise jobs.Invalid(f"{name} must be an integer from {minimum} to {maximum}",
-                           [f"{name}: {raw!r} is not such an integer"])
+        raise jobs.InvalidRequest(f"{name} must be an integer from {minimum} to {maximum}",
+                                  [f"{name}: {raw!r} is not such an integer"])
     return int(raw)
 
 
 def query_name(name):
     raw = request.args.get(name)
     if raw is not None and not re.fullmatch(jobs.NAME_PATTERN, raw):
-        raise jobs.Invalid(f"{name} filter {raw!r} is not a valid name", [f"{name}: invalid"])
+        raise jobs.InvalidRequest(f"{name} filter {raw!r} is not a valid name",
+                                  [f"{name}: invalid"])
     return raw
 
 
@@ -570,10 +578,15 @@ def _register_routes(app, rate_limits):
     def submit_job():
         body, key = json_body(), idempotency_key_header()
         if key is not None and isinstance(body, dict) and body.get("idempotency_key", key) != key:
-            raise jobs.Invalid("the Idempotency-Key header and idempotency_key differ",
-                               ["idempotency_key: differs from the Idempotency-Key header"])
-        [(job, created)] = jobs.enqueue([jobs.validate_submission(body, idempotency_key=key)],
-                                        api_key_id=g.api_key.id)
+            raise jobs.InvalidRequest("the Idempotency-Key header and idempotency_key differ",
+                                      ["idempotency_key: differs from the Idempotency-Key "
+                                       "header"])
+        try:
+            [(job, created)] = jobs.enqueue([jobs.validate_submission(body, idempotency_key=key)],
+                                            api_key_id=g.api_key.id)
+        except jobs.Conflict as exc:  # the core numbers each conflict by its index in a batch
+            raise jobs.Conflict(exc.detail,
+                                [error.removeprefix("0: ") for error in exc.errors]) from None
         return reply(documents.job(job), 201 if created else 200,
                      {"Location": f"/v1/jobs/{job.id}"})
 
@@ -643,7 +656,7 @@ def _register_routes(app, rate_limits):
     @app.delete("/v1/schedules/<name>")
     def delete_schedule(name):
         schedules.remove(name)
-        return Response(status=204)
+        return no_content()
 
     @app.get("/v1/stats")
     def stats():

@@ -67,7 +67,17 @@ class JobError(Exception):
 
 
 class Invalid(JobError):
+    """Something sent is not valid (422); the subclasses' titles say what it was."""
     status, title = 422, "Invalid job"
+
+
+class InvalidRequest(Invalid):
+    """A query parameter, header or cursor, rather than the document sent."""
+    title = "Invalid request"
+
+
+class InvalidSchedule(Invalid):
+    title = "Invalid schedule"
 
 
 class NotFound(JobError):
@@ -1143,24 +1153,30 @@ def encode_cursor(position):
     return base64.urlsafe_b64encode(json.dumps({"after": position}).encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor, kind=int):
+def _sql_integer(value):
+    return isinstance(value, int) and not isinstance(value, bool) and -2 ** 63 <= value < 2 ** 63
+
+
+def decode_cursor(cursor, issued=_sql_integer):
+    """The position in a cursor; InvalidRequest unless issued(position) says this server
+    could have issued it (a job id by default), so no other value reaches the SQL."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         value = json.loads(base64.urlsafe_b64decode(padded.encode()))["after"]
-        if isinstance(value, kind) and not isinstance(value, bool) and (
-                kind is not int or -2 ** 63 <= value < 2 ** 63):  # SQL integers are 64-bit
+        if issued(value):
             return value
-    except (ValueError, TypeError, KeyError, UnicodeError):
+    except (ValueError, TypeError, KeyError, UnicodeError, RecursionError):
         pass
-    raise Invalid("cursor is not one this server issued", ["cursor: invalid"])
+    raise InvalidRequest("cursor is not one this server issued", ["cursor: invalid"])
 
 
 def list_jobs(*, status=None, type=None, queue=None, api_key_id=None, limit=50, cursor=None):
     """A page of jobs, newest first: (jobs, next_cursor or None)."""
     if status is not None and status not in STATUSES:
-        raise Invalid(f"unknown status {status!r}", [f"status: must be one of {', '.join(STATUSES)}"])
+        raise InvalidRequest(f"unknown status {status!r}",
+                             [f"status: must be one of {', '.join(STATUSES)}"])
     if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise Invalid(f"limit must be between 1 and {MAX_LIMIT}", ["limit: out of range"])
+        raise InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}", ["limit: out of range"])
     query = Job.select()
     for column, value in ((Job.status, status), (Job.type, type), (Job.queue, queue),
                           (Job.api_key_id, api_key_id)):

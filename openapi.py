@@ -422,8 +422,9 @@ PATHS = {
             ok={"201": json_response("Created; it first fires at its next slot.",
                                      ref("Schedule"), {"Location": LOCATED_SCHEDULE})},
             errors=["Conflict"],
-            description="422 for an invalid cron, unknown timezone, unknown job type or a "
-                        "payload that breaks the handler's schema; 409 for a taken name."),
+            description="422 for an invalid cron or one that never fires (30 February), an "
+                        "unknown timezone, an unknown job type or a payload that breaks the "
+                        "handler's schema; 409 for a taken name."),
     },
     "/v1/schedules/{name}": {
         "get": operation(

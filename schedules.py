@@ -11,7 +11,7 @@ from datetime import datetime, timezone as utc_zone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import peewee as pw
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from jsonschema import Draft202012Validator
 
 import jobs
@@ -43,12 +43,16 @@ CHANGE_SCHEMA = {"type": "object", "additionalProperties": False, "minProperties
 
 # ---------------------------------------------------------------------------- slots
 
+def is_name(value):
+    return isinstance(value, str) and re.fullmatch(NAME_PATTERN, value) is not None
+
+
 def zone(name):
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
-        raise jobs.Invalid(f"unknown timezone {name!r}", [f"timezone: {name!r} is not an IANA "
-                                                          f"timezone"]) from None
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):  # OSError: "America"
+        raise jobs.InvalidSchedule(f"unknown timezone {name!r}",
+                                   [f"timezone: {name!r} is not an IANA timezone"]) from None
 
 
 def check_cron(expression):
@@ -56,9 +60,9 @@ def check_cron(expression):
     fields = expression.split()
     aliased = len(fields) == 1 and expression.startswith("@")
     if not (aliased or len(fields) in (5, 6)) or not croniter.is_valid(expression):
-        raise jobs.Invalid(f"{expression!r} is not a valid cron expression",
-                           [f"cron: expected 5 fields (minute hour day-of-month month "
-                            f"day-of-week) with valid values, got {expression!r}"])
+        raise jobs.InvalidSchedule(f"{expression!r} is not a valid cron expression",
+                                   [f"cron: expected 5 fields (minute hour day-of-month month "
+                                    f"day-of-week) with valid values, got {expression!r}"])
 
 
 def _slots(schedule, start):
@@ -68,6 +72,16 @@ def _slots(schedule, start):
 def next_after(schedule, moment):
     """The first slot strictly after moment (epoch seconds)."""
     return _slots(schedule, moment).get_next(float)
+
+
+def first_slot(schedule, moment):
+    """next_after for a cron being saved. croniter finds that a valid expression matches
+    no date at all (30 February) only by searching for one, so it is refused here."""
+    try:
+        return next_after(schedule, moment)
+    except CroniterBadDateError:
+        raise jobs.InvalidSchedule(f"the cron {schedule.cron!r} never fires",
+                                   [f"cron: no date matches {schedule.cron!r}"]) from None
 
 
 def latest_at_or_before(schedule, moment):
@@ -87,11 +101,12 @@ def upcoming(schedule, count=5, moment=None):
 
 def _validate(body, schema):
     if not isinstance(body, dict):
-        raise jobs.Invalid("a schedule must be a JSON object", ["(schedule): must be an object"])
+        raise jobs.InvalidSchedule("a schedule must be a JSON object",
+                                   ["(schedule): must be an object"])
     errors = [f"{'/'.join(map(str, e.absolute_path)) or '(schedule)'}: {e.message}"
               for e in Draft202012Validator(schema).iter_errors(body)]
     if errors:
-        raise jobs.Invalid("the schedule is not valid", errors)
+        raise jobs.InvalidSchedule("the schedule is not valid", errors)
 
 
 def _check_job(fields):
@@ -100,7 +115,10 @@ def _check_job(fields):
     for name in ("queue", "priority"):
         if fields.get(name) is not None:
             body[name] = fields[name]
-    jobs.validate_submission(body)
+    try:
+        jobs.validate_submission(body)
+    except jobs.Invalid as exc:  # the schedule is what was sent: say so in the title
+        raise jobs.InvalidSchedule(exc.detail, exc.errors) from None
 
 
 def create(body):
@@ -111,7 +129,7 @@ def create(body):
     current = jobs.db_time()
     fields = {"payload": {}, "timezone": "UTC", "overlap": "skip", "paused": False, "priority": 0,
               **body, "created_at": current, "updated_at": current}
-    fields["next_run_at"] = next_after(Schedule(**fields), current)
+    fields["next_run_at"] = first_slot(Schedule(**fields), current)
     inserted = list(Schedule.insert(fields).on_conflict(action="NOTHING")
                     .returning(Schedule.name).execute())
     if not inserted:
@@ -131,7 +149,7 @@ def update(name, changes):
     fields = dict(changes, updated_at=current)
     retimed = {"cron", "timezone"} & changes.keys() or (schedule.paused and not merged["paused"])
     if retimed:
-        fields["next_run_at"] = next_after(Schedule(**merged), current)
+        fields["next_run_at"] = first_slot(Schedule(**merged), current)
     if not Schedule.update(fields).where(Schedule.name == name).execute():
         raise jobs.NotFound(f"schedule {name!r} not found")
     return get(name)
@@ -150,8 +168,7 @@ def remove(name):
 
 
 def get(name):
-    named = isinstance(name, str) and re.fullmatch(NAME_PATTERN, name)
-    schedule = Schedule.get_or_none(Schedule.name == name) if named else None
+    schedule = Schedule.get_or_none(Schedule.name == name) if is_name(name) else None
     if schedule is None:
         raise jobs.NotFound(f"schedule {name!r} not found")
     return schedule
@@ -160,10 +177,11 @@ def get(name):
 def list_schedules(limit=50, cursor=None):
     """A page of schedules by name: (schedules, next_cursor or None)."""
     if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise jobs.Invalid(f"limit must be between 1 and {MAX_LIMIT}", ["limit: out of range"])
+        raise jobs.InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}",
+                                  ["limit: out of range"])
     query = Schedule.select().order_by(Schedule.name)
     if cursor:
-        after = jobs.decode_cursor(cursor, str)
+        after = jobs.decode_cursor(cursor, issued=is_name)
         query = query.where(Schedule.name > after)
     page = list(query.limit(limit + 1))
     next_cursor = jobs.encode_cursor(page[limit - 1].name) if len(page) > limit else None

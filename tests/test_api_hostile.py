@@ -11,10 +11,11 @@ import pytest
 import requests
 
 from apiserver import admin_key, api_with, bearer, gunicorn  # noqa: F401 (fixtures)
-from models import ApiKey, Job
+from models import ApiKey, Job, Schedule
 
 SQL = "'; DROP TABLE jobs; --"
 NUL = "\u0000"
+LONE_SURROGATE = "\ud800"
 
 
 def cursor_of(value):
@@ -77,6 +78,17 @@ CASES = [
     ("cursor with a float", "GET", f"/v1/jobs?cursor={cursor_of(1e300)}", {}, 422),
     ("cursor of invalid UTF-8", "GET",
      "/v1/jobs?cursor=" + base64.urlsafe_b64encode(b"\xff\xfe").decode(), {}, 422),
+    ("lone surrogate in a schedule cursor", "GET",
+     f"/v1/schedules?cursor={cursor_of(LONE_SURROGATE)}", {}, 422),
+    ("NUL in a schedule cursor", "GET", f"/v1/schedules?cursor={cursor_of(f'a{NUL}')}", {}, 422),
+    ("cursor nested past the recursion limit", "GET",
+     "/v1/schedules?cursor=" + base64.urlsafe_b64encode(nested(5000).encode()).decode(), {}, 422),
+    ("cron that never fires", "POST", "/v1/schedules",
+     {"json": {"name": "feb30", "cron": "0 0 30 2 *", "type": "t.noop"}}, 422),
+    ("timezone naming a directory of the zone database", "POST", "/v1/schedules",
+     {"json": {"name": "tz", "cron": "* * * * *", "type": "t.noop", "timezone": "America"}}, 422),
+    ("NUL in a schedule name", "POST", "/v1/schedules",
+     {"json": {"name": f"a{NUL}", "cron": "* * * * *", "type": "t.noop"}}, 422),
     ("NUL in a filter", "GET", "/v1/jobs?queue=a%00b", {}, 422),
     ("invalid UTF-8 in a filter", "GET", "/v1/jobs?type=%ff%fe", {}, 422),
     ("SQL in the job id", "GET", "/v1/jobs/1%20OR%201=1", {}, 404),
@@ -115,6 +127,7 @@ def test_hostile_requests_are_4xx_problems_and_store_nothing(api_with):
             wrong.append(f"{what}: {response.status_code} {body[:300]!r}")
     assert wrong == []
     assert Job.select().count() == 0 and ApiKey.select().count() == 1
+    assert Schedule.select().count() == 0
     assert api.call("GET", "/v1/jobs", key).status_code == 200  # the tables are all still there
 
 

@@ -129,6 +129,20 @@ def test_idempotency_key_returns_the_first_job_or_409_and_is_per_api_key(api):
     assert Job.select().count() == 2
 
 
+def test_a_single_submissions_conflict_names_no_batch_index(api):
+    key = api.key("me")
+    first = api.submit(key, {"type": "t.noop", "payload": {"order": 42}},
+                       headers={"Idempotency-Key": "order-42"})
+    single = api.call("POST", "/v1/jobs", key, json={"type": "t.noop", "payload": {"order": 43}},
+                      headers={"Idempotency-Key": "order-42"})
+    assert single.status_code == 409
+    assert single.get_json()["errors"] == [
+        f"idempotency key 'order-42' was used for a different request (job {first['id']})"]
+    batch = api.call("POST", "/v1/jobs/batch", key, json={"jobs": [
+        {"type": "t.noop"}, {"type": "t.noop", "idempotency_key": "order-42"}]})
+    assert batch.status_code == 409 and batch.get_json()["errors"][0].startswith("1: ")
+
+
 def test_bad_idempotency_keys_are_422(api):
     key = api.key("me")
     for header in ("", "x" * 256, "caf\u00e9"):
@@ -231,6 +245,31 @@ def test_lists_page_newest_first_with_an_opaque_cursor_and_filters(api):
         response = api.call("GET", f"/v1/jobs?{query}", key)
         assert response.status_code == 422, query
         assert response.get_json()["errors"], query
+
+
+def test_refusals_are_titled_for_what_was_invalid(api):
+    key = api.key("ops", "admin")
+    cases = [  # (method, path, body, Idempotency-Key, title)
+        ("GET", "/v1/jobs?limit=1000", None, None, "Invalid request"),
+        ("GET", "/v1/jobs?status=finished", None, None, "Invalid request"),
+        ("GET", "/v1/jobs?cursor=bogus", None, None, "Invalid request"),
+        ("GET", "/v1/jobs?colour=red", None, None, "Invalid request"),
+        ("GET", "/v1/dlq?queue=a%20b", None, None, "Invalid request"),
+        ("GET", "/v1/schedules?limit=1000", None, None, "Invalid request"),
+        ("POST", "/v1/jobs", {"type": "t.noop"}, "caf\u00e9", "Invalid request"),
+        ("POST", "/v1/jobs", {"type": "t.noop", "idempotency_key": "a"}, "b", "Invalid request"),
+        ("POST", "/v1/jobs", {"type": "no.such"}, None, "Invalid job"),
+        ("POST", "/v1/jobs/batch", {"jobs": [{"type": "no.such"}]}, None, "Invalid job"),
+        ("POST", "/v1/schedules", {"name": "feb", "cron": "0 0 30 2 *", "type": "t.noop"}, None,
+         "Invalid schedule"),
+        ("POST", "/v1/schedules", {"name": "feb", "cron": "* * * * *", "type": "no.such"}, None,
+         "Invalid schedule"),
+    ]
+    for method, path, body, idempotency_key, title in cases:
+        headers = {"Idempotency-Key": idempotency_key.encode().decode("latin-1")} \
+            if idempotency_key else {}
+        response = api.call(method, path, key, json=body, headers=headers)
+        assert (response.status_code, response.get_json()["title"]) == (422, title), path
 
 
 # ---------------------------------------------------------------------------- cancel

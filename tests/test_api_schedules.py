@@ -1,5 +1,8 @@
 """The schedule routes of SPEC §6/§8 through the real app on both databases: create,
 read (next runs, recent runs), change, pause/resume, delete, and every refusal."""
+import base64
+import json
+
 import pytest
 
 import schedules
@@ -52,10 +55,12 @@ def test_patch_changes_pauses_and_resumes(api):
     assert changed["next_run_at"].endswith(":15:00.000Z")
 
 
-def test_delete_is_204_then_404(api):
+def test_delete_is_a_204_without_body_headers_then_404(api):
     admin = api.key("ops", "admin")
     api.call("POST", "/v1/schedules", admin, json=NIGHTLY)
-    assert api.call("DELETE", "/v1/schedules/nightly", admin).status_code == 204
+    deleted = api.call("DELETE", "/v1/schedules/nightly", admin)
+    assert deleted.status_code == 204 and deleted.get_data() == b""
+    assert "Content-Type" not in deleted.headers and "Content-Length" not in deleted.headers
     gone = api.call("GET", "/v1/schedules/nightly", admin)
     assert gone.status_code == 404 and gone.mimetype == "application/problem+json"
     assert api.call("DELETE", "/v1/schedules/nightly", admin).status_code == 404
@@ -73,21 +78,39 @@ def test_list_pages_by_name(api):
     assert rest.get_json()["next_cursor"] is None
 
 
+@pytest.mark.parametrize("after", ["\ud800", "\udfff\ud800", "a\u0000", "\u0000", "Has Spaces",
+                                   "x" * 300, 7, None, ["a-one"]])
+def test_a_cursor_holding_no_schedule_name_is_422_invalid_request(api, after):
+    admin = api.key("ops", "admin")
+    api.call("POST", "/v1/schedules", admin, json={**NIGHTLY, "name": "a-one"})
+    cursor = base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode()
+    response = api.call("GET", f"/v1/schedules?cursor={cursor}", admin)
+    assert response.status_code == 422, response.get_data()
+    assert response.get_json()["title"] == "Invalid request"
+    assert response.get_json()["errors"] == ["cursor: invalid"]
+
+
 @pytest.mark.parametrize("change, status, where", [
     ({"cron": "61 * * * *"}, 422, "cron"),
     ({"cron": "every day"}, 422, "cron"),
+    ({"cron": "0 0 30 2 *"}, 422, "cron: no date matches"),
+    ({"cron": "0 0 31 2 *"}, 422, "cron: no date matches"),
+    ({"cron": "0 12 31 4,6 *"}, 422, "cron: no date matches"),
     ({"timezone": "Atlantis/Capital"}, 422, "timezone"),
+    ({"timezone": "America"}, 422, "timezone"),
+    ({"timezone": "zone.tab"}, 422, "timezone"),
     ({"type": "no.such.type"}, 422, "type"),
     ({"type": "t.schema", "payload": {"to": 1}}, 422, "payload/to"),
     ({"name": "Has Spaces"}, 422, "name"),
     ({"overlap": "maybe"}, 422, "overlap"),
     ({"surprise": 1}, 422, "(schedule)"),
 ])
-def test_invalid_schedules_are_422_naming_the_field(api, change, status, where):
+def test_invalid_schedules_are_422_invalid_schedule_naming_the_field(api, change, status, where):
     admin = api.key("ops", "admin")
     response = api.call("POST", "/v1/schedules", admin, json={**NIGHTLY, **change})
     assert response.status_code == status
     assert response.mimetype == "application/problem+json"
+    assert response.get_json()["title"] == "Invalid schedule"
     assert any(error.startswith(where) for error in response.get_json()["errors"])
     assert schedules.list_schedules()[0] == []
 
@@ -101,13 +124,15 @@ def test_a_taken_name_is_409(api):
 
 
 @pytest.mark.parametrize("change", [{"cron": "nope"}, {"timezone": "Nowhere/Land"},
-                                    {"unknown": True}, {}])
-def test_invalid_changes_are_422_and_change_nothing(api, change):
+                                    {"cron": "0 0 30 2 *"}, {"cron": "0 0 31 11 *"},
+                                    {"timezone": "Etc"}, {"unknown": True}, {}])
+def test_invalid_changes_are_422_invalid_schedule_and_change_nothing(api, change):
     admin = api.key("ops", "admin")
     api.call("POST", "/v1/schedules", admin, json=NIGHTLY)
     response = api.call("PATCH", "/v1/schedules/nightly", admin, json=change)
-    assert response.status_code == 422
+    assert response.status_code == 422 and response.get_json()["title"] == "Invalid schedule"
     assert schedules.get("nightly").cron == NIGHTLY["cron"]
+    assert schedules.get("nightly").timezone == NIGHTLY["timezone"]
 
 
 @pytest.mark.parametrize("name", ["missing", "%00", "a%00b", "x" * 300, "UPPER"])

@@ -170,6 +170,9 @@ def test_spring_forward_slot_moves_to_the_first_valid_time(conveyor):
     ({"cron": "not a cron"}, "cron"),
     ({"timezone": "Mars/Olympus_Mons"}, "timezone"),
     ({"timezone": "../../etc/passwd"}, "timezone"),
+    ({"timezone": "America"}, "timezone"),
+    ({"cron": "0 0 30 2 *"}, "cron"),
+    ({"cron": "0 0 31 9 *"}, "cron"),
     ({"type": "no.such.type"}, "type"),
     ({"type": "t.schema", "payload": {"to": 5}}, "payload/to"),
     ({"name": "Upper Case"}, "name"),
@@ -207,6 +210,8 @@ def test_schedule_cli_round_trip(conveyor):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--cron", "99 * * * *", "--type", "t.noop"], "cron"),
+    (["--cron", "0 0 30 2 *", "--type", "t.noop"], "never fires"),
+    (["--cron", "* * * * *", "--type", "t.noop", "--timezone", "Europe"], "timezone"),
     (["--cron", "* * * * *", "--type", "t.noop", "--timezone", "No/Where"], "timezone"),
     (["--cron", "* * * * *", "--type", "missing.type"], "missing.type"),
     (["--cron", "* * * * *", "--type", "t.noop", "--payload", "[1]"], "JSON object"),
