@@ -46,7 +46,13 @@ MAX_ERROR_CHARS = 500  # one line of a problem's detail or errors; inputs can be
 READ_STEP = 64 * 1024  # a request body is read in steps of this many bytes
 RELEASE_AFTER_BYTES = 1024 * 1024  # a body this large gives its memory back afterwards
 # glibc's malloc_trim (None with another C library): see _release_memory_once_sent.
-_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+_libc = ctypes.CDLL(None)
+_malloc_trim = getattr(_libc, "malloc_trim", None)
+# glibc raises its mmap threshold to the size of the largest block freed (up to 32 MiB), so
+# after one large body every later one is carved from the heap, where it fragments and
+# stays; fixed at its default, blocks of 128 KiB and more are mapped and unmapped whole.
+if hasattr(_libc, "mallopt"):
+    _libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 _idempotency_key = Draft202012Validator(jobs.SUBMISSION_SCHEMA["properties"]["idempotency_key"])
 
 

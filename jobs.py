@@ -298,7 +298,7 @@ StoredJob = namedtuple("StoredJob", Job._meta.sorted_field_names)
 
 
 def enqueue(new_jobs, api_key_id=None):
-    """Insert jobs in one statement; return [(StoredJob, created)] in the order given.
+    """Insert jobs in one transaction; return [(StoredJob, created)] in the order given.
 
     A job with an idempotency key that this API key already used returns the existing
     job (created=False) when the request matches, and raises Conflict when it differs;
@@ -308,11 +308,12 @@ def enqueue(new_jobs, api_key_id=None):
     if not new_jobs:
         return []
     keyed = any(new.idempotency_key is not None for new in new_jobs)
+    chunks = list(_insert_chunks(new_jobs))
+    insert = _insert_postgres if is_postgres() else _insert_sqlite
     # One statement is atomic by itself; a used key takes a second one (to read the
     # job it names), and a conflict must undo the first.
-    with db.atomic() if keyed else contextlib.nullcontext():
-        inserted = (_insert_postgres if is_postgres() else _insert_sqlite)(
-            new_jobs, api_key_id, keyed)
+    with db.atomic() if keyed or len(chunks) > 1 else contextlib.nullcontext():
+        inserted = [row for chunk in chunks for row in insert(chunk, api_key_id, keyed)]
         stored = _stored(new_jobs, inserted, api_key_id)
     created = [job for job, was_created in stored if was_created]
     for (type_, queue), count in Counter((job.type, job.queue) for job in created).items():
@@ -323,6 +324,24 @@ def enqueue(new_jobs, api_key_id=None):
                    f"{job.status}, run at {job.run_at:.3f}" if job.status == "scheduled"
                    else job.status)
     return stored
+
+
+# Payload bytes one insert statement carries at most: a batch of large payloads goes in
+# several (one transaction), so that the driver's copies of a statement and libpq's send
+# buffer, which keeps its largest size, stay small however large the batch.
+INSERT_CHUNK_BYTES = 1 << 20
+
+
+def _insert_chunks(new_jobs):
+    """new_jobs in consecutive runs of at most INSERT_CHUNK_BYTES of payload (or one job)."""
+    chunk, size = [], 0
+    for new in new_jobs:
+        if chunk and size + len(new.payload_json) > INSERT_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(new)
+        size += len(new.payload_json)
+    yield chunk
 
 
 # What the insert sets; the other columns of a new job hold their defaults (_UNSET).
