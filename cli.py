@@ -441,17 +441,7 @@ def handlers_command(as_json):
 
 def handler_options(handler):
     """A job type's options as a job gets them: the handler's own, else the settings'."""
-    conf = settings()
-
-    def given(value, default):
-        return default if value is None else value
-
-    return {"type": handler.name,
-            "queue": given(handler.queue, "default"),
-            "max_attempts": given(handler.max_attempts, conf.default_max_attempts),
-            "timeout_s": given(handler.timeout_s, conf.default_timeout_s),
-            "backoff_base_s": given(handler.backoff_base_s, conf.backoff_base_s),
-            "backoff_max_s": given(handler.backoff_max_s, conf.backoff_max_s),
+    return {"type": handler.name, **jobs.job_defaults(handler)._asdict(),
             "schema": handler.schema is not None,
             "module": handler.origin,
             "path": inspect.getsourcefile(handler.fn)}

@@ -219,29 +219,48 @@ def validate_submission(body, idempotency_key=None):
     if payload_errors:
         raise Invalid(f"the payload does not match the schema of {handler.name!r}",
                       payload_errors)
-    conf = settings()
+    given = job_defaults(handler)
     backoff = body.get("backoff", {})
-    base = _first(backoff.get("base_s"), handler.backoff_base_s, conf.backoff_base_s)
-    cap = _first(backoff.get("max_s"), handler.backoff_max_s, conf.backoff_max_s)
+    base = _first(backoff.get("base_s"), given.backoff_base_s)
+    cap = _first(backoff.get("max_s"), given.backoff_max_s)
     if cap < base:
         raise Invalid("backoff max_s must be at least base_s", ["backoff/max_s: below base_s"])
     key = body.get("idempotency_key", idempotency_key)
     return NewJob(
         type=handler.name,
         payload=payload,
-        queue=_first(body.get("queue"), handler.queue, "default"),
+        queue=_first(body.get("queue"), given.queue),
         priority=int(body.get("priority", 0)),
         run_at=parse_time(body["run_at"]) if "run_at" in body else None,
         delay_s=float(body.get("delay_s", 0)),
-        max_attempts=int(_first(body.get("max_attempts"), handler.max_attempts,
-                                conf.default_max_attempts)),
-        timeout_s=float(_first(body.get("timeout_s"), handler.timeout_s, conf.default_timeout_s)),
+        max_attempts=int(_first(body.get("max_attempts"), given.max_attempts)),
+        timeout_s=float(_first(body.get("timeout_s"), given.timeout_s)),
         backoff_base_s=float(base),
         backoff_max_s=float(cap),
         idempotency_key=key,
         request_hash=request_fingerprint(body) if key is not None else None,
         payload_json=payload_json,
     )
+
+
+class JobDefaults(NamedTuple):
+    """What a job of one type gets unless it says otherwise."""
+    queue: str
+    max_attempts: int
+    timeout_s: float
+    backoff_base_s: float
+    backoff_max_s: float
+
+
+def job_defaults(handler):
+    """The handler's own options, else the settings' defaults."""
+    conf = settings()
+    return JobDefaults(
+        queue=_first(handler.queue, "default"),
+        max_attempts=_first(handler.max_attempts, conf.default_max_attempts),
+        timeout_s=_first(handler.timeout_s, conf.default_timeout_s),
+        backoff_base_s=_first(handler.backoff_base_s, conf.backoff_base_s),
+        backoff_max_s=_first(handler.backoff_max_s, conf.backoff_max_s))
 
 
 # SUBMISSION_SCHEMA checks each property on its own, so a submission fits it when it has a
