@@ -619,7 +619,12 @@ def _finish_assignments(value, column, now_sql):
         lease_owner = NULL, heartbeat_at = NULL"""
 
 
-_PG_NOW = "extract(epoch from now())::float8"  # one instant for the whole statement
+# One instant for the whole statement, read from the clock once the statement runs, not
+# when its transaction began (now()): a claim may wait (a lock, the scheduler) between the
+# two, and see a release that committed meanwhile; the attempt it starts must begin after
+# the released one was recorded finished.
+_PG_CLOCK = "clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now)"
+_PG_NOW = "(SELECT now FROM clock)"
 _pg_statements = {}
 
 
@@ -682,7 +687,7 @@ def _pg_step_sql(reports, claiming, by_queue):
             f"SELECT 'refused', job_id, {blanks}, NULL, NULL, NULL FROM refused",
         ]
         selects[-2] = selects[-2].replace("NULL AS run_at", "run_at AS run_at")
-    sql = "WITH " + ",\n".join(ctes) + "\n" + "\nUNION ALL\n".join(selects)
+    sql = "WITH " + ",\n".join([_PG_CLOCK, *ctes]) + "\n" + "\nUNION ALL\n".join(selects)
     _pg_statements[shape] = sql
     return sql
 

@@ -11,7 +11,7 @@ import pytest
 import jobs
 from checks import LONG_LEASE, alive, assert_audit_clean, effect_seen
 from conftest import wait_for
-from models import Attempt
+from models import Attempt, db
 
 
 def attempts_by_job(job_ids):
@@ -150,3 +150,46 @@ def test_a_worker_whose_supervisor_dies_gives_back_what_it_had_not_begun(
     for job_id in before + after:
         assert "crashed" not in {a.status for a in history[job_id]}, history[job_id]
     assert_audit_clean(conveyor)
+
+
+@pytest.mark.postgres
+def test_a_released_job_claimed_at_once_starts_after_its_release_is_recorded(pg_conveyor):
+    # A claim's transaction can begin before the release it then sees commits (its backend
+    # waits on a lock, or is descheduled, between the two): the attempt it starts must
+    # still begin after the released one was recorded finished (one attempt at a time).
+    conveyor = pg_conveyor
+    ready, go, claimed = threading.Event(), threading.Event(), []
+    taker = jobs.WorkerInfo(id="w-taker", supervisor_id="s", host="here", pid=2)
+
+    def claim_when_told():
+        jobs.claim(taker)  # nothing yet: this thread's connection prepares the claim
+        ready.set()
+        go.wait(10)
+        claimed.extend(jobs.claim(taker))
+
+    thread = threading.Thread(target=claim_when_told)
+    thread.start()
+    assert ready.wait(10)
+    [job_id] = conveyor.submit_many("t.noop", [{}])
+    lost = jobs.WorkerInfo(id="w-lost", supervisor_id="s", host="gone", pid=1)
+    assert [job.id for job in jobs.claim(lost)] == [job_id]
+    with db.atomic():
+        db.execute_sql("LOCK TABLE attempts IN ACCESS EXCLUSIVE MODE")
+        go.set()
+        wait_for(lambda: backend_waits_for_a_lock(conveyor), message="the claim to wait")
+        assert jobs.end_attempts(lost.id, jobs.Outcome("crashed", error_type="WorkerDied"))
+    thread.join(10)
+
+    assert [job.id for job in claimed] == [job_id]
+    released, started = conveyor.attempts(job_id)
+    assert (released.status, started.status) == ("released", "running")
+    assert started.started_at >= released.finished_at
+    assert claimed[0].started_at >= released.finished_at
+
+
+def backend_waits_for_a_lock(conveyor):
+    import psycopg2
+    with psycopg2.connect(conveyor.database_url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                       "AND datname = current_database()")
+        return cursor.fetchone()[0] > 0
