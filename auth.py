@@ -12,7 +12,6 @@ import secrets
 import peewee as pw
 from limits import parse_many
 
-import documents
 import models
 from models import ApiKey, db, loaded, now
 
@@ -93,15 +92,3 @@ def revoke(name):
 def all_keys():
     """Every key, active and revoked, oldest first."""
     return list(ApiKey.select().order_by(ApiKey.id))
-
-
-def describe(key):
-    """A key as `flask keys list --json` shows it: never its secret or hash."""
-    return {
-        "id": key.id,
-        "name": key.name,
-        "role": key.role,
-        "rate_limit": key.rate_limit,
-        "created_at": documents.timestamp(key.created_at),
-        "revoked_at": documents.timestamp(key.revoked_at),
-    }

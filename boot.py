@@ -24,7 +24,10 @@ def start(*, upgrade=True, check_database=True, custom_plans=False):
     models.open_database(settings.database_url, lease_s=settings.lease_s,
                          custom_plans=custom_plans)
     if check_database:
-        models.check_connection()
+        try:
+            models.check_connection()
+        except models.DatabaseUnavailable as exc:  # models imports no config: say it here
+            raise config.ConfigError(str(exc)) from None
     if upgrade:
         models.upgrade()
     handlers.load(settings.handler_paths)

@@ -374,7 +374,7 @@ def keys_create(name, admin, rate_limit):
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def keys_list(as_json):
     """Every key, active and revoked (never the keys themselves)."""
-    keys = [auth.describe(key) for key in auth.all_keys()]
+    keys = [documents.api_key(key) for key in auth.all_keys()]
     if as_json:
         click.echo(json.dumps({"items": keys}, indent=2))
         return

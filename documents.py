@@ -108,3 +108,15 @@ def schedule_run(row):
         "reason": row.reason,
         "fired_at": timestamp(row.created_at),
     }
+
+
+def api_key(row):
+    """A key as `flask keys list --json` shows it: never its secret or hash."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "role": row.role,
+        "rate_limit": row.rate_limit,
+        "created_at": timestamp(row.created_at),
+        "revoked_at": timestamp(row.revoked_at),
+    }

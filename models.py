@@ -18,12 +18,14 @@ import peewee as pw
 import psycopg2.extensions
 from playhouse.db_url import connect as connect_url, register_database
 
-from config import ConfigError
-
 db = pw.DatabaseProxy()
 log = logging.getLogger("conveyor.db")
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database cannot be reached; the message is one line naming it and why."""
 
 
 def open_database(url, lease_s=None, custom_plans=False):
@@ -179,13 +181,14 @@ def now():
 
 
 def check_connection():
-    """Raise ConfigError with one line when the database cannot be reached."""
+    """Raise DatabaseUnavailable with one line when the database cannot be reached."""
     try:
         db.connect(reuse_if_open=True)
         db.execute_sql("SELECT 1")
     except pw.DatabaseError as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"cannot reach the database ({describe()}): {reason}") from None
+        raise DatabaseUnavailable(
+            f"cannot reach the database ({describe()}): {reason}") from None
 
 
 def reset_connection():
