@@ -2,16 +2,15 @@
 
 Enqueue, claim, heartbeat, finish (succeed, retry, dead-letter), reap, cancel, DLQ
 retry/discard and prune live here; routes, CLI commands, the supervisor and its workers
-only call them. Every UPDATE that moves a job names the state, attempt and lease it
-expects, and "0 rows" means someone else owns the job now: that is the fencing of SPEC §4.
+only call them. Where a finished attempt leads (the retry policy) is decided in the pure
+core/policy.py and applied here. Every UPDATE that moves a job names the state, attempt and
+lease it expects, and "0 rows" means someone else owns the job now: the fencing of SPEC §4.
 """
 import base64
 import contextlib
 import hashlib
 import json
 import logging
-import math
-import random
 import re
 import time
 from collections import Counter, namedtuple
@@ -26,6 +25,7 @@ from jsonschema import Draft202012Validator
 import handlers
 import metrics
 from config import settings
+from core.policy import Outcome, next_transition, released_outcome, run_order
 import models
 from models import Attempt, Job, Step, Worker, db, is_postgres, now
 
@@ -807,66 +807,6 @@ def lease_held(job):
 
 # ---------------------------------------------------------------------------- outcomes
 
-@dataclass(frozen=True)
-class Outcome:
-    """How an attempt ended: its attempt status plus what the retry policy needs."""
-    status: str
-    result: Any = None
-    error_type: Optional[str] = None
-    error_message: Optional[str] = None
-    traceback: Optional[str] = None
-    retry_in: Optional[float] = None
-    permanent: bool = False
-
-    @property
-    def error(self):
-        if self.error_type is None:
-            return None
-        return f"{self.error_type}: {self.error_message}" if self.error_message else self.error_type
-
-
-@dataclass(frozen=True)
-class Transition:
-    status: str
-    delay_s: Optional[float] = None
-    dead_reason: Optional[str] = None
-    refund: bool = False  # the attempt does not count toward max_attempts
-
-
-def backoff_delay(attempts_used, base_s, max_s, rand=random.random):
-    """Exponential backoff with full jitter: random(0, min(max, base * 2**(n-1)))."""
-    exponent = min(attempts_used - 1, 1023)  # 2.0 ** 1024 overflows a float
-    return rand() * min(max_s, base_s * math.pow(2, exponent))
-
-
-def next_transition(job, outcome):
-    """The retry policy: where a running job goes when its attempt ends with outcome."""
-    if outcome.status == "succeeded":
-        return Transition("succeeded")
-    if outcome.status == "cancelled":
-        return Transition("cancelled")
-    if outcome.status == "released":
-        return Transition("available", refund=True)
-    if outcome.permanent:
-        return Transition("dead", dead_reason="permanent")
-    attempts_used = job.attempt - job.attempt_base
-    if attempts_used >= job.max_attempts:
-        return Transition("dead", dead_reason="max_attempts")
-    if outcome.retry_in is not None:
-        return Transition("retryable", delay_s=outcome.retry_in)
-    if outcome.status == "interrupted":
-        return Transition("retryable", delay_s=0.0)
-    return Transition("retryable", delay_s=backoff_delay(
-        attempts_used, job.backoff_base_s, job.backoff_max_s))
-
-
-def released_outcome(why):
-    """The outcome of a claimed attempt whose handler never began: the job goes back to
-    `available` at once with its attempt budget intact."""
-    return Outcome("released", error_type="Released",
-                   error_message=f"claimed but not started: {why}; it does not count")
-
-
 def end_attempts(worker_id, outcome, running_job_id=None):
     """A supervisor ends what its dead or killed worker held: the attempt whose handler was
     running (running_job_id, from the worker's slot) ends with outcome; every other job the
@@ -905,11 +845,6 @@ def _announce_all(ended, event=None):
         for queue, count in released.items():
             db.execute_sql("SELECT pg_notify(%s, %s)",
                            (NOTIFY_CHANNEL, notify_payload(queue, count)))
-
-
-def run_order(job):
-    """The order in which a worker runs the jobs of one claim."""
-    return (job.priority, job.run_at, job.id)
 
 
 def reap_expired(lease_s, limit=100):

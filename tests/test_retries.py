@@ -1,8 +1,9 @@
-"""The retry policy of SPEC §5: exponential backoff with full jitter, dead-lettering after
-max_attempts and back out of the DLQ, Permanent, RetryAfter, results that are not JSON,
-and ctx.step running its side effect once per job however many attempts it takes."""
+"""The retry policy of SPEC §5 end to end, through real workers and a real database:
+exponential backoff with full jitter, dead-lettering after max_attempts and back out of the
+DLQ, Permanent, RetryAfter, results that are not JSON, and ctx.step running its side effect
+once per job however many attempts it takes. The policy's decisions alone are unit-tested
+in test_policy.py."""
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,60 +14,6 @@ from conftest import side_effects, wait_for
 
 def _cap(n, base_s, max_s):
     return min(max_s, base_s * 2 ** (n - 1))
-
-
-# ---------------------------------------------------------------------------- the policy
-
-def test_backoff_delay_is_full_jitter_under_a_capped_exponential():
-    caps = [jobs.backoff_delay(n, 0.5, 10, rand=lambda: 1.0) for n in range(1, 9)]
-    assert caps == [0.5, 1, 2, 4, 8, 10, 10, 10]
-    assert [jobs.backoff_delay(n, 0.5, 10, rand=lambda: 0.0) for n in range(1, 9)] == [0] * 8
-    assert jobs.backoff_delay(3, 1, 100, rand=lambda: 0.25) == 1.0
-    samples = [jobs.backoff_delay(3, 1, 100) for _ in range(4000)]
-    assert all(0 <= s <= 4 for s in samples)
-    assert min(samples) < 0.2 and max(samples) > 3.8  # the full range, not a fixed delay
-    assert 1.8 < sum(samples) / len(samples) < 2.2
-    # A budget of thousands of attempts is allowed (decorator, DEFAULT_MAX_ATTEMPTS):
-    # the exponent must never overflow, and a zero base stays zero.
-    assert jobs.backoff_delay(5000, 1, 60, rand=lambda: 1.0) == 60
-    assert jobs.backoff_delay(5000, 0, 60, rand=lambda: 1.0) == 0
-
-
-def _job(attempt, max_attempts=5, attempt_base=0, base_s=1.0, max_s=100.0):
-    return SimpleNamespace(attempt=attempt, attempt_base=attempt_base, max_attempts=max_attempts,
-                           backoff_base_s=base_s, backoff_max_s=max_s)
-
-
-def test_next_transition_applies_the_retry_policy():
-    failed = jobs.Outcome("failed", error_type="ValueError", error_message="boom")
-    assert jobs.next_transition(_job(1), jobs.Outcome("succeeded", result=1)) == \
-        jobs.Transition("succeeded")
-    assert jobs.next_transition(_job(5), jobs.Outcome("succeeded")).status == "succeeded"
-    assert jobs.next_transition(_job(1), jobs.Outcome("cancelled")).status == "cancelled"
-    assert jobs.next_transition(_job(1), jobs.Outcome("failed", permanent=True)) == \
-        jobs.Transition("dead", dead_reason="permanent")
-    for status in ("failed", "crashed", "timed_out", "interrupted"):
-        assert jobs.next_transition(_job(5), jobs.Outcome(status)) == \
-            jobs.Transition("dead", dead_reason="max_attempts"), status
-    assert jobs.next_transition(_job(2, max_attempts=2), jobs.Outcome("failed", retry_in=9)) == \
-        jobs.Transition("dead", dead_reason="max_attempts")  # RetryAfter still counts
-    assert jobs.next_transition(_job(2), jobs.Outcome("failed", retry_in=9.5)) == \
-        jobs.Transition("retryable", delay_s=9.5)
-    assert jobs.next_transition(_job(3), jobs.Outcome("interrupted")) == \
-        jobs.Transition("retryable", delay_s=0.0)
-    # A DLQ retry gives a fresh budget: attempts before attempt_base do not count.
-    assert jobs.next_transition(_job(7, max_attempts=5, attempt_base=5), failed).status == \
-        "retryable"
-    assert jobs.next_transition(_job(10, max_attempts=5, attempt_base=5), failed).dead_reason == \
-        "max_attempts"
-    for n in range(1, 5):
-        for status in ("failed", "crashed", "timed_out"):
-            delays = [jobs.next_transition(_job(n, base_s=0.5, max_s=3), jobs.Outcome(status))
-                      for _ in range(300)]
-            assert {d.status for d in delays} == {"retryable"}
-            assert all(0 <= d.delay_s <= _cap(n, 0.5, 3) for d in delays)
-            assert max(d.delay_s for d in delays) > 0.9 * _cap(n, 0.5, 3)
-            assert min(d.delay_s for d in delays) < 0.1 * _cap(n, 0.5, 3)
 
 
 # ---------------------------------------------------------------------------- end to end
