@@ -1,0 +1,1 @@
+"""The core: job operations, the one owner of every job state change."""
