@@ -22,7 +22,7 @@ from limits import parse_many
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound as NoSuchRoute
 from werkzeug.routing import IntegerConverter
 
 import auth
@@ -36,6 +36,8 @@ import models
 import openapi
 import schedules
 from config import ConfigError, fail_fast, settings
+from core.errors import (Conflict, Invalid, InvalidJob, InvalidKey, InvalidRequest,
+                         InvalidSchedule, NotFound, Refused, TooLarge)
 from handlers import HandlerError
 
 log = logging.getLogger("conveyor.api")
@@ -62,6 +64,19 @@ class ApiError(Exception):
     def __init__(self, status, title, detail, headers=None):
         super().__init__(detail)
         self.status, self.title, self.detail, self.headers = status, title, detail, headers or {}
+
+
+# The one table from the core's refusals (core/errors.py) to HTTP: the status and title each
+# answers with. Every class a caller may raise has its row (tests/test_errors.py checks).
+PROBLEMS = {
+    InvalidJob: (422, "Invalid job"),
+    InvalidRequest: (422, "Invalid request"),
+    InvalidSchedule: (422, "Invalid schedule"),
+    InvalidKey: (422, "Invalid key"),
+    NotFound: (404, "Not found"),
+    Conflict: (409, "Conflict"),
+    TooLarge: (413, "Payload too large"),
+}
 
 
 def problem(status, title, detail, headers=None, errors=None, **extensions):
@@ -237,8 +252,8 @@ def _deeper_than(value, limit):
 def idempotency_key_header():
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _idempotency_key.is_valid(key):
-        raise jobs.InvalidRequest("the Idempotency-Key header must be 1 to 255 printable "
-                                  "ASCII characters", ["Idempotency-Key: invalid"])
+        raise InvalidRequest("the Idempotency-Key header must be 1 to 255 printable "
+                             "ASCII characters", ["Idempotency-Key: invalid"])
     return key
 
 
@@ -246,9 +261,9 @@ def query(*allowed):
     """Refuse query parameters a route does not take (a typo must not widen a filter)."""
     unknown = sorted(set(request.args) - set(allowed))
     if unknown:
-        raise jobs.InvalidRequest(f"unknown query parameter {unknown[0]!r}",
-                                  [f"{name}: not a parameter of this route (it takes "
-                                   f"{', '.join(allowed) or 'none'})" for name in unknown])
+        raise InvalidRequest(f"unknown query parameter {unknown[0]!r}",
+                             [f"{name}: not a parameter of this route (it takes "
+                              f"{', '.join(allowed) or 'none'})" for name in unknown])
     return request.args
 
 
@@ -259,16 +274,16 @@ def query_int(name, default, minimum, maximum):
         return default
     if not (len(raw) <= 9 and re.fullmatch(f"0|{ID_PATTERN}", raw)
             and minimum <= int(raw) <= maximum):
-        raise jobs.InvalidRequest(f"{name} must be an integer from {minimum} to {maximum}",
-                                  [f"{name}: {raw!r} is not such an integer"])
+        raise InvalidRequest(f"{name} must be an integer from {minimum} to {maximum}",
+                             [f"{name}: {raw!r} is not such an integer"])
     return int(raw)
 
 
 def query_name(name):
     raw = request.args.get(name)
     if raw is not None and not re.fullmatch(jobs.NAME_PATTERN, raw):
-        raise jobs.InvalidRequest(f"{name} filter {raw!r} is not a valid name",
-                                  [f"{name}: invalid"])
+        raise InvalidRequest(f"{name} filter {raw!r} is not a valid name",
+                             [f"{name}: invalid"])
     return raw
 
 
@@ -280,22 +295,22 @@ def page_args():
 def batch_of(body):
     """The validated jobs of a batch body; 422 naming every bad index, none stored."""
     if not isinstance(body, dict) or set(body) != {"jobs"}:
-        raise jobs.Invalid('send {"jobs": [...]} and nothing else',
-                           ["(batch): must be an object with only a jobs list"])
+        raise InvalidJob('send {"jobs": [...]} and nothing else',
+                         ["(batch): must be an object with only a jobs list"])
     items = body["jobs"]
     if not isinstance(items, list) or not 1 <= len(items) <= jobs.MAX_BATCH:
-        raise jobs.Invalid(f"jobs must be a list of 1 to {jobs.MAX_BATCH} jobs",
-                           [f"jobs: must be a list of 1 to {jobs.MAX_BATCH} jobs"])
+        raise InvalidJob(f"jobs must be a list of 1 to {jobs.MAX_BATCH} jobs",
+                         [f"jobs: must be a list of 1 to {jobs.MAX_BATCH} jobs"])
     new_jobs, errors = [], []
     for index, item in enumerate(items):
         try:
             new_jobs.append(jobs.validate_submission(item))
-        except jobs.Invalid as exc:
+        except Invalid as exc:
             errors.extend(f"{index}: {error}" for error in exc.errors or [exc.detail])
-        except jobs.TooLarge as exc:
-            raise jobs.TooLarge(f"job {index}: {exc.detail}") from None
+        except TooLarge as exc:
+            raise TooLarge(f"job {index}: {exc.detail}") from None
     if errors:
-        raise jobs.Invalid("some jobs are not valid; none was stored", errors)
+        raise InvalidJob("some jobs are not valid; none was stored", errors)
     return new_jobs
 
 
@@ -509,9 +524,10 @@ def _register_errors(app):
     def api_error(exc):
         return problem(exc.status, exc.title, exc.detail, exc.headers)
 
-    @app.errorhandler(jobs.JobError)
-    def job_error(exc):
-        return problem(exc.status, exc.title, exc.detail, errors=exc.errors)
+    @app.errorhandler(Refused)
+    def refused(exc):
+        status, title = PROBLEMS[type(exc)]
+        return problem(status, title, exc.detail, errors=exc.errors)
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
@@ -522,7 +538,7 @@ def _register_errors(app):
         if isinstance(exc, MethodNotAllowed):
             detail = (f"{request.method} is not allowed on {request.path}; it takes "
                       f"{', '.join(m for m in exc.valid_methods if m != 'HEAD')}")
-        elif isinstance(exc, NotFound):
+        elif isinstance(exc, NoSuchRoute):
             detail = f"there is no {request.path}; /openapi.json lists every route"
         return problem(exc.code, exc.name, detail, headers)
 
@@ -584,15 +600,15 @@ def _register_routes(app, rate_limits):
     def submit_job():
         body, key = json_body(), idempotency_key_header()
         if key is not None and isinstance(body, dict) and body.get("idempotency_key", key) != key:
-            raise jobs.InvalidRequest("the Idempotency-Key header and idempotency_key differ",
-                                      ["idempotency_key: differs from the Idempotency-Key "
-                                       "header"])
+            raise InvalidRequest("the Idempotency-Key header and idempotency_key differ",
+                                 ["idempotency_key: differs from the Idempotency-Key "
+                                  "header"])
         try:
             [(job, created)] = jobs.enqueue([jobs.validate_submission(body, idempotency_key=key)],
                                             api_key_id=g.api_key.id)
-        except jobs.Conflict as exc:  # the core numbers each conflict by its index in a batch
-            raise jobs.Conflict(exc.detail,
-                                [error.removeprefix("0: ") for error in exc.errors]) from None
+        except Conflict as exc:  # the core numbers each conflict by its index in a batch
+            raise Conflict(exc.detail,
+                           [error.removeprefix("0: ") for error in exc.errors]) from None
         return reply(documents.job(job), 201 if created else 200,
                      {"Location": f"/v1/jobs/{job.id}"})
 

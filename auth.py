@@ -12,6 +12,7 @@ import secrets
 import peewee as pw
 from limits import parse_many
 
+from core.errors import Conflict, InvalidKey, NotFound
 import models
 from models import ApiKey, db, loaded, now
 
@@ -21,31 +22,27 @@ KEY_PREFIX = "cvy_"  # makes a leaked key easy to recognise (and to scan for)
 MAX_KEY_LENGTH = 256
 
 
-class KeyRefused(Exception):
-    """A key operation that cannot be done; the message says why, in one line."""
-
-
 def digest(secret):
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def check_rate_limit(text):
-    """A per-key rate limit like '10/second' or '100/minute;1000/hour', or KeyRefused."""
+    """A per-key rate limit like '10/second' or '100/minute;1000/hour', or InvalidKey."""
     try:
         if text.strip():
             parse_many(text)
             return text.strip()
     except ValueError:
         pass
-    raise KeyRefused(f"{text!r} is not a rate limit like '10/second' or '100/minute;1000/hour'")
+    raise InvalidKey(f"{text!r} is not a rate limit like '10/second' or '100/minute;1000/hour'")
 
 
 def create(name, role="submit", rate_limit=None):
     """Store a new key; return (row, secret). The secret is not kept anywhere else."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise KeyRefused(f"key name {name!r} must match {NAME_PATTERN.pattern}")
+        raise InvalidKey(f"key name {name!r} must match {NAME_PATTERN.pattern}")
     if role not in ROLES:
-        raise KeyRefused(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        raise InvalidKey(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     if rate_limit is not None:
         rate_limit = check_rate_limit(rate_limit)
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -55,8 +52,8 @@ def create(name, role="submit", rate_limit=None):
                                    rate_limit=rate_limit, created_at=now())
                      .returning(ApiKey).execute())
     except pw.IntegrityError:
-        raise KeyRefused(f"there is already an active key named {name!r}; revoke it first "
-                         f"or choose another name") from None
+        raise Conflict(f"there is already an active key named {name!r}; revoke it first "
+                       f"or choose another name") from None
     return row, secret
 
 
@@ -79,13 +76,13 @@ def verify(secret):
 
 
 def revoke(name):
-    """Revoke the active key named `name` at once; return it, or raise KeyRefused."""
+    """Revoke the active key named `name` at once; return it, or raise NotFound."""
     with db.atomic():
         revoked = list(ApiKey.update(revoked_at=now())
                        .where(ApiKey.name == name, ApiKey.revoked_at.is_null())
                        .returning(ApiKey).execute())
     if not revoked:
-        raise KeyRefused(f"there is no active key named {name!r}")
+        raise NotFound(f"there is no active key named {name!r}")
     return revoked[0]
 
 

@@ -23,6 +23,7 @@ import jobs
 import models
 import schedules
 from config import settings
+from core.errors import Refused
 
 class Duration(click.ParamType):
     """The one reading of every time option: seconds as a plain number (60, 0.5) or with a
@@ -60,11 +61,9 @@ class Conveyor:
             boot.ready("flask", level=logging.DEBUG)
         try:
             return super().invoke(ctx)
-        except jobs.JobError as exc:
+        except Refused as exc:
             details = f" ({'; '.join(exc.errors)})" if exc.errors else ""
             raise click.ClickException(f"{exc.detail}{details}") from None
-        except auth.KeyRefused as exc:
-            raise click.ClickException(str(exc)) from None
 
 
 class Commands(Conveyor, AppGroup):

@@ -25,6 +25,7 @@ from jsonschema import Draft202012Validator
 import handlers
 import metrics
 from config import settings
+from core.errors import Conflict, InvalidJob, InvalidRequest, LeaseLost, NotFound, TooLarge
 from core.policy import Outcome, next_transition, released_outcome, run_order
 import models
 from models import Attempt, Job, Step, Worker, db, is_postgres, now
@@ -53,43 +54,6 @@ NOTIFY_CHANNEL = "conveyor_jobs"
 def notify_payload(queue, count):
     """What a NOTIFY on NOTIFY_CHANNEL says: count new jobs available now in queue."""
     return f"{queue}:{count}"
-
-
-class JobError(Exception):
-    """An expected refusal, carrying the HTTP status a route should answer with."""
-    status = 400
-    title = "Bad request"
-
-    def __init__(self, detail, errors=None):
-        super().__init__(detail)
-        self.detail = detail
-        self.errors = errors or []
-
-
-class Invalid(JobError):
-    """Something sent is not valid (422); the subclasses' titles say what it was."""
-    status, title = 422, "Invalid job"
-
-
-class InvalidRequest(Invalid):
-    """A query parameter, header or cursor, rather than the document sent."""
-    title = "Invalid request"
-
-
-class InvalidSchedule(Invalid):
-    title = "Invalid schedule"
-
-
-class NotFound(JobError):
-    status, title = 404, "Not found"
-
-
-class Conflict(JobError):
-    status, title = 409, "Conflict"
-
-
-class TooLarge(JobError):
-    status, title = 413, "Payload too large"
 
 
 # ---------------------------------------------------------------------------- submission
@@ -161,22 +125,22 @@ _RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.
 
 
 def parse_time(text, name="run_at"):
-    """An RFC 3339 date-time with an offset, as UTC epoch seconds; Invalid naming `name`."""
+    """An RFC 3339 date-time with an offset, as UTC epoch seconds; InvalidJob naming `name`."""
     problem = f"{name} is not an RFC 3339 time with an offset (e.g. 2030-01-01T09:00:00Z)"
     match = _RFC3339.fullmatch(text) if isinstance(text, str) else None
     if match is None:
-        raise Invalid(f"{problem}: {text!r}", [f"{name}: not an RFC 3339 date-time"])
+        raise InvalidJob(f"{problem}: {text!r}", [f"{name}: not an RFC 3339 date-time"])
     if match["offset"] is None:
-        raise Invalid(f"{name} needs a UTC offset (e.g. 2030-01-01T09:00:00Z): {text!r}",
-                      [f"{name}: no UTC offset"])
+        raise InvalidJob(f"{name} needs a UTC offset (e.g. 2030-01-01T09:00:00Z): {text!r}",
+                         [f"{name}: no UTC offset"])
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:  # each field has its digits, but a 13th month, a 25th hour...
-        raise Invalid(f"{problem}: {text!r}", [f"{name}: not a valid date and time"]) from None
+        raise InvalidJob(f"{problem}: {text!r}", [f"{name}: not a valid date and time"]) from None
     try:
         return parsed.astimezone(timezone.utc).timestamp()
     except OverflowError:  # in UTC it falls outside years 1 to 9999, so it cannot be shown
-        raise Invalid(f"{name} is out of range: {text!r}", [f"{name}: out of range"]) from None
+        raise InvalidJob(f"{name} is out of range: {text!r}", [f"{name}: out of range"]) from None
 
 
 def request_fingerprint(body):
@@ -185,9 +149,9 @@ def request_fingerprint(body):
 
 
 def validate_submission(body, idempotency_key=None):
-    """Check one submission and resolve its defaults; raise Invalid or TooLarge."""
+    """Check one submission and resolve its defaults; raise InvalidJob or TooLarge."""
     if not isinstance(body, dict):
-        raise Invalid("a job must be a JSON object", ["(job): must be an object"])
+        raise InvalidJob("a job must be a JSON object", ["(job): must be an object"])
     payload = body.get("payload", {})
     unproven = [item for item in body.items() if not _proven(item)]
     try:
@@ -199,32 +163,33 @@ def validate_submission(body, idempotency_key=None):
         if rest:
             _compact_json.encode(rest)
     except ValueError:
-        raise Invalid("the job holds NaN or Infinity, which are not JSON numbers",
-                      ["(job): NaN and Infinity are not allowed"]) from None
+        raise InvalidJob("the job holds NaN or Infinity, which are not JSON numbers",
+                         ["(job): NaN and Infinity are not allowed"]) from None
     if "type" not in body or not _fits_schema(unproven):
         errors = [f"{'/'.join(map(str, e.absolute_path)) or '(job)'}: {e.message}"
                   for e in _submission_validator.iter_errors(body)]
         if errors:
-            raise Invalid("the job is not valid", errors)
+            raise InvalidJob("the job is not valid", errors)
     if "run_at" in body and "delay_s" in body:
-        raise Invalid("give run_at or delay_s, not both", ["run_at: not allowed with delay_s"])
+        raise InvalidJob("give run_at or delay_s, not both", ["run_at: not allowed with delay_s"])
     handler = handlers.get(body["type"])
     if handler is None:
-        raise Invalid(f"unknown job type {body['type']!r}", [f"type: {body['type']!r} is not registered"])
+        raise InvalidJob(f"unknown job type {body['type']!r}",
+                         [f"type: {body['type']!r} is not registered"])
     size = len(payload_json)  # ASCII: json.dumps escapes everything else
     limit = settings().max_payload_bytes
     if size > limit:
         raise TooLarge(f"the payload is {size} bytes, over the limit of {limit}")
     payload_errors = handler.payload_errors(payload)
     if payload_errors:
-        raise Invalid(f"the payload does not match the schema of {handler.name!r}",
-                      payload_errors)
+        raise InvalidJob(f"the payload does not match the schema of {handler.name!r}",
+                         payload_errors)
     given = job_defaults(handler)
     backoff = body.get("backoff", {})
     base = _first(backoff.get("base_s"), given.backoff_base_s)
     cap = _first(backoff.get("max_s"), given.backoff_max_s)
     if cap < base:
-        raise Invalid("backoff max_s must be at least base_s", ["backoff/max_s: below base_s"])
+        raise InvalidJob("backoff max_s must be at least base_s", ["backoff/max_s: below base_s"])
     key = body.get("idempotency_key", idempotency_key)
     return NewJob(
         type=handler.name,
@@ -982,10 +947,6 @@ def _event(level, event, job, message, **tags):
 
 
 # ---------------------------------------------------------------------------- steps
-
-class LeaseLost(Exception):
-    """This attempt no longer holds its job: another attempt may be running it."""
-
 
 def load_step(job_id, name):
     """(True, result) when a step of this job already ran, else (False, None)."""

@@ -15,6 +15,7 @@ from croniter import CroniterBadDateError, croniter
 from jsonschema import Draft202012Validator
 
 import jobs
+from core.errors import Conflict, Invalid, InvalidRequest, InvalidSchedule, NotFound, Refused
 from models import Job, Schedule, ScheduleRun, db, now
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$(?!\n)"  # see jobs.NAME_PATTERN
@@ -51,8 +52,8 @@ def zone(name):
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):  # OSError: "America"
-        raise jobs.InvalidSchedule(f"unknown timezone {name!r}",
-                                   [f"timezone: {name!r} is not an IANA timezone"]) from None
+        raise InvalidSchedule(f"unknown timezone {name!r}",
+                              [f"timezone: {name!r} is not an IANA timezone"]) from None
 
 
 def check_cron(expression):
@@ -60,9 +61,9 @@ def check_cron(expression):
     fields = expression.split()
     aliased = len(fields) == 1 and expression.startswith("@")
     if not (aliased or len(fields) in (5, 6)) or not croniter.is_valid(expression):
-        raise jobs.InvalidSchedule(f"{expression!r} is not a valid cron expression",
-                                   [f"cron: expected 5 fields (minute hour day-of-month month "
-                                    f"day-of-week) with valid values, got {expression!r}"])
+        raise InvalidSchedule(f"{expression!r} is not a valid cron expression",
+                              [f"cron: expected 5 fields (minute hour day-of-month month "
+                               f"day-of-week) with valid values, got {expression!r}"])
 
 
 def _slots(schedule, start):
@@ -80,8 +81,8 @@ def first_slot(schedule, moment):
     try:
         return next_after(schedule, moment)
     except CroniterBadDateError:
-        raise jobs.InvalidSchedule(f"the cron {schedule.cron!r} never fires",
-                                   [f"cron: no date matches {schedule.cron!r}"]) from None
+        raise InvalidSchedule(f"the cron {schedule.cron!r} never fires",
+                              [f"cron: no date matches {schedule.cron!r}"]) from None
 
 
 def latest_at_or_before(schedule, moment):
@@ -101,12 +102,12 @@ def upcoming(schedule, count=5, moment=None):
 
 def _validate(body, schema):
     if not isinstance(body, dict):
-        raise jobs.InvalidSchedule("a schedule must be a JSON object",
-                                   ["(schedule): must be an object"])
+        raise InvalidSchedule("a schedule must be a JSON object",
+                              ["(schedule): must be an object"])
     errors = [f"{'/'.join(map(str, e.absolute_path)) or '(schedule)'}: {e.message}"
               for e in Draft202012Validator(schema).iter_errors(body)]
     if errors:
-        raise jobs.InvalidSchedule("the schedule is not valid", errors)
+        raise InvalidSchedule("the schedule is not valid", errors)
 
 
 def _check_job(fields):
@@ -117,8 +118,8 @@ def _check_job(fields):
             body[name] = fields[name]
     try:
         jobs.validate_submission(body)
-    except jobs.Invalid as exc:  # the schedule is what was sent: say so in the title
-        raise jobs.InvalidSchedule(exc.detail, exc.errors) from None
+    except Invalid as exc:  # what was sent is a schedule: it is the schedule that is invalid
+        raise InvalidSchedule(exc.detail, exc.errors) from None
 
 
 def create(body):
@@ -133,7 +134,7 @@ def create(body):
     inserted = list(Schedule.insert(fields).on_conflict(action="NOTHING")
                     .returning(Schedule.name).execute())
     if not inserted:
-        raise jobs.Conflict(f"a schedule named {body['name']!r} already exists")
+        raise Conflict(f"a schedule named {body['name']!r} already exists")
     return get(body["name"])
 
 
@@ -151,7 +152,7 @@ def update(name, changes):
     if retimed:
         fields["next_run_at"] = first_slot(Schedule(**merged), current)
     if not Schedule.update(fields).where(Schedule.name == name).execute():
-        raise jobs.NotFound(f"schedule {name!r} not found")
+        raise NotFound(f"schedule {name!r} not found")
     return get(name)
 
 
@@ -164,21 +165,21 @@ def remove(name):
     with db.atomic():
         ScheduleRun.delete().where(ScheduleRun.schedule_name == name).execute()
         if not Schedule.delete().where(Schedule.name == name).execute():
-            raise jobs.NotFound(f"schedule {name!r} not found")
+            raise NotFound(f"schedule {name!r} not found")
 
 
 def get(name):
     schedule = Schedule.get_or_none(Schedule.name == name) if is_name(name) else None
     if schedule is None:
-        raise jobs.NotFound(f"schedule {name!r} not found")
+        raise NotFound(f"schedule {name!r} not found")
     return schedule
 
 
 def list_schedules(limit=50, cursor=None):
     """A page of schedules by name: (schedules, next_cursor or None)."""
     if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise jobs.InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}",
-                                  ["limit: out of range"])
+        raise InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}",
+                             ["limit: out of range"])
     query = Schedule.select().order_by(Schedule.name)
     if cursor:
         after = jobs.decode_cursor(cursor, issued=is_name)
@@ -231,7 +232,7 @@ def _fire(schedule, slot):
         else:
             try:
                 job_id = _enqueue(schedule, slot)
-            except jobs.JobError as exc:
+            except Refused as exc:
                 outcome, reason = "failed", exc.detail
         (ScheduleRun.update(outcome=outcome, job_id=job_id, reason=reason)
          .where(ScheduleRun.id == claimed[0].id).execute())

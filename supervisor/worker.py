@@ -24,6 +24,7 @@ from functools import partial
 import handlers
 import jobs
 import metrics
+from core.errors import LeaseLost
 from models import DB_ERRORS, reset_connection
 from supervisor import slots
 
@@ -247,7 +248,7 @@ def run_step(job, name, fn):
     if found:
         return result
     if not jobs.lease_held(job):
-        raise jobs.LeaseLost(f"job {job.id} attempt {job.attempt} lost its lease")
+        raise LeaseLost(f"job {job.id} attempt {job.attempt} lost its lease")
     # Every attempt gets the stored JSON form (lists, not tuples), not only the later ones.
     result = json.loads(json.dumps(fn(), allow_nan=False))
     return jobs.save_step(job, name, result)

@@ -8,6 +8,7 @@ import pytest
 import jobs
 from checks import LONG_LEASE, assert_audit_clean, cli
 from conftest import wait_for
+from core.errors import NotFound
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -103,7 +104,7 @@ def test_prune_deletes_only_succeeded_and_cancelled_jobs_past_the_cutoff(conveyo
     assert cli("prune", "--older-than", "1s").stdout.strip() == "pruned 2 jobs"
 
     for job_id in (succeeded, discarded):
-        with pytest.raises(jobs.NotFound):
+        with pytest.raises(NotFound):
             conveyor.job(job_id)
         assert conveyor.attempts(job_id) == []
     assert conveyor.job(dead).status == "dead" and len(conveyor.attempts(dead)) == 1

@@ -10,6 +10,7 @@ import documents
 import jobs
 import models
 from conftest import wait_for
+from core.errors import Conflict, Invalid
 from models import Job
 
 
@@ -60,7 +61,7 @@ def test_scheduled_jobs_and_idempotent_replays_are_not_announced(listener):
 def test_a_refused_batch_announces_nothing_and_stores_nothing(listener):
     jobs.enqueue([submission(idempotency_key="taken", payload={"v": 1})])
     assert listener() == [jobs.notify_payload("default", 1)]
-    with pytest.raises(jobs.Conflict):
+    with pytest.raises(Conflict):
         jobs.enqueue([submission(queue="q")] * 5
                      + [submission(idempotency_key="taken", payload={"v": 2})])
     assert listener() == [] and Job.select().count() == 1
@@ -73,7 +74,7 @@ def test_a_job_retried_from_the_dead_letter_queue_is_announced(listener):
     assert listener() == [jobs.notify_payload("late", 1)]
     jobs.dlq_retry(job.id)
     assert listener() == [jobs.notify_payload("late", 1)]
-    with pytest.raises(jobs.Conflict):
+    with pytest.raises(Conflict):
         jobs.dlq_retry(job.id)
     assert listener() == []
 
@@ -138,7 +139,7 @@ def fits_the_schema(body):
     """validate_submission's verdict on the schema alone (later checks may refuse too)."""
     try:
         jobs.validate_submission(body)
-    except jobs.Invalid as exc:
+    except Invalid as exc:
         return exc.detail != "the job is not valid"
     return True
 

@@ -11,8 +11,8 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-import jobs
 from conftest import wait_for
+from core.errors import Invalid
 
 SENDER = "noreply@example.org"
 
@@ -223,5 +223,5 @@ def test_a_missing_or_bad_smtp_url_fails_the_attempt_not_the_import(conveyor, sm
     {"to": "ann@example.com", "subject": "no text"},
 ])
 def test_bad_payloads_are_refused_at_submission(conveyor, payload):
-    with pytest.raises(jobs.Invalid):
+    with pytest.raises(Invalid):
         conveyor.submit("email.send", payload)

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-import jobs
 from conftest import wait_for
+from core.errors import Invalid
 
 
 @pytest.fixture
@@ -100,5 +100,5 @@ def test_a_row_that_does_not_fit_the_columns_is_permanent(conveyor, reports_dir)
 @pytest.mark.parametrize("name", ["../escape", "..", "a/b", "/etc/passwd", ".hidden",
                                   "report\n", "", "x" * 101])
 def test_unsafe_names_are_refused_at_submission(conveyor, name):
-    with pytest.raises(jobs.Invalid):
+    with pytest.raises(Invalid):
         conveyor.submit("report.csv", {"name": name, "columns": ["a"], "rows": []})

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import jobs
+from core.errors import Invalid
 from handlers.webhook import EXCERPT_BYTES, retry_after_seconds
 
 
@@ -185,7 +185,7 @@ def test_a_hung_receiver_times_out_and_is_retried(conveyor, receiver):
     {"body": {}},
 ])
 def test_bad_payloads_are_refused_at_submission(conveyor, payload):
-    with pytest.raises(jobs.Invalid):
+    with pytest.raises(Invalid):
         conveyor.submit("webhook.post", payload)
 
 

@@ -10,6 +10,7 @@ import pytest
 import jobs
 from checks import LONG_LEASE, assert_audit_clean, cli, gate_path, release, running_attempt
 from conftest import side_effects, wait_for
+from core.errors import Invalid, LeaseLost
 
 
 def _cap(n, base_s, max_s):
@@ -160,7 +161,7 @@ def test_result_that_is_not_json_fails_the_attempt(conveyor):
 
 
 def test_unknown_job_type_is_refused(conveyor):
-    with pytest.raises(jobs.Invalid, match="unknown job type 'no.such'"):
+    with pytest.raises(Invalid, match="unknown job type 'no.such'"):
         jobs.validate_submission({"type": "no.such", "payload": {}})
     refused = cli("jobs", "submit", "no.such", "--payload", "{}", check=False)
     assert refused.exit_code == 1
@@ -199,16 +200,16 @@ def test_step_write_without_the_lease_is_refused(conveyor):
     [current] = wait_for(lambda: jobs.claim(_worker("current")), message="the retry to be due")
     assert (current.id, current.attempt) == (job_id, 2)
 
-    with pytest.raises(jobs.LeaseLost):
+    with pytest.raises(LeaseLost):
         jobs.save_step(stale, "charge", {"by": "stale"})
     assert jobs.load_step(job_id, "charge") == (False, None)
     ran = []
-    with pytest.raises(jobs.LeaseLost):
+    with pytest.raises(LeaseLost):
         run_step(stale, "charge", lambda: ran.append("stale") or {"by": "stale"})
     assert ran == [], "a worker without the lease must not even run the step"
 
     assert jobs.save_step(current, "charge", {"by": "current"}) == {"by": "current"}
-    with pytest.raises(jobs.LeaseLost):  # even once the step exists
+    with pytest.raises(LeaseLost):  # even once the step exists
         jobs.save_step(stale, "charge", {"by": "stale"})
     assert jobs.load_step(job_id, "charge") == (True, {"by": "current"})
     assert run_step(current, "charge", lambda: ran.append("again")) == {"by": "current"}

@@ -11,6 +11,7 @@ from croniter import croniter
 import jobs
 import schedules
 from conftest import wait_for
+from core.errors import Conflict, Invalid
 from models import Attempt, Job, ScheduleRun
 
 
@@ -180,7 +181,7 @@ def test_spring_forward_slot_moves_to_the_first_valid_time(conveyor):
 ])
 def test_invalid_schedules_are_refused_with_the_reason(conveyor, body, complaint):
     full = {"name": "bad", "cron": "* * * * *", "type": "t.noop", **body}
-    with pytest.raises(jobs.Invalid) as refused:
+    with pytest.raises(Invalid) as refused:
         schedules.create(full)
     assert any(error.startswith(complaint) for error in refused.value.errors), refused.value.errors
     assert schedules.list_schedules()[0] == []
@@ -188,7 +189,7 @@ def test_invalid_schedules_are_refused_with_the_reason(conveyor, body, complaint
 
 def test_a_taken_name_is_a_conflict(conveyor):
     schedules.create({"name": "once", "cron": "* * * * *", "type": "t.noop"})
-    with pytest.raises(jobs.Conflict):
+    with pytest.raises(Conflict):
         schedules.create({"name": "once", "cron": "0 * * * *", "type": "t.noop"})
 
 
@@ -327,5 +328,5 @@ def test_run_at_with_an_offset_is_stored_in_utc(conveyor):
     {"delay_s": -1},
 ])
 def test_bad_run_times_are_refused(conveyor, fields):
-    with pytest.raises(jobs.Invalid):
+    with pytest.raises(Invalid):
         conveyor.submit("t.noop", **fields)
