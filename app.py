@@ -39,6 +39,7 @@ from config import ConfigError, fail_fast, settings
 from core.errors import (Conflict, Invalid, InvalidJob, InvalidKey, InvalidRequest,
                          InvalidSchedule, NotFound, Refused, TooLarge)
 from handlers import HandlerError
+from web import exposition
 
 log = logging.getLogger("conveyor.api")
 
@@ -565,7 +566,7 @@ def _register_routes(app, rate_limits):
     conf = settings()
     description = json.dumps(openapi.document(handlers.registered(),
                                               metrics_public=conf.metrics_public))
-    collectors = metrics.registry(conf.lease_s, rate_limits.storage.check)
+    collectors = exposition.registry(conf.lease_s, rate_limits.storage.check)
 
     @app.get("/healthz")
     @access(PUBLIC)
@@ -593,7 +594,7 @@ def _register_routes(app, rate_limits):
     @app.get("/metrics")
     @access(PUBLIC if conf.metrics_public else ADMIN, monitoring=True)
     def prometheus_metrics():
-        return Response(metrics.exposition(collectors), content_type=metrics.CONTENT_TYPE)
+        return Response(exposition.text(collectors), content_type=exposition.CONTENT_TYPE)
 
     @app.post("/v1/jobs")
     @access(SUBMIT)

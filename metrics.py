@@ -1,11 +1,12 @@
-"""Prometheus metrics for GET /metrics, correct across every process on every host.
+"""The metrics sink: counters the core, the workers and the web count into, correct across
+every process on every host.
 
 Counters (jobs submitted, succeeded, failed, dead, cancelled, reaped; attempt durations;
 rate-limit refusals) are counted where the event happens, into this process's memory,
 and flushed every few seconds into `metric_counters`: each process adds to its own rows,
-so no two processes contend on a row, and a scrape sums the rows of all of them. Gauges
-(queue depth, oldest available job, live workers) are read from the jobs at each scrape,
-and whether the rate-limit storage answers from the web process scraped.
+so no two processes contend on a row, and a scrape sums the rows of all of them
+(`totals`). This module imports nothing of ours but the models, so anything may count;
+GET /metrics is rendered on the web side (web/exposition.py).
 """
 import atexit
 import json
@@ -15,12 +16,9 @@ import threading
 import uuid
 
 import peewee as pw
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from models import DB_ERRORS, MetricCounter, db, now, reset_connection
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RETIRED = "retired"  # the process id that absorbs the counts of long-gone processes
 
 COUNTERS = {
@@ -162,89 +160,13 @@ def retire_stale(older_than_s):
     return len(gone)
 
 
-# ---------------------------------------------------------------------------- exposition
-
-class CountersCollector:
-    """Every counter and the duration histogram, summed over all processes."""
-
-    def collect(self):
-        sums = (MetricCounter.select(MetricCounter.name, MetricCounter.labels,
-                                     pw.fn.SUM(MetricCounter.value).alias("total"))
-                .group_by(MetricCounter.name, MetricCounter.labels).tuples())
-        series = {}
-        for name, labels, total in sums:
-            series.setdefault(name, []).append((tuple(json.loads(labels)), total))
-        for name, (help_text, label_names) in COUNTERS.items():
-            family = CounterMetricFamily(name, help_text, labels=label_names)
-            for labels, total in sorted(series.get(name, [])):
-                family.add_metric(labels, total)
-            yield family
-        yield self._histogram(series)
-
-    @staticmethod
-    def _histogram(series):
-        family = HistogramMetricFamily(DURATION, "How long attempts ran, by job type and queue.",
-                                       labels=DURATION_LABELS)
-        buckets = {}
-        for labels, total in series.get(f"{DURATION}_bucket", []):
-            buckets.setdefault(labels[:-1], {})[labels[-1]] = total
-        sums = dict(series.get(f"{DURATION}_sum", []))
-        for labels, counts in sorted(buckets.items()):
-            ordered = [(bound, counts.get(bound, 0.0)) for bound in map(repr, BUCKETS)]
-            family.add_metric(list(labels), ordered + [("+Inf", counts.get("+Inf", 0.0))],
-                              sum_value=sums.get(labels, 0.0))
-        return family
-
-
-class JobsCollector:
-    """Queue depth and oldest available job per queue, and live workers, read at scrape."""
-
-    def __init__(self, lease_s):
-        self.lease_s = lease_s
-
-    def collect(self):
-        import jobs  # the core counts into this module; import it late to avoid a cycle
-        stats = jobs.stats(self.lease_s)
-        depth = GaugeMetricFamily("conveyor_jobs", "Jobs by queue and status.",
-                                  labels=["queue", "status"])
-        for queue, counts in sorted(stats["queues"].items()):
-            for status in jobs.STATUSES:
-                depth.add_metric([queue, status], counts.get(status, 0))
-        yield depth
-        oldest = GaugeMetricFamily(
-            "conveyor_oldest_available_job_age_seconds",
-            "How long the oldest due job of each queue has waited to be claimed.",
-            labels=["queue"])
-        ages = jobs.oldest_available_by_queue()
-        for queue in sorted(stats["queues"]):
-            oldest.add_metric([queue], ages.get(queue, 0.0))
-        yield oldest
-        yield GaugeMetricFamily(
-            "conveyor_workers_alive", "Worker processes with a heartbeat within the lease.",
-            value=stats["workers_alive"])
-
-
-class RateLimitStorageCollector:
-    """Whether this web process reaches its rate-limit storage, asked at each scrape."""
-
-    def __init__(self, reachable):
-        self.reachable = reachable
-
-    def collect(self):
-        yield GaugeMetricFamily(
-            "conveyor_rate_limit_storage_up",
-            "1 when the rate-limit storage answers the web process that was scraped, else 0.",
-            value=1 if self.reachable() else 0)
-
-
-def registry(lease_s, rate_limit_storage_reachable):
-    collectors = CollectorRegistry(auto_describe=False)
-    collectors.register(JobsCollector(lease_s))
-    collectors.register(CountersCollector())
-    collectors.register(RateLimitStorageCollector(rate_limit_storage_reachable))
-    return collectors
-
-
-def exposition(collectors):
-    """The metrics in the Prometheus text format."""
-    return generate_latest(collectors)
+def totals():
+    """Every counter's value summed over all processes: {name: [(labels, total), ...]},
+    labels a tuple in the order of COUNTERS (or of DURATION_LABELS and the bucket bound)."""
+    sums = (MetricCounter.select(MetricCounter.name, MetricCounter.labels,
+                                 pw.fn.SUM(MetricCounter.value).alias("total"))
+            .group_by(MetricCounter.name, MetricCounter.labels).tuples())
+    series = {}
+    for name, labels, total in sums:
+        series.setdefault(name, []).append((tuple(json.loads(labels)), total))
+    return series

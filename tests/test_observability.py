@@ -11,6 +11,7 @@ import metrics
 from apiserver import admin_key, bearer, gunicorn  # noqa: F401 (fixtures)
 from conftest import wait_for
 from models import Attempt, Job, MetricCounter
+from web import exposition
 
 
 def scrape(server, key):
@@ -131,9 +132,9 @@ def test_retiring_old_processes_keeps_every_sum(conveyor):
                              labels=json.dumps(["t.noop", "default"]), value=5,
                              updated_at=jobs.db_time() - (10 if process != "current" else 0)
                              ).execute()
-    before = list(metrics.CountersCollector().collect())[0].samples
+    before = list(exposition.CountersCollector().collect())[0].samples
     assert metrics.retire_stale(older_than_s=5) == 2
-    after = list(metrics.CountersCollector().collect())[0].samples
+    after = list(exposition.CountersCollector().collect())[0].samples
     assert [s.value for s in before] == [s.value for s in after] == [15.0]
     assert {row.process_id for row in MetricCounter.select()} == {"current", metrics.RETIRED}
     assert metrics.retire_stale(older_than_s=5) == 0

@@ -1,0 +1,1 @@
+"""The web layer: what the HTTP API needs beyond its routes in app.py."""
