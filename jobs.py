@@ -552,25 +552,25 @@ def _reported(report_):
             "last_error": None if move.refund else outcome.error, "dead_reason": move.dead_reason,
             "attempt_status": outcome.status, "error_type": outcome.error_type,
             "error_message": outcome.error_message, "traceback": outcome.traceback,
-            "started_at": report_.started_at, "finished_at": report_.finished_at}
+            "started_at": report_.started_at, "finished_at": report_.finished_at,
+            "refund": int(move.refund)}
 
 
 _REPORTED_TYPES = (("id", "bigint"), ("attempt", "int"), ("lease_owner", "text"),
                    ("status", "text"), ("delay_s", "float8"), ("result", "text"),
                    ("last_error", "text"), ("dead_reason", "text"), ("attempt_status", "text"),
                    ("error_type", "text"), ("error_message", "text"), ("traceback", "text"),
-                   ("started_at", "float8"), ("finished_at", "float8"))
+                   ("started_at", "float8"), ("finished_at", "float8"), ("refund", "int"))
 _REPORTED_KINDS = dict(_REPORTED_TYPES)
 
 
 def _finish_assignments(value, column, now_sql):
     """SET clauses moving a running job by its reported outcome; value(name) is how the
     statement refers to a reported field, column(name) to the job's own. A cancellation
-    requested while the attempt ran wins over a retry or a dead letter."""
+    requested while the attempt ran wins over a retry or a dead letter; a refunded
+    attempt (released: it never began) keeps its number but gives its budget back."""
     status = value("status")
     ended = f"COALESCE({value('finished_at')}, {now_sql})"  # when the attempt ended
-    # A released attempt never began: its number stays taken, its budget is given back.
-    refund = f"CASE WHEN {value('attempt_status')} = 'released' THEN 1 ELSE 0 END"
     cancelled = f"({column('cancel_requested_at')} IS NOT NULL AND {status} <> 'succeeded')"
     return f"""status = CASE WHEN {cancelled} THEN 'cancelled' ELSE {status} END,
         result = CASE WHEN {status} = 'succeeded' THEN {value('result')} ELSE {column('result')} END,
@@ -580,7 +580,7 @@ def _finish_assignments(value, column, now_sql):
                       ELSE {ended} + {value('delay_s')} END,
         finished_at = CASE WHEN {cancelled} OR {status} IN ('succeeded', 'dead', 'cancelled')
                            THEN {ended} END,
-        attempt_base = {column('attempt_base')} + {refund},
+        attempt_base = {column('attempt_base')} + {value('refund')},
         lease_owner = NULL, heartbeat_at = NULL"""
 
 
