@@ -256,9 +256,15 @@ def _fits_schema(unproven):
         if value.__class__ in _UNREMEMBERED:
             continue
         if len(_valid_values) >= _MAX_VALID_VALUES:
-            _valid_values.clear()
+            forget_valid_values()
         _valid_values[(name, value.__class__, value)] = True
     return True
+
+
+def forget_valid_values():
+    """Forget the values found valid before: the next submissions are checked in full (the
+    cache empties itself when full; a test starts from it empty)."""
+    _valid_values.clear()
 
 
 def _first(*values):
@@ -659,12 +665,10 @@ def _pg_step_sql(reports, claiming, by_queue):
 
 def _step_postgres(worker, rows, limit):
     params = [row[name] for row in rows for name, _ in _REPORTED_TYPES]
-    by_queue = bool(limit and worker.queues)
     if limit:
-        if by_queue:
-            params.append(list(worker.queues))
-        params += [limit, worker.id, worker.host, worker.pid]
-    cursor = models.execute(_pg_step_sql(len(rows), bool(limit), by_queue), params)
+        params += _pg_claim_params(worker, limit)
+    cursor = models.execute(_pg_step_sql(len(rows), bool(limit), bool(limit and worker.queues)),
+                            params)
     claimed, moved, refused = [], {}, set()
     for kind, *values in cursor.fetchall():
         if kind == "claimed":
@@ -674,6 +678,11 @@ def _step_postgres(worker, rows, limit):
         else:
             refused.add(values[0])
     return claimed, moved, refused
+
+
+def _pg_claim_params(worker, limit):
+    return ([list(worker.queues)] if worker.queues else []) + [
+        limit, worker.id, worker.host, worker.pid]
 
 
 def _claimed(values):
@@ -710,9 +719,7 @@ def _step_sqlite(worker, rows, limit):
             elif db.execute_sql(_SQLITE_REFUSE, values).fetchone():
                 refused.add(row["id"])
         if limit:
-            queues = f"AND queue IN ({', '.join('?' * len(worker.queues))})" if worker.queues else ""
-            cursor = db.execute_sql(_SQLITE_CLAIM.format(queues=queues), [
-                worker.id, current, current, current, *worker.queues, limit])
+            cursor = db.execute_sql(*_sqlite_claim(worker, limit, current))
             claimed = [_claimed(values) for values in cursor.fetchall()]
             if claimed:
                 Attempt.insert_many([{
@@ -720,6 +727,21 @@ def _step_sqlite(worker, rows, limit):
                     "worker_id": worker.id, "host": worker.host, "pid": worker.pid,
                     "started_at": job.started_at} for job in claimed]).execute()
     return claimed, moved, refused
+
+
+def _sqlite_claim(worker, limit, now):
+    queues = f"AND queue IN ({', '.join('?' * len(worker.queues))})" if worker.queues else ""
+    return (_SQLITE_CLAIM.format(queues=queues),
+            [worker.id, now, now, now, *worker.queues, limit])
+
+
+def claim_statement(worker, limit=1):
+    """(sql, params): the statement `claim(worker, limit)` runs on the open database, as it
+    runs it, for what must see it whole: the plan tests (EXPLAIN), and the fault tests that
+    pick its prepared name out of the wire (models.statement_name)."""
+    if is_postgres():
+        return _pg_step_sql(0, True, bool(worker.queues)), _pg_claim_params(worker, limit)
+    return _sqlite_claim(worker, limit, time.time())
 
 
 def _any_due(queues):

@@ -42,7 +42,12 @@ def open_database(url, lease_s=None, custom_plans=False):
     of a cut-off or stalled process cannot keep the reaper from handing its job to another
     worker), and the client gives up on a query whose packets go unacknowledged for longer
     (tcp_user_timeout) instead of waiting for TCP's own retries, some 15 minutes.
+
+    Whether its sessions keep prepared statements is not known yet: execute() prepares
+    them again until it finds otherwise (see prepares_statements).
     """
+    global _preparing
+    _preparing = True
     if url.startswith("sqlite"):
         database = connect_url(url, pragmas={
             "journal_mode": "wal",
@@ -167,6 +172,12 @@ def execute(sql, params=()):
         if db.in_transaction():
             raise
         return db.execute_sql(sql, params)
+
+
+def prepares_statements():
+    """Whether execute() still prepares statements: False once the database's sessions were
+    found not to keep them (behind a transaction-pooling pgbouncer)."""
+    return _preparing and is_postgres()
 
 
 def is_postgres():

@@ -2,8 +2,9 @@
 `outbound_session()` makes HTTP requests to URLs from payloads (see handlers/outbound.py).
 
 A job type is one module in this folder or in a folder named in HANDLER_PATHS; `load`
-imports them all. Handlers get the payload and a `Context`, and know nothing of the
-database: `ctx.step` is backed by whatever the worker hands the context.
+imports them all (errors.py and outbound.py, the rest of the handler API, register none).
+Handlers get the payload and a `Context`, and know nothing of the database: `ctx.step` is
+backed by whatever the worker hands the context.
 """
 import importlib
 import importlib.util
@@ -18,6 +19,9 @@ from typing import Any, Callable, Optional
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from handlers.errors import Permanent, RetryAfter
+from handlers.outbound import OutboundRefused, outbound_session
+
 __all__ = ["handler", "Permanent", "RetryAfter", "Context", "Handler", "HandlerError",
            "load", "get", "registered", "outbound_session", "OutboundRefused"]
 
@@ -26,21 +30,6 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 
 class HandlerError(Exception):
     """A handler module or registration is unusable; the process must not start."""
-
-
-class Permanent(Exception):
-    """Raise to fail the job without retrying: it goes straight to the dead-letter queue."""
-
-
-class RetryAfter(Exception):
-    """Raise to retry after `seconds` (the attempt still counts toward max_attempts)."""
-
-    def __init__(self, seconds, message=None):
-        seconds = float(seconds)
-        if not seconds >= 0:
-            raise ValueError(f"RetryAfter needs a delay of 0 seconds or more, got {seconds!r}")
-        self.seconds = seconds
-        super().__init__(message or f"retry requested in {seconds:g}s")
 
 
 @dataclass(frozen=True)
@@ -188,7 +177,3 @@ def _import(module_name, path):
     except Exception as exc:
         raise HandlerError(
             f"handler module {path} failed to import: {type(exc).__name__}: {exc}") from None
-
-
-# Last: the guard's refusal is a Permanent, defined above.
-from handlers.outbound import OutboundRefused, outbound_session  # noqa: E402

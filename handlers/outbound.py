@@ -21,7 +21,7 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 from urllib3.util import connection as urllib3_connection
 
 import config
-from handlers import Permanent
+from handlers.errors import Permanent
 
 # Answer on a link-local or otherwise odd address that some clouds route to the host.
 METADATA = frozenset(ip_address(a) for a in (

@@ -48,6 +48,11 @@ class Slot:
         """How many times the slot was written: each start and each clear is one."""
         return _LAYOUT.unpack_from(self._memory, self._offset)[0] // 2
 
+    def torn(self):
+        """Whether a writer died mid-write (the sequence number is left odd): reads give up
+        on the slot until its next write."""
+        return _LAYOUT.unpack_from(self._memory, self._offset)[0] % 2 == 1
+
     def read(self) -> Optional[Running]:
         """The posted attempt; None when there is none, or when the slot stays torn."""
         for _ in range(_READ_TRIES):

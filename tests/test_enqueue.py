@@ -5,6 +5,7 @@ import select
 
 import psycopg2
 import pytest
+from jsonschema import Draft202012Validator
 
 import documents
 import jobs
@@ -145,9 +146,10 @@ def fits_the_schema(body):
 
 
 def test_values_found_valid_before_do_not_let_an_unequal_value_through(conveyor):
-    expected = [jobs._submission_validator.is_valid(body) for body in BODIES]
+    schema = Draft202012Validator(jobs.SUBMISSION_SCHEMA)
+    expected = [schema.is_valid(body) for body in BODIES]
     assert expected.count(True) > 5 and expected.count(False) > 5
-    jobs._valid_values.clear()
+    jobs.forget_valid_values()
     assert [fits_the_schema(body) for body in BODIES] == expected
     # Again, now that the valid values are remembered (True == 1 and 1.0 == 1, but only 1
     # and 1.0 are integers; -0.0 == 0 and both are fine).
@@ -189,31 +191,30 @@ def test_prepared_statements_outlive_a_rollback_and_are_made_again_on_a_new_conn
 
 
 @pytest.mark.postgres
-def test_statements_run_unprepared_once_the_session_forgets_them(pg_conveyor, monkeypatch):
+def test_statements_run_unprepared_once_the_session_forgets_them(pg_conveyor):
     """Behind a transaction-pooling pgbouncer each transaction may go to another server
     session, where the statement this connection prepared is unknown: submission and
     claims go on, unprepared from then on (here the session forgets them itself)."""
-    monkeypatch.setattr(models, "_preparing", True)
+    assert models.prepares_statements()
     [(first, _)] = jobs.enqueue([submission()])
     models.db.execute_sql("DEALLOCATE ALL")
     [(second, _)] = jobs.enqueue([submission()])
-    assert not models._preparing
+    assert not models.prepares_statements()
     worker = jobs.WorkerInfo(id="w-unprepared", supervisor_id="s", host="h", pid=1)
     assert [job.id for job in jobs.claim(worker, limit=5)] == [first.id, second.id]
 
 
 @pytest.mark.postgres
-def test_statements_run_unprepared_when_the_session_has_another_clients(pg_conveyor,
-                                                                        monkeypatch):
+def test_statements_run_unprepared_when_the_session_has_another_clients(pg_conveyor):
     """...or the other session already holds a statement of that name, prepared there by
     another client of the pool: the claim still takes its job."""
-    monkeypatch.setattr(models, "_preparing", True)
+    assert models.prepares_statements()
     [(job, _)] = jobs.enqueue([submission()])
-    claim_sql = jobs._pg_step_sql(0, True, False)
-    models.db.execute_sql(f"PREPARE {models.statement_name(claim_sql)} AS SELECT 1")
     worker = jobs.WorkerInfo(id="w-unprepared", supervisor_id="s", host="h", pid=1)
+    claim_sql, _ = jobs.claim_statement(worker)
+    models.db.execute_sql(f"PREPARE {models.statement_name(claim_sql)} AS SELECT 1")
     assert [claimed.id for claimed in jobs.claim(worker)] == [job.id]
-    assert not models._preparing
+    assert not models.prepares_statements()
 
 
 def test_a_job_due_now_can_be_claimed_at_once(conveyor):

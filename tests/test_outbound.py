@@ -56,12 +56,12 @@ def test_a_malformed_outbound_allow_is_refused(value):
 
 
 @pytest.fixture
-def outbound_allow(monkeypatch):
+def outbound_allow():
     """Set this process's OUTBOUND_ALLOW, as a worker reads it from its settings."""
     def set_allow(value):
-        monkeypatch.setattr(config, "_current",
-                            config.Settings.from_env({"OUTBOUND_ALLOW": value}))
-    return set_allow
+        config.reset(config.Settings.from_env({"OUTBOUND_ALLOW": value}))
+    yield set_allow
+    config.reset()  # the next reader reads the environment again
 
 
 def test_a_redirect_to_a_refused_address_is_not_followed(outbound_allow):

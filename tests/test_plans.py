@@ -1,10 +1,12 @@
-"""The statements a worker sends for every job stay on indexes however its tables grow,
-though they are prepared once per connection (PostgreSQL only)."""
+"""The statements a worker sends for every job stay on indexes however its tables grow:
+on PostgreSQL though they are prepared once per connection, on SQLite though its planner
+takes a partial index only for a condition that spells out the index's own predicate."""
 import psycopg2
 import pytest
 
 import jobs
 import models
+from conftest import Conveyor
 
 
 def plan_of(sql, params):
@@ -26,8 +28,7 @@ def test_a_workers_claim_is_planned_for_the_table_as_it_is_now(pg_conveyor):
     worker = jobs.WorkerInfo(id="w-plans", supervisor_id="s", host="h", pid=1)
     jobs.enqueue([jobs.validate_submission({"type": "t.noop"})] * 100)
     models.db.execute_sql("ANALYZE jobs")  # the statistics of a table of 100 jobs
-    sql = jobs._pg_step_sql(0, True, False)
-    params = [20, worker.id, worker.host, worker.pid]
+    sql, params = jobs.claim_statement(worker, limit=20)
     for _ in range(10):  # past the point where the server may switch to a generic plan
         with models.db.atomic() as transaction:
             models.execute(sql, params)
@@ -42,3 +43,42 @@ def test_a_workers_claim_is_planned_for_the_table_as_it_is_now(pg_conveyor):
     plan = plan_of(sql, params)
     assert "Seq Scan on jobs" not in plan, plan
     assert "jobs_pkey" in plan and "jobs_claim" in plan, plan
+
+
+@pytest.fixture
+def sqlite_conveyor(tmp_path, monkeypatch):
+    instance = Conveyor(f"sqlite:///{tmp_path}/conveyor.db", tmp_path, monkeypatch)
+    yield instance
+    instance.close()
+
+
+def sqlite_plan_of(sql, params):
+    """SQLite's plan for a statement: one line per step ('SCAN jobs', 'SEARCH jobs USING...')."""
+    rows = models.db.execute_sql(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
+    return [row[-1] for row in rows]
+
+
+@pytest.mark.parametrize("queues, index", [((), "jobs_claim"), (("mail",), "jobs_claim_by_queue")])
+def test_a_workers_claim_on_sqlite_reads_the_index_of_waiting_jobs_not_the_history(
+        sqlite_conveyor, queues, index):
+    """With thousands of finished jobs and a few waiting (statistics fresh from ANALYZE), the
+    claim finds its jobs through the partial index of waiting jobs, in the order it takes
+    them: never a scan of the whole table, which grows with the history."""
+    models.db.execute_sql(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)"
+        " INSERT INTO jobs (type, queue, payload, priority, run_at, max_attempts, timeout_s,"
+        " backoff_base_s, backoff_max_s, status, attempt, created_at, finished_at)"
+        " SELECT 't.noop', CASE i % 2 WHEN 0 THEN 'default' ELSE 'mail' END, '{}', 0, 0, 5,"
+        " 300, 1, 3600, CASE i % 10 WHEN 0 THEN 'dead' ELSE 'succeeded' END, 1, 0, 1 FROM n")
+    jobs.enqueue([jobs.validate_submission({"type": "t.noop", "queue": queue})
+                  for queue in ("default", "mail") for _ in range(3)])
+    models.db.execute_sql("ANALYZE")
+    worker = jobs.WorkerInfo(id="w-plans", supervisor_id="s", host="h", pid=1, queues=queues)
+
+    plan = sqlite_plan_of(*jobs.claim_statement(worker, limit=20))
+    assert any(f"USING INDEX {index}" in line or f"USING COVERING INDEX {index}" in line
+               for line in plan), plan
+    assert not [line for line in plan if line.startswith("SCAN jobs") and "INDEX" not in line], plan
+    assert not [line for line in plan if "TEMP B-TREE" in line], plan  # the index gives the order
+    expected = ["mail"] * 3 if queues else ["default"] * 3 + ["mail"] * 3
+    assert [job.queue for job in jobs.claim(worker, limit=20)] == expected  # what it plans

@@ -96,7 +96,8 @@ def test_claim_answered_after_its_lease_expired_does_not_run_the_job(pg_conveyor
     # claims all the time (finding nothing); the first claim the server gets after the job
     # is stored is the one that takes it.
     stored = threading.Event()
-    claim = models.statement_name(jobs._pg_step_sql(0, True, False)).encode()  # prepared
+    any_worker = jobs.WorkerInfo(id="w", supervisor_id="s", host="h", pid=1)  # no queues either
+    claim = models.statement_name(jobs.claim_statement(any_worker)[0]).encode()  # prepared
     proxy.cut_after(lambda message, previous: stored.is_set() and message.startswith(b"Q")
                     and b"EXECUTE " + claim in message)
     job_id = pg_conveyor.submit("t.noop", {"log": effects_log})
