@@ -329,19 +329,22 @@ def owner():
 # ---------------------------------------------------------------------------- the app
 
 def create_app():
-    """The app, on a database whose schema the caller brings up to date (boot.ready)."""
+    """The app, built without I/O (boot.prepare): a bad setting or handler stops the
+    process with one line, but nothing connects, so importing this module opens no
+    connection. Whoever serves it checks the database and migrates first (boot.connect and
+    boot.ready): web in gunicorn.conf.py's on_starting, the `flask` commands as they run."""
     try:
-        boot.start(upgrade=False)
+        conf = boot.prepare()
     except (ConfigError, HandlerError) as exc:
         fail_fast(exc)
     app = Flask(__name__, static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = settings().max_request_bytes
+    app.config["MAX_CONTENT_LENGTH"] = conf.max_request_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.url_map.converters["job_id"] = JobIdConverter
     # No redirects: werkzeug answers /v1//jobs with a 308 to an absolute URL built from the
     # Host header, which a forged Host turns into a redirect to another site.
     app.url_map.merge_slashes = False
-    rate_limits = RateLimits(settings())
+    rate_limits = RateLimits(conf)
     _register_errors(app)
     _register_access(app, rate_limits)
     _register_routes(app, rate_limits)

@@ -1,12 +1,16 @@
 """Process start-up shared by `web`, `worker` and the `flask` commands.
 
-Reads and checks the settings, points the models at the database and checks it answers,
-brings the schema up to date and loads the handlers. Any problem is a ConfigError or
-HandlerError with one line that names its cause.
+Two steps. `prepare` reads and checks the settings, points the models at the database
+(connecting to nothing) and imports the handlers: no I/O beyond importing code, so the app
+calls it as it is built and importing `app` opens no connection and configures nothing.
+`connect` is the explicit start-up call of a process about to work: it configures logging
+and checks that the database answers (`start` does both steps). Any problem is a
+ConfigError or HandlerError with one line that names its cause.
 
-Importing the app migrates nothing: web migrates in gunicorn.conf.py's `on_starting`,
-the worker as it starts, the `flask` commands before they run (`flask db upgrade` itself
-reports what it applied); each calls `ready`, which also says what the process uses.
+Who connects and migrates: web in gunicorn.conf.py's `on_starting` (its app prepared as
+gunicorn loaded it), the worker as it starts, the `flask` commands before they run (`flask
+db upgrade` itself reports what it applied); each then calls `ready`, which migrates and
+says what the process uses.
 """
 import logging
 
@@ -18,20 +22,35 @@ import models
 log = logging.getLogger("conveyor.boot")
 
 
-def start(*, upgrade=True, check_database=True, custom_plans=False):
+def prepare(*, custom_plans=False):
+    """The settings, the models pointed at their database and the handlers imported,
+    without connecting; returns the settings."""
     settings = config.settings()
-    logs.configure(settings)
     models.open_database(settings.database_url, lease_s=settings.lease_s,
                          custom_plans=custom_plans)
-    if check_database:
-        try:
-            models.check_connection()
-        except models.DatabaseUnavailable as exc:  # models imports no config: say it here
-            raise config.ConfigError(str(exc)) from None
+    handlers.load(settings.handler_paths)
+    return settings
+
+
+def connect(settings):
+    """The explicit start-up of a prepared process about to work: configure logging and
+    check that the database answers (a ConfigError with one line if not). The connection
+    is closed again: a process may fork after this."""
+    logs.configure(settings)
+    try:
+        models.check_connection()
+    except models.DatabaseUnavailable as exc:  # models imports no config: say it here
+        raise config.ConfigError(str(exc)) from None
+    models.reset_connection()
+
+
+def start(*, upgrade=True, custom_plans=False):
+    """prepare() and connect(), bringing the schema up to date when upgrade; returns the
+    settings."""
+    settings = prepare(custom_plans=custom_plans)
+    connect(settings)
     if upgrade:
         models.upgrade()
-    handlers.load(settings.handler_paths)
-    models.reset_connection()
     return settings
 
 

@@ -22,7 +22,7 @@ import handlers
 import jobs
 import models
 import schedules
-from config import settings
+from config import ConfigError, fail_fast, settings
 from core.errors import Refused
 
 class Duration(click.ParamType):
@@ -50,13 +50,19 @@ class Duration(click.ParamType):
 
 
 class Conveyor:
-    """What every command here does around its work: bring the schema up to date first,
-    quietly (unless it is `flask db upgrade`, which says what it applied), and answer a
-    refusal from the core with one clear line (`Error: ...`, exit 1), not a traceback."""
+    """What every command here does around its work: start the process (boot.connect: the
+    app connected to nothing; an unreachable database stops it with one line), bring the
+    schema up to date first, quietly (unless it is `flask db upgrade`, which says what it
+    applied), and answer a refusal from the core with one clear line (`Error: ...`, exit
+    1), not a traceback."""
 
     migrates_first = True
 
     def invoke(self, ctx):
+        try:
+            boot.connect(settings())
+        except ConfigError as exc:
+            fail_fast(exc)
         if self.migrates_first:
             boot.ready("flask", level=logging.DEBUG)
         try:

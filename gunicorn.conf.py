@@ -26,9 +26,15 @@ def post_worker_init(worker):
 
 
 def on_starting(server):
-    """Migrate the schema before any worker serves (the app, preloaded, does not), and say
-    in one line which database and job types web uses."""
+    """Web's start-up, before any worker serves (the app, preloaded, connected to nothing):
+    configure logging, check the database answers (else stop with one line), migrate the
+    schema and say in one line which database and job types web uses."""
     import boot
+    from config import ConfigError, fail_fast, settings
+    try:
+        boot.connect(settings())
+    except ConfigError as exc:
+        fail_fast(exc)
     boot.ready("web")
 
 

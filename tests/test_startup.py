@@ -5,17 +5,21 @@ lists the job types with their options."""
 import importlib.metadata
 import json
 import os
+import pkgutil
 import re
+import select
+import socket
 import sqlite3
 import subprocess
 import sys
 from urllib.parse import urlparse, urlunparse
 
 import psycopg2
+import pytest
 from packaging.requirements import Requirement
 
 from apiserver import Gunicorn
-from conftest import ROOT, TEST_HANDLERS, wait_for
+from conftest import FAST_ENV, ROOT, TEST_HANDLERS, wait_for
 from test_config import _schema, empty_database_url  # noqa: F401 (a fixture)
 
 MIGRATIONS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "migrations"))
@@ -70,6 +74,46 @@ def test_importing_the_app_leaves_a_new_database_unmigrated(conveyor, empty_data
     subprocess.run([sys.executable, "-c", "import app"], cwd=ROOT, check=True, timeout=60,
                    env={**conveyor.env, "DATABASE_URL": empty_database_url})
     assert applied(empty_database_url) == []
+
+
+def our_modules():
+    """Every module a process of ours may import: the top-level ones and those of our
+    packages (not the tests, benchmarks or migrations)."""
+    names = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and f.count(".") == 1]
+    for entry in os.scandir(ROOT):
+        if entry.name not in ("tests", "bench", "migrations") and os.path.exists(
+                os.path.join(entry.path, "__init__.py")):
+            names += [entry.name] + [f"{entry.name}.{module.name}"
+                                     for module in pkgutil.iter_modules([entry.path])]
+    return sorted(names)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_importing_any_module_of_ours_connects_to_nothing_and_configures_nothing(
+        tmp_path, backend):
+    """`import app` (which builds the app), jobs, models, cli, supervisor...: no
+    connection to the database or the rate-limit storage, no file written, no logging
+    set up. A process connects in its explicit start-up (boot.connect)."""
+    listener = socket.create_server(("127.0.0.1", 0))  # stands in for PostgreSQL and Redis
+    address = "127.0.0.1:%d" % listener.getsockname()[1]
+    database = {"postgresql": f"postgresql://x@{address}/x",
+                "sqlite": f"sqlite:///{tmp_path}/conveyor.db"}[backend]
+    env = {**os.environ, **FAST_ENV, "PYTHONPATH": ROOT, "DATABASE_URL": database,
+           "REDIS_URL": f"redis://{address}/0", "RATELIMIT_STORAGE_URI": ""}
+    script = ("import importlib, logging\n"
+              f"for name in {our_modules()!r}:\n"
+              "    importlib.import_module(name)\n"
+              "print(len(logging.getLogger().handlers))\n")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    try:
+        result = subprocess.run([sys.executable, "-c", script], cwd=work, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stderr, result.stdout) == (0, "", "0\n")
+        assert select.select([listener], [], [], 0)[0] == [], "something connected"
+    finally:
+        listener.close()
+    assert sorted(os.listdir(tmp_path)) == ["cwd"] and os.listdir(work) == []
 
 
 def test_other_flask_commands_on_a_new_database_migrate_quietly_first(conveyor,
