@@ -434,8 +434,9 @@ class Conveyor:
         return [Worker.from_document(w) for w in self._json("GET", "/v1/workers")["items"]]
 
     def health(self) -> bool:
-        """True when the server and its database answer, False when the database does not
-        (503). Not retried; ConnectionFailed when the server cannot be reached."""
+        """True when the server can serve, False when it answers 503: its database does not
+        answer, or its rate-limit storage does not while RATE_LIMIT_ON_STORAGE_ERROR is
+        `closed`. Not retried; ConnectionFailed when the server cannot be reached."""
         outcome = self._once("GET", "/healthz", None, None, None)
         if isinstance(outcome, Unavailable) and outcome.status == 503:
             return False
