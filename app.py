@@ -26,16 +26,16 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound as NoS
 from werkzeug.routing import IntegerConverter
 
 import auth
-import boot
+from infra import boot
 import cli
 import documents
 import handlers
 import jobs
-import metrics
+from infra import metrics
 import models
 import openapi
 import schedules
-from config import ConfigError, fail_fast, settings
+from infra.config import ConfigError, fail_fast, settings
 from core.errors import (Conflict, Invalid, InvalidJob, InvalidKey, InvalidRequest,
                          InvalidSchedule, NotFound, Refused, TooLarge)
 from handlers import HandlerError

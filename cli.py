@@ -16,13 +16,13 @@ from flask.cli import AppGroup
 
 import audit
 import auth
-import boot
+from infra import boot
 import documents
 import handlers
 import jobs
 import models
 import schedules
-from config import ConfigError, fail_fast, settings
+from infra.config import ConfigError, fail_fast, settings
 from core.errors import Refused
 
 class Duration(click.ParamType):

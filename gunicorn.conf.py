@@ -20,8 +20,8 @@ control_socket_disable = True
 
 def post_worker_init(worker):
     """Each worker stores its metrics counts from a background thread (see metrics.py)."""
-    import metrics
-    from config import settings
+    from infra import metrics
+    from infra.config import settings
     metrics.flush_in_background(settings().heartbeat_s)
 
 
@@ -29,8 +29,8 @@ def on_starting(server):
     """Web's start-up, before any worker serves (the app, preloaded, connected to nothing):
     configure logging, check the database answers (else stop with one line), migrate the
     schema and say in one line which database and job types web uses."""
-    import boot
-    from config import ConfigError, fail_fast, settings
+    from infra import boot
+    from infra.config import ConfigError, fail_fast, settings
     try:
         boot.connect(settings())
     except ConfigError as exc:

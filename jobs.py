@@ -23,8 +23,8 @@ import peewee as pw
 from jsonschema import Draft202012Validator
 
 import handlers
-import metrics
-from config import settings
+from infra import metrics
+from infra.config import settings
 from core.errors import Conflict, InvalidJob, InvalidRequest, LeaseLost, NotFound, TooLarge
 from core.policy import Outcome, next_transition, released_outcome, run_order
 import models

@@ -373,8 +373,8 @@ def core(database_url):
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     os.environ.update(conveyor_env(database_url))
-    import boot
-    import config
+    from infra import boot
+    from infra import config
     import models
     models.reset_connection()
     config.reset()

@@ -20,7 +20,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import connection as urllib3_connection
 
-import config
+from infra import config
 from handlers.errors import Permanent
 
 # Answer on a link-local or otherwise odd address that some clouds route to the host.

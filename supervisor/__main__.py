@@ -3,8 +3,8 @@ import sys
 
 import click
 
-import boot
-from config import ConfigError, fail_fast
+from infra import boot
+from infra.config import ConfigError, fail_fast
 from handlers import HandlerError
 from supervisor.pool import Supervisor
 

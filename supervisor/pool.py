@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import documents
 import jobs
-import metrics
+from infra import metrics
 import schedules
 from models import DB_ERRORS, reset_connection
 from models import is_postgres

@@ -23,7 +23,7 @@ from functools import partial
 
 import handlers
 import jobs
-import metrics
+from infra import metrics
 from core.errors import LeaseLost
 from models import DB_ERRORS, reset_connection
 from supervisor import slots

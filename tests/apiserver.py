@@ -25,7 +25,7 @@ class Api:
 
     def __init__(self, conveyor, monkeypatch, env):
         import app as app_module
-        import config
+        from infra import config
         for name, value in env.items():
             monkeypatch.setenv(name, str(value))
         config.reset()

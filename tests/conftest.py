@@ -255,9 +255,9 @@ class Conveyor:
     """One test's Conveyor: its environment, its database, its supervisors."""
 
     def __init__(self, database_url, tmp_path, monkeypatch):
-        import boot
-        import config
-        import metrics
+        from infra import boot
+        from infra import config
+        from infra import metrics
         self.tmp_path = tmp_path
         self.database_url = database_url
         self.env = {**os.environ, **FAST_ENV, "DATABASE_URL": database_url,

@@ -208,7 +208,7 @@ def test_malformed_http_to_gunicorn_gets_no_500_and_no_traceback(conveyor, gunic
 def test_a_database_outage_is_503_with_retry_after_not_500(postgres_url, monkeypatch, worker_id,
                                                            testrun_uid, tmp_path):
     import auth
-    import config
+    from infra import config
     import conftest
     name = f"conveyor_outage_{worker_id}_{testrun_uid[:8]}"
     url = conftest.create_pg_database(name)

@@ -53,7 +53,7 @@ def test_concurrent_schema_creation_on_an_empty_database(conveyor, empty_databas
     go = tmp_path / "go"
     # Six processes import everything, wait at a barrier, then boot at the same instant;
     # four `flask db upgrade` join in as they come.
-    booter = ("import os, time, boot\n"
+    booter = ("import os, time\nfrom infra import boot\n"
               f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
               "boot.start()\n"
               "print('booted')\n")
@@ -151,7 +151,7 @@ def test_bad_configuration_stops_the_process_with_one_line(conveyor, tmp_path, c
 
 
 def test_settings_refuse_each_bad_value():
-    import config
+    from infra import config
     base = {**FAST_ENV, "DATABASE_URL": "sqlite:///x.db", "HANDLER_PATHS": ""}
     for name, value in [("WORKER_CONCURRENCY", "0"), ("HEARTBEAT_S", "0"), ("LEASE_S", "nan"),
                         ("PORT", "-5"), ("DEFAULT_MAX_ATTEMPTS", "1.5"),
@@ -168,7 +168,7 @@ def test_settings_refuse_each_bad_value():
 
 
 def test_rate_limits_are_counted_in_redis_url_unless_ratelimit_storage_uri_says_otherwise():
-    import config
+    from infra import config
     base = {**FAST_ENV, "DATABASE_URL": "sqlite:///x.db", "HANDLER_PATHS": ""}
     defaults = config.Settings.from_env(base)
     assert (defaults.ratelimit_storage_uri, defaults.rate_limit_on_storage_error,

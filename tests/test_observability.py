@@ -7,7 +7,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 import jobs
-import metrics
+from infra import metrics
 from apiserver import admin_key, bearer, gunicorn  # noqa: F401 (fixtures)
 from conftest import wait_for
 from models import Attempt, Job, MetricCounter

@@ -8,7 +8,7 @@ import pytest
 import requests
 import trustme
 
-import config
+from infra import config
 from handlers import OutboundRefused, outbound_session
 from handlers.outbound import allowed, refusal
 from test_handlers_webhook import Answer, Receiver

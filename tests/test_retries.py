@@ -21,7 +21,7 @@ def _cap(n, base_s, max_s):
 
 def test_retry_delays_follow_backoff_with_full_jitter(conveyor, effects_log, tmp_path,
                                                      monkeypatch):
-    import config
+    from infra import config
     base_s, max_s = 0.2, 0.5
     monkeypatch.setenv("BACKOFF_BASE_S", str(base_s))
     monkeypatch.setenv("BACKOFF_MAX_S", str(max_s))

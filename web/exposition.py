@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 import jobs
-import metrics
+from infra import metrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -7,7 +7,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import boot  # noqa: E402
+from infra import boot  # noqa: E402
 import jobs  # noqa: E402
 from models import DB_ERRORS, reset_connection  # noqa: E402
 

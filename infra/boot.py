@@ -14,9 +14,9 @@ says what the process uses.
 """
 import logging
 
-import config
+from infra import config
 import handlers
-import logs
+from infra import logs
 import models
 
 log = logging.getLogger("conveyor.boot")

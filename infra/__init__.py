@@ -1,0 +1,1 @@
+"""Infrastructure: configuration, logging, start-up and the metrics sink."""
