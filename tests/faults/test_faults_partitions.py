@@ -2,6 +2,8 @@
 PostgreSQL by a proxy that black-holes their traffic (sockets stay open, nothing gets
 through) for longer than the lease, while they hold jobs. Their jobs run elsewhere after
 the lease; when the link returns, their late results are refused and they carry on."""
+import os
+import signal
 import threading
 from urllib.parse import urlparse
 
@@ -10,7 +12,7 @@ import pytest
 import jobs
 import models
 from checks import (SHORT_LEASE, alive, assert_audit_clean, effect_seen, gate_path,
-                    release, running_attempt)
+                    release, running_attempt, stopped)
 from conftest import side_effects, wait_for
 from harness import partitions, seed
 from proxy import PartitionProxy
@@ -100,8 +102,13 @@ def test_claim_answered_after_its_lease_expired_does_not_run_the_job(pg_conveyor
     claim = models.statement_name(jobs.claim_statement(any_worker)[0]).encode()  # prepared
     proxy.cut_after(lambda message, previous: stored.is_set() and message.startswith(b"Q")
                     and b"EXECUTE " + claim in message)
+    # Held still while the job is stored: its NOTIFY would wake the worker at once, and a
+    # claim the proxy passed on before `stored` is set could take the job uncut.
+    os.kill(cut_off_worker, signal.SIGSTOP)
+    wait_for(lambda: stopped(cut_off_worker), message="the worker to stop")
     job_id = pg_conveyor.submit("t.noop", {"log": effects_log})
     stored.set()
+    os.kill(cut_off_worker, signal.SIGCONT)
     wait_for(lambda: proxy.partitioned, message="the cut after a claim")
     assert running_attempt(pg_conveyor, job_id, 1).pid == cut_off_worker
     other = pg_conveyor.start_supervisor(concurrency=1, **SHORT_LEASE)
