@@ -25,21 +25,25 @@ from limits.strategies import FixedWindowRateLimiter
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound as NoSuchRoute
 from werkzeug.routing import IntegerConverter
 
-import auth
+from core import keys
 from infra import boot
-import cli
-import documents
+from cli import commands
+from web import documents
 import handlers
-import jobs
+from core import jobs
+from core import history
+from core import submission
+from core import workers as registry
 from infra import metrics
 import models
-import openapi
-import schedules
+from web import openapi
+from core import schedules
 from infra.config import ConfigError, fail_fast, settings
 from core.errors import (Conflict, Invalid, InvalidJob, InvalidKey, InvalidRequest,
                          InvalidSchedule, NotFound, Refused, TooLarge)
 from handlers import HandlerError
 from web import exposition
+from core import status as statuses
 
 log = logging.getLogger("conveyor.api")
 
@@ -56,7 +60,7 @@ _malloc_trim = getattr(_libc, "malloc_trim", None)
 # stays; fixed at its default, blocks of 128 KiB and more are mapped and unmapped whole.
 if hasattr(_libc, "mallopt"):
     _libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-_idempotency_key = Draft202012Validator(jobs.SUBMISSION_SCHEMA["properties"]["idempotency_key"])
+_idempotency_key = Draft202012Validator(submission.SUBMISSION_SCHEMA["properties"]["idempotency_key"])
 
 
 class ApiError(Exception):
@@ -282,30 +286,30 @@ def query_int(name, default, minimum, maximum):
 
 def query_name(name):
     raw = request.args.get(name)
-    if raw is not None and not re.fullmatch(jobs.NAME_PATTERN, raw):
+    if raw is not None and not re.fullmatch(submission.NAME_PATTERN, raw):
         raise InvalidRequest(f"{name} filter {raw!r} is not a valid name",
                              [f"{name}: invalid"])
     return raw
 
 
 def page_args():
-    return {"limit": query_int("limit", 50, 1, jobs.MAX_LIMIT),
+    return {"limit": query_int("limit", 50, 1, history.MAX_LIMIT),
             "cursor": request.args.get("cursor")}
 
 
-def batch_of(body):
+def batch_of(body, rules):
     """The validated jobs of a batch body; 422 naming every bad index, none stored."""
     if not isinstance(body, dict) or set(body) != {"jobs"}:
         raise InvalidJob('send {"jobs": [...]} and nothing else',
                          ["(batch): must be an object with only a jobs list"])
     items = body["jobs"]
-    if not isinstance(items, list) or not 1 <= len(items) <= jobs.MAX_BATCH:
-        raise InvalidJob(f"jobs must be a list of 1 to {jobs.MAX_BATCH} jobs",
-                         [f"jobs: must be a list of 1 to {jobs.MAX_BATCH} jobs"])
+    if not isinstance(items, list) or not 1 <= len(items) <= submission.MAX_BATCH:
+        raise InvalidJob(f"jobs must be a list of 1 to {submission.MAX_BATCH} jobs",
+                         [f"jobs: must be a list of 1 to {submission.MAX_BATCH} jobs"])
     new_jobs, errors = [], []
     for index, item in enumerate(items):
         try:
-            new_jobs.append(jobs.validate_submission(item))
+            new_jobs.append(submission.validate_submission(item, rules))
         except Invalid as exc:
             errors.extend(f"{index}: {error}" for error in exc.errors or [exc.detail])
         except TooLarge as exc:
@@ -348,7 +352,7 @@ def create_app():
     _register_errors(app)
     _register_access(app, rate_limits)
     _register_routes(app, rate_limits)
-    cli.register(app)
+    commands.register(app)
     # Counts reach the database from a thread in each gunicorn worker (gunicorn.conf.py)
     # and at exit, which is when a `flask` command's are stored.
     atexit.register(metrics.flush_quietly)
@@ -504,7 +508,7 @@ def _register_access(app, rate_limits):
         if level == PUBLIC:
             return
         secret = presented_key()
-        key = auth.verify(secret) if secret else None
+        key = keys.verify(secret) if secret else None
         if key is None:
             rate_limits.failed_auth(client_address(trusted))
             detail = ("the API key is unknown or revoked" if secret else
@@ -567,6 +571,7 @@ def _register_errors(app):
 
 def _register_routes(app, rate_limits):
     conf = settings()
+    rules = submission.Rules.from_settings(conf)
     description = json.dumps(openapi.document(handlers.registered(),
                                               metrics_public=conf.metrics_public))
     collectors = exposition.registry(conf.lease_s, rate_limits.storage.check)
@@ -608,8 +613,9 @@ def _register_routes(app, rate_limits):
                                  ["idempotency_key: differs from the Idempotency-Key "
                                   "header"])
         try:
-            [(job, created)] = jobs.enqueue([jobs.validate_submission(body, idempotency_key=key)],
-                                            api_key_id=g.api_key.id)
+            [(job, created)] = jobs.enqueue(
+                [submission.validate_submission(body, rules, idempotency_key=key)],
+                api_key_id=g.api_key.id)
         except Conflict as exc:  # the core numbers each conflict by its index in a batch
             raise Conflict(exc.detail,
                            [error.removeprefix("0: ") for error in exc.errors]) from None
@@ -619,7 +625,7 @@ def _register_routes(app, rate_limits):
     @app.post("/v1/jobs/batch")
     @access(SUBMIT)
     def submit_batch():
-        stored = jobs.enqueue(batch_of(json_body()), api_key_id=g.api_key.id)
+        stored = jobs.enqueue(batch_of(json_body(), rules), api_key_id=g.api_key.id)
         created = any(was_created for _, was_created in stored)
         return Response(_items_as_sent(stored), 201 if created else 200,
                         mimetype="application/json")
@@ -627,14 +633,14 @@ def _register_routes(app, rate_limits):
     @app.get("/v1/jobs/<job_id:job_id>")
     @access(SUBMIT)
     def show_job(job_id):
-        job = jobs.get_job(job_id, api_key_id=owner())
-        return reply(documents.job(job, jobs.attempts_of(job.id)))
+        job = history.get_job(job_id, api_key_id=owner())
+        return reply(documents.job(job, history.attempts_of(job.id)))
 
     @app.get("/v1/jobs")
     @access(SUBMIT)
     def list_jobs():
         args = query("status", "type", "queue", "limit", "cursor")
-        page, cursor = jobs.list_jobs(status=args.get("status"), type=query_name("type"),
+        page, cursor = history.list_jobs(status=args.get("status"), type=query_name("type"),
                                       queue=query_name("queue"), api_key_id=owner(),
                                       **page_args())
         return reply(documents.page([documents.job(job) for job in page], cursor))
@@ -648,7 +654,7 @@ def _register_routes(app, rate_limits):
     @app.get("/v1/dlq")
     def list_dead():
         query("type", "queue", "limit", "cursor")
-        page, cursor = jobs.list_jobs(status="dead", type=query_name("type"),
+        page, cursor = history.list_jobs(status=statuses.DEAD, type=query_name("type"),
                                       queue=query_name("queue"), **page_args())
         return reply(documents.page([documents.job(job) for job in page], cursor))
 
@@ -668,7 +674,7 @@ def _register_routes(app, rate_limits):
 
     @app.post("/v1/schedules")
     def create_schedule():
-        schedule = schedules.create(json_body())
+        schedule = schedules.create(json_body(), rules)
         return reply(schedule_page(schedule), 201, {"Location": f"/v1/schedules/{schedule.name}"})
 
     @app.get("/v1/schedules/<name>")
@@ -677,7 +683,7 @@ def _register_routes(app, rate_limits):
 
     @app.patch("/v1/schedules/<name>")
     def change_schedule(name):
-        return reply(schedule_page(schedules.update(name, json_body())))
+        return reply(schedule_page(schedules.update(name, json_body(), rules)))
 
     @app.delete("/v1/schedules/<name>")
     def delete_schedule(name):
@@ -686,12 +692,12 @@ def _register_routes(app, rate_limits):
 
     @app.get("/v1/stats")
     def stats():
-        return reply(jobs.stats(conf.lease_s))
+        return reply(history.stats(conf.lease_s))
 
     @app.get("/v1/workers")
     def workers():
         return reply(documents.page(
-            [documents.worker(w) for w in jobs.live_workers(conf.lease_s)], None))
+            [documents.worker(w) for w in registry.live_workers(conf.lease_s)], None))
 
 
 app = create_app()

@@ -121,7 +121,8 @@ class PostgresqlDatabase(pw.PostgresqlDatabase):
 register_database(PostgresqlDatabase, "postgresql")
 
 
-_PLACEHOLDER = re.compile(r"%(s|%)")
+# A placeholder as execute() takes them: %s, or %(name)s for a dict of parameters.
+_PLACEHOLDER = re.compile(r"%(?:(s)|\((\w+)\)s|%)")
 
 
 def statement_name(sql):
@@ -141,7 +142,8 @@ def execute(sql, params=()):
     statement is prepared once per connection (PREPARE, which outlives transactions) and
     then only EXECUTEd, so the server does not parse and plan it again on each call:
     that cost as much as running the statements that submit and claim jobs. `sql` takes
-    %s placeholders, as execute_sql does.
+    %s placeholders with a sequence of parameters, or %(name)s with a dict, as execute_sql
+    does.
 
     Behind a pooler that hands each transaction to another server session, a statement
     prepared in one is unknown in the next (or already known, prepared by another
@@ -152,15 +154,13 @@ def execute(sql, params=()):
         return db.execute_sql(sql, params)
     connection = db.connection()
     try:
-        name = connection.prepared.get(sql)
-        if name is None:
-            name = statement_name(sql)
-            numbers = itertools.count(1)
-            body = _PLACEHOLDER.sub(lambda m: f"${next(numbers)}" if m[1] == "s" else m[0], sql)
-            db.execute_sql(f"PREPARE {name} AS {body}", ())
-            connection.prepared[sql] = name
-        arguments = f"({', '.join(['%s'] * len(params))})" if params else ""
-        return db.execute_sql(f"EXECUTE {name}{arguments}", params)
+        prepared = connection.prepared.get(sql)
+        if prepared is None:
+            prepared = connection.prepared[sql] = _prepare(sql)
+        name, names = prepared
+        values = params if names is None else [params[n] for n in names]  # $1, $2... in order
+        arguments = f"({', '.join(['%s'] * len(values))})" if values else ""
+        return db.execute_sql(f"EXECUTE {name}{arguments}", values)
     except DB_ERRORS as exc:
         if getattr(exc.__context__, "pgcode", None) not in _LOST_STATEMENT:
             raise
@@ -172,6 +172,24 @@ def execute(sql, params=()):
         if db.in_transaction():
             raise
         return db.execute_sql(sql, params)
+
+
+def _prepare(sql):
+    """PREPARE sql on this connection; (its name, the names of its parameters in order, or
+    None when it takes %s placeholders)."""
+    name, numbers, names = statement_name(sql), itertools.count(1), {}
+
+    def number(match):
+        if match[1]:
+            return f"${next(numbers)}"
+        if match[2]:
+            if match[2] not in names:
+                names[match[2]] = f"${len(names) + 1}"
+            return names[match[2]]
+        return match[0]
+
+    db.execute_sql(f"PREPARE {name} AS {_PLACEHOLDER.sub(number, sql)}", ())
+    return name, list(names) if names else None
 
 
 def prepares_statements():

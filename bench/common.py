@@ -381,6 +381,13 @@ def core(database_url):
     return boot.start()
 
 
+def rules():
+    """The submission rules of this process's settings (after core())."""
+    from core.submission import Rules
+    from infra.config import settings
+    return Rules.from_settings(settings())
+
+
 def reset_core_connection():
     """Close this process's core connection (before its database is dropped)."""
     models = sys.modules.get("models")
@@ -391,12 +398,15 @@ def reset_core_connection():
 def enqueue_core(count, batch=1000, first=1):
     """Enqueue `count` no-op jobs numbered first.. through the core (jobs.enqueue, as the
     API does), in transactions of `batch`; returns seconds taken."""
-    import jobs
+    from core import jobs
+    from core import submission
+    checked_by = rules()
     t0 = time.perf_counter()
     done = 0
     while done < count:
         size = min(batch, count - done)
-        jobs.enqueue([jobs.validate_submission({"type": NOOP, "payload": {"n": first + done + i}})
+        jobs.enqueue([submission.validate_submission({"type": NOOP, "payload": {"n": first + done + i}},
+                                                     checked_by)
                       for i in range(size)])
         done += size
     return time.perf_counter() - t0

@@ -51,9 +51,10 @@ def _is_savepoint(sql):
 def claim_and_report(db_url):
     """The statements of one claim and one successful report, as the core sends them."""
     common.core(db_url)
-    import jobs
+    from core import jobs
+    from core import workers
     import models
-    worker = jobs.WorkerInfo(id="w-bench-explain", supervisor_id="s-bench-explain",
+    worker = workers.WorkerInfo(id="w-bench-explain", supervisor_id="s-bench-explain",
                              host=socket.gethostname(), pid=os.getpid(), queues=())
     with models.db.atomic() as tx:
         claimed, claim_sql = captured(lambda: jobs.claim(worker, 1))

@@ -37,10 +37,13 @@ def run(workers=4, samples=500, interval_ms=20.0, via="core", kind="postgres", d
                 if status != 201:
                     raise RuntimeError(f"POST /v1/jobs answered {status}: {data[:200]!r}")
         else:
-            import jobs
+            from core import jobs
+            from core import submission
+            rules = common.rules()
 
             def submit(n):
-                jobs.enqueue([jobs.validate_submission({"type": common.NOOP, "payload": {"n": n}})])
+                jobs.enqueue([submission.validate_submission(
+                    {"type": common.NOOP, "payload": {"n": n}}, rules)])
         supervisor = common.Supervisor(env, workers)
         supervisor.wait_for_workers()
         result["warmed_up"] = common.warm_up(submit, stamps, 2 * workers)

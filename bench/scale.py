@@ -20,9 +20,10 @@ def explain_idle(db):
     keeps applying as the table grows to 20,000 attempts, until the next ANALYZE. Each
     report then scanned the whole of `attempts`: drain 6,600 instead of 11,400 jobs/s at
     0 history, the "0-history anomaly" of earlier runs."""
-    import jobs
-    [(job, _)] = jobs.enqueue([jobs.validate_submission(
-        {"type": common.NOOP, "payload": {"n": 999_999_999}})])
+    from core import jobs
+    from core import submission
+    [(job, _)] = jobs.enqueue([submission.validate_submission(
+        {"type": common.NOOP, "payload": {"n": 999_999_999}}, common.rules())])
     try:
         return explain.analyse(db.url)
     finally:

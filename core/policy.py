@@ -1,14 +1,16 @@
 """The retry policy of SPEC §5, pure: where a job goes when its attempt ends, how long it
 waits before the next one, and the order a worker runs what it claimed.
 
-Decisions only: no database, no settings, no metrics, no logging, nothing of ours imported,
-so every rule is unit-tested in microseconds (tests/test_policy.py). jobs.py applies these
-decisions in SQL under the lease that holds the job.
+Decisions only: no database, no settings, no metrics, no logging, nothing of ours imported
+but the status words, so every rule is unit-tested in microseconds (tests/test_policy.py).
+core/jobs.py applies these decisions in SQL under the lease that holds the job.
 """
 import math
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from core import status as S
 
 
 @dataclass(frozen=True)
@@ -46,29 +48,29 @@ def backoff_delay(attempts_used, base_s, max_s, rand=random.random):
 def next_transition(job, outcome, rand=random.random):
     """The retry policy: where a running job goes when its attempt ends with outcome.
     job needs attempt, attempt_base, max_attempts, backoff_base_s and backoff_max_s."""
-    if outcome.status == "succeeded":
-        return Transition("succeeded")
-    if outcome.status == "cancelled":
-        return Transition("cancelled")
-    if outcome.status == "released":
-        return Transition("available", refund=True)
+    if outcome.status == S.SUCCEEDED:
+        return Transition(S.SUCCEEDED)
+    if outcome.status == S.CANCELLED:
+        return Transition(S.CANCELLED)
+    if outcome.status == S.RELEASED:
+        return Transition(S.AVAILABLE, refund=True)
     if outcome.permanent:
-        return Transition("dead", dead_reason="permanent")
+        return Transition(S.DEAD, dead_reason="permanent")
     attempts_used = job.attempt - job.attempt_base
     if attempts_used >= job.max_attempts:
-        return Transition("dead", dead_reason="max_attempts")
+        return Transition(S.DEAD, dead_reason="max_attempts")
     if outcome.retry_in is not None:
-        return Transition("retryable", delay_s=outcome.retry_in)
-    if outcome.status == "interrupted":
-        return Transition("retryable", delay_s=0.0)
-    return Transition("retryable", delay_s=backoff_delay(
+        return Transition(S.RETRYABLE, delay_s=outcome.retry_in)
+    if outcome.status == S.INTERRUPTED:
+        return Transition(S.RETRYABLE, delay_s=0.0)
+    return Transition(S.RETRYABLE, delay_s=backoff_delay(
         attempts_used, job.backoff_base_s, job.backoff_max_s, rand))
 
 
 def released_outcome(why):
     """The outcome of a claimed attempt whose handler never began: the job goes back to
     `available` at once with its attempt budget intact."""
-    return Outcome("released", error_type="Released",
+    return Outcome(S.RELEASED, error_type="Released",
                    error_message=f"claimed but not started: {why}; it does not count")
 
 

@@ -20,10 +20,10 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-import documents
-import jobs
+from core import status as states
+from core.policy import Outcome
+from core import history, jobs, schedules, submission, times, workers
 from infra import metrics
-import schedules
 from models import DB_ERRORS, reset_connection
 from models import is_postgres
 from supervisor import slots
@@ -64,7 +64,7 @@ class Duty:
 @dataclass
 class Child:
     pid: int
-    worker: jobs.WorkerInfo
+    worker: workers.WorkerInfo
     slot_index: int
     started_m: float
     slot_writes: int = 0                   # the slot's write count when it started
@@ -84,6 +84,7 @@ class SlotState:
 class Supervisor:
     def __init__(self, settings, concurrency, queues):
         self.settings = settings
+        self.rules = submission.Rules.from_settings(settings)  # how a fired schedule's job is checked
         self.queues = tuple(queues)
         self.id = f"s-{uuid.uuid4().hex[:12]}"
         self.host = socket.gethostname()
@@ -99,7 +100,7 @@ class Supervisor:
             Duty("scheduler", SCHEDULER_INTERVAL_S, self._fire_schedules),
             Duty("cancellations", 0.5, self._stop_cancelled),
             Duty("worker registry", settings.lease_s,
-                 lambda: jobs.forget_stale_workers(settings.lease_s)),
+                 lambda: workers.forget_stale_workers(settings.lease_s)),
         ]
         if self.listener is not None:
             self.duties.append(Duty("listener", 1.0, self._listen))
@@ -202,7 +203,7 @@ class Supervisor:
                 self._spawn(index)
 
     def _spawn(self, index):
-        worker = jobs.WorkerInfo(id=f"w-{uuid.uuid4().hex[:12]}", supervisor_id=self.id,
+        worker = workers.WorkerInfo(id=f"w-{uuid.uuid4().hex[:12]}", supervisor_id=self.id,
                                  host=self.host, pid=0, queues=self.queues)
         state = self.slots[index]
         state.slot.clear()
@@ -275,16 +276,16 @@ class Supervisor:
     def _outcome_of(self, child, running, status):
         if child.stop_reason == "timeout":
             limit = f" of {running.timeout_s:g}s" if running else ""  # a torn slot tells nothing
-            return jobs.Outcome("timed_out", error_type="Timeout",
+            return Outcome(states.TIMED_OUT, error_type="Timeout",
                                 error_message=f"attempt ran past its timeout{limit} and was killed")
         if child.stop_reason == "cancel":
-            return jobs.Outcome("cancelled", error_type="Cancelled",
+            return Outcome(states.CANCELLED, error_type="Cancelled",
                                 error_message="cancelled while running; the worker was stopped")
         if child.stop_reason == "shutdown":
-            return jobs.Outcome("interrupted", error_type="Interrupted",
+            return Outcome(states.INTERRUPTED, error_type="Interrupted",
                                 error_message=f"still running {self.settings.shutdown_grace_s:g}s "
                                               f"after shutdown began; killed")
-        return jobs.Outcome("crashed", error_type="WorkerDied",
+        return Outcome(states.CRASHED, error_type="WorkerDied",
                             error_message=f"worker process {child.pid} {describe_exit(status)}")
 
     def _end_attempts(self, child, outcome, running):
@@ -293,7 +294,7 @@ class Supervisor:
         try:
             ended = jobs.end_attempts(child.worker.id, outcome,
                                       running.job_id if running else None)
-            jobs.deregister_worker(child.worker.id)
+            workers.deregister_worker(child.worker.id)
             return ended
         except DB_ERRORS as exc:
             # The lease will expire and any supervisor's reaper will record it.
@@ -324,9 +325,9 @@ class Supervisor:
     # ------------------------------------------------------------------ duties
 
     def _fire_schedules(self):
-        for run in schedules.fire_due():
+        for run in schedules.fire_due(rules=self.rules):
             log.info("schedule %s: slot %s %s%s", run.schedule_name,
-                     documents.timestamp(run.slot), run.outcome,
+                     times.timestamp(run.slot), run.outcome,
                      f" ({run.reason})" if run.reason else "",
                      extra={"job_id": run.job_id} if run.job_id else {})
 
@@ -339,7 +340,7 @@ class Supervisor:
             self._kill(busy[job.lease_owner], "cancel")
 
     def _prune(self):
-        removed = jobs.prune(self.settings.retention_days * 86400)
+        removed = history.prune(self.settings.retention_days * 86400)
         schedules.prune_runs(self.settings.retention_days * 86400)
         metrics.retire_stale(86400)
         if removed:

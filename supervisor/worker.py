@@ -22,7 +22,10 @@ import traceback
 from functools import partial
 
 import handlers
-import jobs
+from core import status as states
+from core.policy import Outcome
+from core import jobs
+from core import workers
 from infra import metrics
 from core.errors import LeaseLost
 from models import DB_ERRORS, reset_connection
@@ -60,7 +63,7 @@ class WorkerProcess:
         """The child's main: returns the exit code."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides, not a Ctrl-C
-        self._until_done(partial(jobs.register_worker, self.worker))
+        self._until_done(partial(workers.register_worker, self.worker))
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
         reports, limit = [], 1
@@ -81,7 +84,7 @@ class WorkerProcess:
             limit = self._next_limit(reports)
         self.finished.set()
         self._until_done(metrics.flush, give_up_when_stopping=True)
-        self._until_done(partial(jobs.deregister_worker, self.worker.id), give_up_when_stopping=True)
+        self._until_done(partial(workers.deregister_worker, self.worker.id), give_up_when_stopping=True)
         return 0
 
     def _stop(self, *_):
@@ -214,7 +217,7 @@ def execute(job):
     """Run the job's handler and say how the attempt ended; never raises."""
     handler = handlers.get(job.type)
     if handler is None:
-        return jobs.Outcome("failed", error_type="UnknownJobType",
+        return Outcome(states.FAILED, error_type="UnknownJobType",
                             error_message=f"no handler for {job.type!r} on this worker")
     ctx = handlers.Context(
         job_id=job.id, attempt=job.attempt, max_attempts=job.max_attempts, queue=job.queue,
@@ -231,14 +234,14 @@ def execute(job):
     try:
         json.dumps(result, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        return jobs.Outcome("failed", error_type="ResultNotJSON",
+        return Outcome(states.FAILED, error_type="ResultNotJSON",
                             error_message=f"the handler returned a value that is not "
                                           f"JSON-serialisable: {exc}")
-    return jobs.Outcome("succeeded", result=result)
+    return Outcome(states.SUCCEEDED, result=result)
 
 
 def _failure(exc, **policy):
-    return jobs.Outcome("failed", error_type=type(exc).__name__, error_message=str(exc)[:4000],
+    return Outcome(states.FAILED, error_type=type(exc).__name__, error_message=str(exc)[:4000],
                         traceback=traceback.format_exc()[-16000:], **policy)
 
 

@@ -35,8 +35,8 @@ class Api:
 
     def key(self, name, role="submit", rate_limit=None):
         """A new key's secret, made through the same core as `flask keys create`."""
-        import auth
-        return auth.create(name, role, rate_limit)[1]
+        from core import keys
+        return keys.create(name, role, rate_limit)[1]
 
     def call(self, method, path, key=None, headers=None, **kwargs):
         headers = {**(bearer(key) if key else {}), **(headers or {})}

@@ -251,6 +251,13 @@ class SupervisorProcess(ProcessGroup):
         return self.proc.wait(timeout)
 
 
+def rules():
+    """The submission rules of the settings in force (a Conveyor fixture sets them)."""
+    from core.submission import Rules
+    from infra.config import settings
+    return Rules.from_settings(settings())
+
+
 class Conveyor:
     """One test's Conveyor: its environment, its database, its supervisors."""
 
@@ -275,23 +282,24 @@ class Conveyor:
 
     def submit(self, type, payload=None, **fields):
         """Enqueue one job through the core, as the API would; returns its id."""
-        import jobs
+        from core import jobs, submission
         body = {"type": type, "payload": payload or {}, **fields}
-        [(job, _)] = jobs.enqueue([jobs.validate_submission(body)])
+        [(job, _)] = jobs.enqueue([submission.validate_submission(body, rules())])
         return job.id
 
     def submit_many(self, type, payloads, **fields):
-        import jobs
-        new = [jobs.validate_submission({"type": type, "payload": p, **fields}) for p in payloads]
+        from core import jobs, submission
+        new = [submission.validate_submission({"type": type, "payload": p, **fields}, rules())
+               for p in payloads]
         return [job.id for job, _ in jobs.enqueue(new)]
 
     def job(self, job_id):
-        import jobs
-        return jobs.get_job(job_id)
+        from core import history
+        return history.get_job(job_id)
 
     def attempts(self, job_id):
-        import jobs
-        return jobs.attempts_of(job_id)
+        from core import history
+        return history.attempts_of(job_id)
 
     def statuses(self, job_ids):
         from models import Job
@@ -303,11 +311,11 @@ class Conveyor:
                         timeout, message=f"job {job_id} to be {'/'.join(statuses)}")
 
     def wait_until_final(self, job_ids, timeout=60.0):
-        import jobs
+        from core.status import FINAL
         ids = list(job_ids)
 
         def all_final():
-            return all(s in jobs.FINAL for s in self.statuses(ids).values())
+            return all(s in FINAL for s in self.statuses(ids).values())
         return wait_for(all_final, timeout, interval=0.1, message=f"{len(ids)} jobs to finish")
 
     def start_supervisor(self, concurrency=2, queues=None, **env):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import auth
+from core import keys
 from apiserver import api, api_with, bearer  # noqa: F401 (fixtures)
 from models import ApiKey
 
@@ -41,7 +41,7 @@ def test_every_operation_refuses_missing_unknown_and_revoked_keys(api_with):
     api = api_with(AUTH_FAIL_LIMIT="1000/minute")  # this test fails to authenticate a lot
     admin = api.key("admin", "admin")
     revoked = api.key("gone", "admin")
-    auth.revoke("gone")
+    keys.revoke("gone")
     job_id = api.submit(admin, {"type": "echo"})["id"]
     refusals = []
     for method, path, access in operations(api):

@@ -207,7 +207,7 @@ def test_malformed_http_to_gunicorn_gets_no_500_and_no_traceback(conveyor, gunic
 @pytest.mark.postgres
 def test_a_database_outage_is_503_with_retry_after_not_500(postgres_url, monkeypatch, worker_id,
                                                            testrun_uid, tmp_path):
-    import auth
+    from core import keys
     from infra import config
     import conftest
     name = f"conveyor_outage_{worker_id}_{testrun_uid[:8]}"
@@ -219,7 +219,7 @@ def test_a_database_outage_is_503_with_retry_after_not_500(postgres_url, monkeyp
     import models
     client = app_module.create_app().test_client()
     models.upgrade()  # as web does when it starts (gunicorn.conf.py)
-    key = auth.create("admin", "admin")[1]
+    key = keys.create("admin", "admin")[1]
     assert client.get("/v1/jobs", headers=bearer(key)).status_code == 200
     conftest.drop_pg_database(name)  # WITH (FORCE): our connection is cut too
     for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/healthz"),

@@ -7,7 +7,9 @@ import threading
 
 import requests
 
-import jobs
+from core import jobs
+
+from core import workers
 from apiserver import admin_key, api, api_with, bearer, gunicorn  # noqa: F401 (fixtures)
 from conftest import side_effects, wait_for
 from models import Job
@@ -16,7 +18,7 @@ from models import Job
 def make_dead(conveyor, type="t.permanent", **fields):
     """A dead job, through the same core calls a worker makes."""
     job_id = conveyor.submit(type, **fields)
-    worker = jobs.WorkerInfo(id=f"test-{job_id}", supervisor_id="test", host="here", pid=1,
+    worker = workers.WorkerInfo(id=f"test-{job_id}", supervisor_id="test", host="here", pid=1,
                              queues=(conveyor.job(job_id).queue,))
     [job] = jobs.claim(worker)
     assert job.id == job_id

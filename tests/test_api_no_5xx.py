@@ -16,9 +16,10 @@ from urllib.parse import quote
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-import jobs
-import schedules
+from core import history, schedules
+from core import status as statuses
 from apiserver import api_with  # noqa: F401 (fixture)
+from conftest import rules
 
 EXAMPLES = 30  # per route and method: about 20 s per database
 SEEDED_SCHEDULE = "nightly"
@@ -92,9 +93,9 @@ BODIES = {("POST", "/v1/jobs"): job_bodies,
           ("POST", "/v1/schedules"): schedule_bodies,
           ("PATCH", "/v1/schedules/<name>"): schedule_changes}
 
-QUERY_VALUES = {"status": st.one_of(st.sampled_from(jobs.STATUSES), text),
+QUERY_VALUES = {"status": st.one_of(st.sampled_from(statuses.STATUSES), text),
                 "type": names, "queue": names, "cursor": cursors,
-                "limit": st.one_of(st.integers(1, jobs.MAX_LIMIT), integers).map(str) | text}
+                "limit": st.one_of(st.integers(1, history.MAX_LIMIT), integers).map(str) | text}
 
 
 def queries(known):
@@ -149,7 +150,7 @@ def requests_to(method, rule, known_queries):
 def ensure_schedule():
     """A schedule for generated changes to reach (a generated DELETE may remove it)."""
     if schedules.Schedule.get_or_none(name=SEEDED_SCHEDULE) is None:
-        schedules.create({"name": SEEDED_SCHEDULE, "cron": "0 3 * * *", "type": "t.noop"})
+        schedules.create({"name": SEEDED_SCHEDULE, "cron": "0 3 * * *", "type": "t.noop"}, rules())
 
 
 def test_no_request_to_any_route_gets_a_5xx(api_with):

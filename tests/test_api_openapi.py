@@ -20,8 +20,8 @@ from schemathesis.specs.openapi import checks as openapi_checks
 
 import conftest
 import handlers
-import jobs
-import openapi
+from core import submission
+from web import openapi
 from apiserver import Gunicorn, api  # noqa: F401 (fixture)
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # HEAD: Flask's twin of every GET; OPTIONS: a 405
@@ -64,9 +64,9 @@ def test_the_document_is_openapi_3_1_with_valid_schemas_and_the_core_submission_
     assert document["openapi"].startswith("3.1")
     for name, schema in document["components"]["schemas"].items():
         Draft202012Validator.check_schema(schema)
-    submission = document["components"]["schemas"]["JobSubmission"]
-    assert submission["allOf"][0] == jobs.SUBMISSION_SCHEMA
-    types = {branch["properties"]["type"]["const"] for branch in submission["allOf"][1]["oneOf"]}
+    described = document["components"]["schemas"]["JobSubmission"]
+    assert described["allOf"][0] == submission.SUBMISSION_SCHEMA
+    types = {branch["properties"]["type"]["const"] for branch in described["allOf"][1]["oneOf"]}
     assert {"echo", "t.noop", "t.schema"} <= types
     validate(document)  # against the OpenAPI 3.1 specification's own schema
     validate(openapi.document(handlers.registered(), metrics_public=True))

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-import schedules
+from core import schedules
 from apiserver import api  # noqa: F401 (fixture)
+from conftest import rules
 from models import Job
 
 NIGHTLY = {"name": "nightly", "cron": "0 3 * * *", "type": "t.noop", "payload": {"n": 1},
@@ -32,8 +33,8 @@ def test_schedule_page_shows_recent_runs_with_their_outcomes(api):
     admin = api.key("ops", "admin")
     api.call("POST", "/v1/schedules", admin, json={**NIGHTLY, "cron": "* * * * *"})
     slot = schedules.get("nightly").next_run_at
-    [first] = schedules.fire_due(slot)
-    schedules.fire_due(slot + 60)  # skipped: the first run has not finished
+    [first] = schedules.fire_due(slot, rules=rules())
+    schedules.fire_due(slot + 60, rules=rules())  # skipped: the first run has not finished
     page = api.call("GET", "/v1/schedules/nightly", admin).get_json()
     assert [(r["outcome"], r["job_id"], r["job_status"]) for r in page["recent_runs"]] == [
         ("skipped", None, None), ("enqueued", first.job_id, "available")]

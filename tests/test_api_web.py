@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-import jobs
+from core import history
 from apiserver import admin_key, bearer, gunicorn, redis_url  # noqa: F401 (fixtures)
 from conftest import ROOT, ProcessGroup, free_port, wait_for
 from models import Job
@@ -108,7 +108,7 @@ def test_every_readme_curl_line_succeeds_against_the_procfile_platform(conveyor,
                                for method in operations}
         assert Job.get_by_id(3).status == "cancelled"
         assert Job.get_by_id(5).status == "cancelled"  # dead, retried, dead again, discarded
-        assert [a.status for a in jobs.attempts_of(5)] == ["failed", "failed"]
+        assert [a.status for a in history.attempts_of(5)] == ["failed", "failed"]
     finally:
         platform.stop()
     assert "Traceback" not in platform.log()

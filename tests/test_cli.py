@@ -5,7 +5,9 @@ import re
 
 import pytest
 
-import jobs
+from core import jobs
+
+from core import history
 from checks import LONG_LEASE, assert_audit_clean, cli
 from conftest import wait_for
 from core.errors import NotFound
@@ -86,7 +88,7 @@ def test_jobs_list_json_pages_newest_first(conveyor):
 
 
 def _age(job_id):
-    return jobs.db_time() - jobs.get_job(job_id).finished_at
+    return jobs.db_time() - history.get_job(job_id).finished_at
 
 
 def test_prune_deletes_only_succeeded_and_cancelled_jobs_past_the_cutoff(conveyor):
@@ -146,7 +148,7 @@ def test_bad_input_is_one_error_line_without_a_traceback(conveyor):
         errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1, f"{where}:\n{result.stderr}"
         assert result.stdout == "", where
-    assert jobs.list_jobs()[0] == [], "a refused submission must store nothing"
+    assert history.list_jobs()[0] == [], "a refused submission must store nothing"
 
 
 @pytest.mark.parametrize("args", [("jobs", "show", "424242"),
@@ -194,4 +196,4 @@ def test_every_time_option_refuses_a_bad_value_in_one_line(conveyor):
     too_often = cli("top", "--interval", "0.05", check=False)
     assert (too_often.exit_code, too_often.stderr) == (
         1, "Error: --interval: '0.05' is less than 0.1s\n")
-    assert jobs.list_jobs()[0] == [], "a refused submission must store nothing"
+    assert history.list_jobs()[0] == [], "a refused submission must store nothing"

@@ -9,7 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import jobs
+from core import jobs
+
+from core import status as statuses
+
+from core import workers as registry
 from checks import (LONG_LEASE, cut_database_connections, gate_path, jobs_locked, release,
                     running_attempt)
 from conftest import ProcessGroup, wait_for
@@ -129,7 +133,7 @@ def test_top_once_shows_queues_by_status_and_what_each_worker_runs(conveyor, tmp
     conveyor.submit("t.noop", queue="reports")  # no worker takes this queue
     supervisor = conveyor.start_supervisor(concurrency=2, queues="default", **LONG_LEASE)
     attempt = running_attempt(conveyor, busy, 1)
-    wait_for(lambda: len(jobs.live_workers(15)) == 2, message="both workers registered")
+    wait_for(lambda: len(registry.live_workers(15)) == 2, message="both workers registered")
 
     with ThreadPoolExecutor(2) as pool:  # a lease as long as the supervisor's, as in production
         once, as_json = pool.map(lambda args: conveyor.flask(*args, env=LONG_LEASE_ENV),
@@ -142,7 +146,7 @@ def test_top_once_shows_queues_by_status_and_what_each_worker_runs(conveyor, tmp
     assert {queue: {s: n for s, n in counts.items() if n} for queue, counts in queues.items()} == {
         "default": {"running": 1}, "emails": {"scheduled": 2}, "reports": {"available": 1},
         "(all)": {"running": 1, "scheduled": 2, "available": 1}}
-    assert list(queues["default"]) == list(jobs.STATUSES)
+    assert list(queues["default"]) == list(statuses.STATUSES)
     [busy_line] = [line for line in workers if line.split()[1] == str(attempt.pid)]
     assert busy_line.split()[0] == attempt.host[:20] and busy_line.split()[2] == "default"
     assert f"{busy} t.gate attempt 1" in busy_line

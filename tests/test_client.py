@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-import auth
+from core import keys
 from apiserver import Gunicorn, gunicorn  # noqa: F401 (fixture)
 from checks import LONG_LEASE, cut_database_connections, jobs_locked
 from client import (Conflict, ConnectionFailed, Conveyor, ConveyorError, Forbidden, Invalid,
@@ -25,7 +25,7 @@ UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{1
 
 
 def key(name="ops", role="admin", rate_limit=None):
-    return auth.create(name, role, rate_limit)[1]
+    return keys.create(name, role, rate_limit)[1]
 
 
 @pytest.fixture

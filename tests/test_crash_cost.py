@@ -8,9 +8,13 @@ import threading
 
 import pytest
 
-import jobs
+from core import jobs
+
+from core import submission
+
+from core import workers
 from checks import LONG_LEASE, alive, assert_audit_clean, effect_seen
-from conftest import wait_for
+from conftest import wait_for, rules
 from models import Attempt, db
 
 
@@ -58,7 +62,7 @@ def test_a_poison_job_never_takes_its_claim_into_the_dead_letter_queue(conveyor)
 
 def test_the_reaper_charges_a_lost_claim_one_attempt_and_releases_the_rest(conveyor):
     ids = conveyor.submit_many("t.noop", [{}] * 5, max_attempts=1)
-    lost = jobs.WorkerInfo(id="w-lost", supervisor_id="s-lost", host="gone", pid=1)
+    lost = workers.WorkerInfo(id="w-lost", supervisor_id="s-lost", host="gone", pid=1)
     claimed = jobs.claim(lost, limit=5)
     assert [job.id for job in claimed] == ids
 
@@ -76,7 +80,7 @@ def test_the_reaper_charges_a_lost_claim_one_attempt_and_releases_the_rest(conve
         assert (job.status, job.attempt, job.attempt_base) == ("available", 1, 0 + 1)
         assert job.lease_owner is None and job.last_error is None
     # Released jobs are claimable at once and run with their whole budget.
-    worker = jobs.WorkerInfo(id="w-next", supervisor_id="s-next", host="here", pid=2)
+    worker = workers.WorkerInfo(id="w-next", supervisor_id="s-next", host="here", pid=2)
     again = jobs.claim(worker, limit=10)
     assert [job.id for job in again] == rest and {job.attempt for job in again} == {2}
     assert all(jobs.report(job, jobs.Outcome("failed", error_type="E")) for job in again)
@@ -90,7 +94,7 @@ def test_concurrent_reapers_charge_a_lost_claim_exactly_once(pg_conveyor):
     for round_ in range(10):
         queue = f"round-{round_}"  # this round's claim takes no job of an earlier one
         ids = conveyor.submit_many("t.noop", [{}] * 8, max_attempts=3, queue=queue)
-        lost = jobs.WorkerInfo(id=f"w-lost-{round_}", supervisor_id="s", host="gone", pid=1,
+        lost = workers.WorkerInfo(id=f"w-lost-{round_}", supervisor_id="s", host="gone", pid=1,
                                queues=(queue,))
         assert len(jobs.claim(lost, limit=8)) == 8
         barrier = threading.Barrier(4)
@@ -119,10 +123,10 @@ def test_a_worker_whose_supervisor_dies_gives_back_what_it_had_not_begun(
     # The worker claims one job after a lull, then as many as 20 once it sees they are fast:
     # the claim that holds the blocking job also holds jobs after it, not begun.
     submitted = jobs.enqueue(
-        [jobs.validate_submission({"type": "t.noop", "max_attempts": 1})] * 6
-        + [jobs.validate_submission({"type": "t.wait_file", "max_attempts": 2,
-                                     "payload": {"file": go, "log": effects_log}})]
-        + [jobs.validate_submission({"type": "t.noop", "max_attempts": 1})] * 10)
+        [submission.validate_submission({"type": "t.noop", "max_attempts": 1}, rules())] * 6
+        + [submission.validate_submission({"type": "t.wait_file", "max_attempts": 2,
+                                     "payload": {"file": go, "log": effects_log}}, rules())]
+        + [submission.validate_submission({"type": "t.noop", "max_attempts": 1}, rules())] * 10)
     ids = [job.id for job, _ in submitted]
     before, blocking, after = ids[:6], ids[6], ids[7:]
     effect_seen(effects_log, "start", blocking, 1)
@@ -159,7 +163,7 @@ def test_a_released_job_claimed_at_once_starts_after_its_release_is_recorded(pg_
     # still begin after the released one was recorded finished (one attempt at a time).
     conveyor = pg_conveyor
     ready, go, claimed = threading.Event(), threading.Event(), []
-    taker = jobs.WorkerInfo(id="w-taker", supervisor_id="s", host="here", pid=2)
+    taker = workers.WorkerInfo(id="w-taker", supervisor_id="s", host="here", pid=2)
 
     def claim_when_told():
         jobs.claim(taker)  # nothing yet: this thread's connection prepares the claim
@@ -171,7 +175,7 @@ def test_a_released_job_claimed_at_once_starts_after_its_release_is_recorded(pg_
     thread.start()
     assert ready.wait(10)
     [job_id] = conveyor.submit_many("t.noop", [{}])
-    lost = jobs.WorkerInfo(id="w-lost", supervisor_id="s", host="gone", pid=1)
+    lost = workers.WorkerInfo(id="w-lost", supervisor_id="s", host="gone", pid=1)
     assert [job.id for job in jobs.claim(lost)] == [job_id]
     with db.atomic():
         db.execute_sql("LOCK TABLE attempts IN ACCESS EXCLUSIVE MODE")

@@ -7,16 +7,19 @@ import psycopg2
 import pytest
 from jsonschema import Draft202012Validator
 
-import documents
-import jobs
+from web import documents
+from core import jobs
+from core import history
+from core import submission
+from core import workers
 import models
-from conftest import wait_for
+from conftest import wait_for, rules
 from core.errors import Conflict, Invalid
 from models import Job
 
 
-def submission(**fields):
-    return jobs.validate_submission({"type": "t.noop", **fields})
+def new_job(**fields):
+    return submission.validate_submission({"type": "t.noop", **fields}, rules())
 
 
 @pytest.fixture
@@ -42,35 +45,35 @@ def listener(pg_conveyor):
 
 @pytest.mark.postgres
 def test_a_batch_announces_each_queue_once_with_the_count_it_can_run_now(listener):
-    jobs.enqueue([submission(queue="a")] * 3 + [submission(queue="b")] * 2
-                 + [submission(queue="a", delay_s=3600)] * 2
-                 + [submission(queue="b", run_at="2001-01-01T00:00:00Z")])
+    jobs.enqueue([new_job(queue="a")] * 3 + [new_job(queue="b")] * 2
+                 + [new_job(queue="a", delay_s=3600)] * 2
+                 + [new_job(queue="b", run_at="2001-01-01T00:00:00Z")])
     assert sorted(listener()) == [jobs.notify_payload("a", 3), jobs.notify_payload("b", 3)]
 
 
 @pytest.mark.postgres
 def test_scheduled_jobs_and_idempotent_replays_are_not_announced(listener):
-    jobs.enqueue([submission(delay_s=60), submission(run_at="2100-01-01T00:00:00Z")])
+    jobs.enqueue([new_job(delay_s=60), new_job(run_at="2100-01-01T00:00:00Z")])
     assert listener() == []
-    [(first, created)] = jobs.enqueue([submission(idempotency_key="k1")], api_key_id=7)
+    [(first, created)] = jobs.enqueue([new_job(idempotency_key="k1")], api_key_id=7)
     assert created and listener() == [jobs.notify_payload("default", 1)]
-    [(again, created)] = jobs.enqueue([submission(idempotency_key="k1")], api_key_id=7)
+    [(again, created)] = jobs.enqueue([new_job(idempotency_key="k1")], api_key_id=7)
     assert not created and again.id == first.id and listener() == []
 
 
 @pytest.mark.postgres
 def test_a_refused_batch_announces_nothing_and_stores_nothing(listener):
-    jobs.enqueue([submission(idempotency_key="taken", payload={"v": 1})])
+    jobs.enqueue([new_job(idempotency_key="taken", payload={"v": 1})])
     assert listener() == [jobs.notify_payload("default", 1)]
     with pytest.raises(Conflict):
-        jobs.enqueue([submission(queue="q")] * 5
-                     + [submission(idempotency_key="taken", payload={"v": 2})])
+        jobs.enqueue([new_job(queue="q")] * 5
+                     + [new_job(idempotency_key="taken", payload={"v": 2})])
     assert listener() == [] and Job.select().count() == 1
 
 
 @pytest.mark.postgres
 def test_a_job_retried_from_the_dead_letter_queue_is_announced(listener):
-    [(job, _)] = jobs.enqueue([submission(queue="late")])
+    [(job, _)] = jobs.enqueue([new_job(queue="late")])
     Job.update(status="dead", dead_reason="max_attempts").where(Job.id == job.id).execute()
     assert listener() == [jobs.notify_payload("late", 1)]
     jobs.dlq_retry(job.id)
@@ -81,17 +84,17 @@ def test_a_job_retried_from_the_dead_letter_queue_is_announced(listener):
 
 
 def test_what_enqueue_answers_is_what_it_stored(conveyor):
-    new = [submission(payload={"n": 1, "s": "Stra\u00dfe \U0001f4a5", "big": 10 ** 30}),
-           submission(queue="q", priority=-5, delay_s=3600, max_attempts=2, timeout_s=1.5,
+    new = [new_job(payload={"n": 1, "s": "Stra\u00dfe \U0001f4a5", "big": 10 ** 30}),
+           new_job(queue="q", priority=-5, delay_s=3600, max_attempts=2, timeout_s=1.5,
                       backoff={"base_s": 0.25, "max_s": 8}),
-           submission(run_at="2001-02-03T04:05:06.5+01:00", idempotency_key="once"),
-           submission(run_at="2001-02-03T04:05:06.5+01:00", idempotency_key="once"),
-           submission(payload={"n": 2})]
+           new_job(run_at="2001-02-03T04:05:06.5+01:00", idempotency_key="once"),
+           new_job(run_at="2001-02-03T04:05:06.5+01:00", idempotency_key="once"),
+           new_job(payload={"n": 2})]
     stored = jobs.enqueue(new, api_key_id=3)
     assert [created for _, created in stored] == [True, True, True, False, True]
     assert stored[3][0].id == stored[2][0].id
     for job, _ in stored:
-        read = jobs.get_job(job.id)
+        read = history.get_job(job.id)
         assert job._asdict() == read.__data__
         assert documents.job(job) == documents.job(read)
     assert [job.status for job, _ in stored] == ["available", "scheduled", "available",
@@ -102,9 +105,9 @@ def test_what_enqueue_answers_is_what_it_stored(conveyor):
 
 def test_a_job_due_now_is_available_and_a_later_one_scheduled(conveyor):
     before = jobs.db_time()
-    [(job, _)] = jobs.enqueue([submission()])
+    [(job, _)] = jobs.enqueue([new_job()])
     assert job.status == "available" and before <= job.created_at == job.run_at <= jobs.db_time()
-    [(later, _)] = jobs.enqueue([submission(delay_s=0.5)])
+    [(later, _)] = jobs.enqueue([new_job(delay_s=0.5)])
     assert later.status == "scheduled" and later.run_at == pytest.approx(later.created_at + 0.5)
 
 
@@ -139,17 +142,17 @@ BODIES = [
 def fits_the_schema(body):
     """validate_submission's verdict on the schema alone (later checks may refuse too)."""
     try:
-        jobs.validate_submission(body)
+        submission.validate_submission(body, rules())
     except Invalid as exc:
         return exc.detail != "the job is not valid"
     return True
 
 
 def test_values_found_valid_before_do_not_let_an_unequal_value_through(conveyor):
-    schema = Draft202012Validator(jobs.SUBMISSION_SCHEMA)
+    schema = Draft202012Validator(submission.SUBMISSION_SCHEMA)
     expected = [schema.is_valid(body) for body in BODIES]
     assert expected.count(True) > 5 and expected.count(False) > 5
-    jobs.forget_valid_values()
+    submission.forget_valid_values()
     assert [fits_the_schema(body) for body in BODIES] == expected
     # Again, now that the valid values are remembered (True == 1 and 1.0 == 1, but only 1
     # and 1.0 are integers; -0.0 == 0 and both are fine).
@@ -164,13 +167,13 @@ def test_prepared_statements_outlive_a_rollback_and_are_made_again_on_a_new_conn
     transaction keeps them (PREPARE is not transactional), and a connection lost with the
     server's session is replaced before use and prepares them again instead of naming
     statements it no longer has."""
-    [(first, _)] = jobs.enqueue([submission()])
+    [(first, _)] = jobs.enqueue([new_job()])
     with pytest.raises(RuntimeError):
         with models.db.atomic():
-            jobs.enqueue([submission(idempotency_key="undone")])
+            jobs.enqueue([new_job(idempotency_key="undone")])
             raise RuntimeError("roll back")
     assert not Job.select().where(Job.idempotency_key == "undone").exists()
-    [(second, _)] = jobs.enqueue([submission(idempotency_key="after")])  # prepared in it
+    [(second, _)] = jobs.enqueue([new_job(idempotency_key="after")])  # prepared in it
 
     killer = psycopg2.connect(pg_conveyor.database_url)
     killer.autocommit = True
@@ -183,9 +186,9 @@ def test_prepared_statements_outlive_a_rollback_and_are_made_again_on_a_new_conn
             return cursor.fetchone()[0] == 0
         wait_for(ended, message="the terminated session to end")
     killer.close()
-    [(third, _)] = jobs.enqueue([submission()])  # the session, and its statements, were gone
+    [(third, _)] = jobs.enqueue([new_job()])  # the session, and its statements, were gone
     assert models.db.connection().get_backend_pid() != backend
-    worker = jobs.WorkerInfo(id="w-prepared", supervisor_id="s", host="h", pid=1)
+    worker = workers.WorkerInfo(id="w-prepared", supervisor_id="s", host="h", pid=1)
     claimed = jobs.claim(worker, limit=10)
     assert [job.id for job in claimed] == [first.id, second.id, third.id]
 
@@ -196,11 +199,11 @@ def test_statements_run_unprepared_once_the_session_forgets_them(pg_conveyor):
     session, where the statement this connection prepared is unknown: submission and
     claims go on, unprepared from then on (here the session forgets them itself)."""
     assert models.prepares_statements()
-    [(first, _)] = jobs.enqueue([submission()])
+    [(first, _)] = jobs.enqueue([new_job()])
     models.db.execute_sql("DEALLOCATE ALL")
-    [(second, _)] = jobs.enqueue([submission()])
+    [(second, _)] = jobs.enqueue([new_job()])
     assert not models.prepares_statements()
-    worker = jobs.WorkerInfo(id="w-unprepared", supervisor_id="s", host="h", pid=1)
+    worker = workers.WorkerInfo(id="w-unprepared", supervisor_id="s", host="h", pid=1)
     assert [job.id for job in jobs.claim(worker, limit=5)] == [first.id, second.id]
 
 
@@ -209,8 +212,8 @@ def test_statements_run_unprepared_when_the_session_has_another_clients(pg_conve
     """...or the other session already holds a statement of that name, prepared there by
     another client of the pool: the claim still takes its job."""
     assert models.prepares_statements()
-    [(job, _)] = jobs.enqueue([submission()])
-    worker = jobs.WorkerInfo(id="w-unprepared", supervisor_id="s", host="h", pid=1)
+    [(job, _)] = jobs.enqueue([new_job()])
+    worker = workers.WorkerInfo(id="w-unprepared", supervisor_id="s", host="h", pid=1)
     claim_sql, _ = jobs.claim_statement(worker)
     models.db.execute_sql(f"PREPARE {models.statement_name(claim_sql)} AS SELECT 1")
     assert [claimed.id for claimed in jobs.claim(worker)] == [job.id]
@@ -221,7 +224,7 @@ def test_a_job_due_now_can_be_claimed_at_once(conveyor):
     """A job stored due now is claimed by the very next claim. (SQLite's own 'now' runs up
     to a millisecond behind the clock a job's run_at is stored with: a check on it found
     no job due yet.)"""
-    worker = jobs.WorkerInfo(id="w-at-once", supervisor_id="s", host="h", pid=1)
+    worker = workers.WorkerInfo(id="w-at-once", supervisor_id="s", host="h", pid=1)
     for _ in range(20):
-        [(job, _)] = jobs.enqueue([submission()])
+        [(job, _)] = jobs.enqueue([new_job()])
         assert [claimed.id for claimed in jobs.claim(worker)] == [job.id]

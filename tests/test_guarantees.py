@@ -7,7 +7,9 @@ from collections import Counter
 
 import pytest
 
-import jobs
+from core import jobs
+
+from core import workers
 from models import Attempt
 from checks import (LONG_LEASE, SHORT_LEASE, alive, assert_audit_clean,
                     assert_each_effect_once, assert_one_attempt_at_a_time, attempt_status,
@@ -198,7 +200,7 @@ def test_job_claimed_by_a_lost_answer_is_reaped_though_its_worker_heartbeats(con
     keep that lease alive; the job is reaped after LEASE_S and run again."""
     supervisor = conveyor.start_supervisor(concurrency=1, **SHORT_LEASE)
     [pid] = supervisor.wait_for_workers(1)
-    [worker] = wait_for(lambda: [w for w in jobs.live_workers(SHORT_LEASE["LEASE_S"])
+    [worker] = wait_for(lambda: [w for w in workers.live_workers(SHORT_LEASE["LEASE_S"])
                                  if w.pid == pid], message="the worker to register")
     job_id = conveyor.submit("t.noop", {"log": effects_log}, run_at="2100-01-01T00:00:00Z")
     from models import Job
@@ -206,7 +208,7 @@ def test_job_claimed_by_a_lost_answer_is_reaped_though_its_worker_heartbeats(con
     try:
         Job.update(run_at=jobs.db_time()).where(Job.id == job_id).execute()
         # The answer the worker never got: the job claimed under its lease, in its name.
-        [lost] = jobs.claim(jobs.WorkerInfo(id=worker.id, supervisor_id=worker.supervisor_id,
+        [lost] = jobs.claim(workers.WorkerInfo(id=worker.id, supervisor_id=worker.supervisor_id,
                                             host=worker.host, pid=worker.pid))
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -6,7 +6,9 @@ import os
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-import jobs
+from core import jobs
+
+from core import workers
 from infra import metrics
 from apiserver import admin_key, bearer, gunicorn  # noqa: F401 (fixtures)
 from conftest import wait_for
@@ -90,7 +92,7 @@ def test_reaped_attempts_and_rate_limits_are_counted(conveyor, gunicorn):
     for _ in range(3):
         requests.get(f"{server.url}/v1/jobs", headers=bearer(slow), timeout=10)
     job_id = conveyor.submit("t.noop")
-    worker = jobs.WorkerInfo(id="w-gone", supervisor_id="s-gone", host="lost", pid=1)
+    worker = workers.WorkerInfo(id="w-gone", supervisor_id="s-gone", host="lost", pid=1)
     [claimed] = jobs.claim(worker)
     assert claimed.id == job_id
     [reaped] = jobs.reap_expired(lease_s=0.0)

@@ -4,17 +4,22 @@ takes a partial index only for a condition that spells out the index's own predi
 import psycopg2
 import pytest
 
-import jobs
+from core import jobs
+
+from core import submission
+
+from core import workers
 import models
-from conftest import Conveyor
+from conftest import Conveyor, rules
 
 
 def plan_of(sql, params):
     """The plan the current session runs for a statement prepared by models.execute."""
     models.execute(sql, params)  # prepared on this connection
-    name = models.db.connection().prepared[sql]
-    placeholders = ", ".join(["%s"] * len(params))
-    rows = models.db.execute_sql(f"EXPLAIN EXECUTE {name}({placeholders})", params).fetchall()
+    name, names = models.db.connection().prepared[sql]
+    values = [params[n] for n in names]
+    placeholders = ", ".join(["%s"] * len(values))
+    rows = models.db.execute_sql(f"EXPLAIN EXECUTE {name}({placeholders})", values).fetchall()
     return "\n".join(row[0] for row in rows)
 
 
@@ -25,8 +30,8 @@ def test_a_workers_claim_is_planned_for_the_table_as_it_is_now(pg_conveyor):
     before any ANALYZE: a worker's session never uses generic plans."""
     models.open_database(pg_conveyor.database_url, lease_s=pg_conveyor.settings.lease_s,
                          custom_plans=True)
-    worker = jobs.WorkerInfo(id="w-plans", supervisor_id="s", host="h", pid=1)
-    jobs.enqueue([jobs.validate_submission({"type": "t.noop"})] * 100)
+    worker = workers.WorkerInfo(id="w-plans", supervisor_id="s", host="h", pid=1)
+    jobs.enqueue([submission.validate_submission({"type": "t.noop"}, rules())] * 100)
     models.db.execute_sql("ANALYZE jobs")  # the statistics of a table of 100 jobs
     sql, params = jobs.claim_statement(worker, limit=20)
     for _ in range(10):  # past the point where the server may switch to a generic plan
@@ -70,10 +75,10 @@ def test_a_workers_claim_on_sqlite_reads_the_index_of_waiting_jobs_not_the_histo
         " backoff_base_s, backoff_max_s, status, attempt, created_at, finished_at)"
         " SELECT 't.noop', CASE i % 2 WHEN 0 THEN 'default' ELSE 'mail' END, '{}', 0, 0, 5,"
         " 300, 1, 3600, CASE i % 10 WHEN 0 THEN 'dead' ELSE 'succeeded' END, 1, 0, 1 FROM n")
-    jobs.enqueue([jobs.validate_submission({"type": "t.noop", "queue": queue})
+    jobs.enqueue([submission.validate_submission({"type": "t.noop", "queue": queue}, rules())
                   for queue in ("default", "mail") for _ in range(3)])
     models.db.execute_sql("ANALYZE")
-    worker = jobs.WorkerInfo(id="w-plans", supervisor_id="s", host="h", pid=1, queues=queues)
+    worker = workers.WorkerInfo(id="w-plans", supervisor_id="s", host="h", pid=1, queues=queues)
 
     plan = sqlite_plan_of(*jobs.claim_statement(worker, limit=20))
     assert any(f"USING INDEX {index}" in line or f"USING COVERING INDEX {index}" in line

@@ -7,9 +7,15 @@ import json
 
 import pytest
 
-import jobs
+from core import jobs
+
+from core import history
+
+from core import submission
+
+from core import workers
 from checks import LONG_LEASE, assert_audit_clean, cli, gate_path, release, running_attempt
-from conftest import side_effects, wait_for
+from conftest import side_effects, wait_for, rules
 from core.errors import Invalid, LeaseLost
 
 
@@ -162,13 +168,13 @@ def test_result_that_is_not_json_fails_the_attempt(conveyor):
 
 def test_unknown_job_type_is_refused(conveyor):
     with pytest.raises(Invalid, match="unknown job type 'no.such'"):
-        jobs.validate_submission({"type": "no.such", "payload": {}})
+        submission.validate_submission({"type": "no.such", "payload": {}}, rules())
     refused = cli("jobs", "submit", "no.such", "--payload", "{}", check=False)
     assert refused.exit_code == 1
     assert refused.stderr.strip().splitlines() == [
         "Error: unknown job type 'no.such' (type: 'no.such' is not registered)"]
     assert refused.stdout == ""
-    assert jobs.list_jobs()[0] == []
+    assert history.list_jobs()[0] == []
 
 
 # ---------------------------------------------------------------------------- steps
@@ -189,7 +195,7 @@ def test_step_runs_once_per_job_across_attempts(conveyor, effects_log):
 
 
 def _worker(name):
-    return jobs.WorkerInfo(id=f"w-{name}", supervisor_id="s-test", host="test", pid=0)
+    return workers.WorkerInfo(id=f"w-{name}", supervisor_id="s-test", host="test", pid=0)
 
 
 def test_step_write_without_the_lease_is_refused(conveyor):

@@ -8,9 +8,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from croniter import croniter
 
-import jobs
-import schedules
-from conftest import wait_for
+from core import jobs
+from core import schedules
+from conftest import wait_for, rules
 from core.errors import Conflict, Invalid
 from models import Attempt, Job, ScheduleRun
 
@@ -37,21 +37,21 @@ def overlapping_pairs(spans):
 # ---------------------------------------------------------------- rules, on a clock we control
 
 def test_new_schedule_first_fires_at_its_next_slot(conveyor):
-    schedule = schedules.create({"name": "tick", "cron": "* * * * *", "type": "t.noop"})
+    schedule = schedules.create({"name": "tick", "cron": "* * * * *", "type": "t.noop"}, rules())
     created = schedule.created_at
     assert schedule.next_run_at > created
     assert schedule.next_run_at == croniter("* * * * *", datetime.fromtimestamp(
         created, timezone.utc)).get_next(float)
-    assert schedules.fire_due(schedule.next_run_at - 0.001) == []
-    [run] = schedules.fire_due(schedule.next_run_at)
+    assert schedules.fire_due(schedule.next_run_at - 0.001, rules=rules()) == []
+    [run] = schedules.fire_due(schedule.next_run_at, rules=rules())
     assert run.outcome == "enqueued" and run.slot == schedule.next_run_at
     assert conveyor.job(run.job_id).type == "t.noop"
 
 
 def test_a_slot_fires_once_however_often_it_is_asked(conveyor):
-    schedule = schedules.create({"name": "tick", "cron": "* * * * *", "type": "t.noop"})
+    schedule = schedules.create({"name": "tick", "cron": "* * * * *", "type": "t.noop"}, rules())
     slot = schedule.next_run_at
-    fired = [run for _ in range(5) for run in schedules.fire_due(slot + 1)]
+    fired = [run for _ in range(5) for run in schedules.fire_due(slot + 1, rules=rules())]
     assert len(fired) == 1
     assert len(runs_of("tick")) == 1
     assert Job.select().count() == 1
@@ -60,7 +60,7 @@ def test_a_slot_fires_once_however_often_it_is_asked(conveyor):
 def test_concurrent_firing_of_one_slot_enqueues_one_job(conveyor):
     """Eight threads, each with its own database connection, race for the same slot."""
     schedule = schedules.create({"name": "race", "cron": "* * * * *", "type": "t.noop",
-                                 "overlap": "allow"})
+                                 "overlap": "allow"}, rules())
     slot = schedule.next_run_at
     barrier = threading.Barrier(8)
     fired, errors = [], []
@@ -68,7 +68,7 @@ def test_concurrent_firing_of_one_slot_enqueues_one_job(conveyor):
     def fire():
         try:
             barrier.wait()
-            fired.extend(schedules.fire_due(slot + 0.5))
+            fired.extend(schedules.fire_due(slot + 0.5, rules=rules()))
         except Exception as exc:  # surfaced below: a lost race must not be an error
             errors.append(exc)
         finally:
@@ -87,53 +87,53 @@ def test_concurrent_firing_of_one_slot_enqueues_one_job(conveyor):
 
 
 def test_skip_records_a_slot_skipped_while_the_previous_run_is_unfinished(conveyor):
-    schedule = schedules.create({"name": "slow", "cron": "* * * * *", "type": "t.noop"})
+    schedule = schedules.create({"name": "slow", "cron": "* * * * *", "type": "t.noop"}, rules())
     first_slot = schedule.next_run_at
-    [first] = schedules.fire_due(first_slot)
-    [second] = schedules.fire_due(first_slot + 60)
+    [first] = schedules.fire_due(first_slot, rules=rules())
+    [second] = schedules.fire_due(first_slot + 60, rules=rules())
     assert second.outcome == "skipped" and second.job_id is None
     assert f"job {first.job_id}" in second.reason
 
     jobs.cancel(first.job_id)  # the previous run is finished now
-    [third] = schedules.fire_due(first_slot + 120)
+    [third] = schedules.fire_due(first_slot + 120, rules=rules())
     assert third.outcome == "enqueued"
     assert [r.outcome for r in runs_of("slow")] == ["enqueued", "skipped", "enqueued"]
 
 
 def test_allow_enqueues_every_slot_even_while_one_runs(conveyor):
     schedule = schedules.create({"name": "each", "cron": "* * * * *", "type": "t.noop",
-                                 "overlap": "allow"})
+                                 "overlap": "allow"}, rules())
     slot = schedule.next_run_at
-    outcomes = [run.outcome for minute in range(3) for run in schedules.fire_due(slot + 60 * minute)]
+    outcomes = [run.outcome for minute in range(3) for run in schedules.fire_due(slot + 60 * minute, rules=rules())]
     assert outcomes == ["enqueued"] * 3
     assert Job.select().where(Job.status == "available").count() == 3
 
 
 def test_after_downtime_only_the_latest_missed_slot_runs(conveyor):
     schedule = schedules.create({"name": "catchup", "cron": "*/5 * * * *", "type": "t.noop",
-                                 "overlap": "allow"})
+                                 "overlap": "allow"}, rules())
     first = schedule.next_run_at
     down_until = first + 3 * 3600 + 7 * 60  # 3h07 of slots missed
-    [run] = schedules.fire_due(down_until)
+    [run] = schedules.fire_due(down_until, rules=rules())
     assert run.slot == first + 3 * 3600 + 5 * 60  # the latest slot at or before the restart
     assert len(runs_of("catchup")) == 1
     assert schedules.get("catchup").next_run_at == run.slot + 300
 
 
 def test_paused_schedule_does_not_fire_and_resumes_from_its_next_slot(conveyor):
-    schedule = schedules.create({"name": "nap", "cron": "* * * * *", "type": "t.noop"})
+    schedule = schedules.create({"name": "nap", "cron": "* * * * *", "type": "t.noop"}, rules())
     slot = schedule.next_run_at
-    schedules.set_paused("nap", True)
-    assert schedules.fire_due(slot + 600) == []
-    resumed = schedules.set_paused("nap", False)
+    schedules.set_paused("nap", True, rules())
+    assert schedules.fire_due(slot + 600, rules=rules()) == []
+    resumed = schedules.set_paused("nap", False, rules())
     assert resumed.next_run_at > jobs.db_time()  # missed slots while paused are not replayed
     assert schedules.upcoming(resumed, 2)[0] == resumed.next_run_at
 
 
 def test_schedule_runs_enqueue_the_templated_job(conveyor):
     schedules.create({"name": "report", "cron": "0 * * * *", "type": "t.schema",
-                      "payload": {"to": "ops@example.com"}, "queue": "reports", "priority": -5})
-    [run] = schedules.fire_due(schedules.get("report").next_run_at)
+                      "payload": {"to": "ops@example.com"}, "queue": "reports", "priority": -5}, rules())
+    [run] = schedules.fire_due(schedules.get("report").next_run_at, rules=rules())
     job = conveyor.job(run.job_id)
     assert (job.type, job.payload, job.queue, job.priority) == (
         "t.schema", {"to": "ops@example.com"}, "reports", -5)
@@ -182,15 +182,15 @@ def test_spring_forward_slot_moves_to_the_first_valid_time(conveyor):
 def test_invalid_schedules_are_refused_with_the_reason(conveyor, body, complaint):
     full = {"name": "bad", "cron": "* * * * *", "type": "t.noop", **body}
     with pytest.raises(Invalid) as refused:
-        schedules.create(full)
+        schedules.create(full, rules())
     assert any(error.startswith(complaint) for error in refused.value.errors), refused.value.errors
     assert schedules.list_schedules()[0] == []
 
 
 def test_a_taken_name_is_a_conflict(conveyor):
-    schedules.create({"name": "once", "cron": "* * * * *", "type": "t.noop"})
+    schedules.create({"name": "once", "cron": "* * * * *", "type": "t.noop"}, rules())
     with pytest.raises(Conflict):
-        schedules.create({"name": "once", "cron": "0 * * * *", "type": "t.noop"})
+        schedules.create({"name": "once", "cron": "0 * * * *", "type": "t.noop"}, rules())
 
 
 def test_schedule_cli_round_trip(conveyor):
@@ -245,9 +245,9 @@ def test_every_second_schedule_on_several_supervisors_fires_each_slot_once_witho
         conveyor, effects_log):
     _supervisors(conveyor)
     schedules.create({"name": "per-second", "cron": "* * * * * *", "type": "t.sleep",
-                      "payload": {"s": 1.6, "log": effects_log}, "overlap": "skip"})
+                      "payload": {"s": 1.6, "log": effects_log}, "overlap": "skip"}, rules())
     runs = _settled_runs("per-second", 8)
-    schedules.set_paused("per-second", True)
+    schedules.set_paused("per-second", True, rules())
 
     slots = [run.slot for run in runs]
     assert len(slots) == len(set(slots))  # each slot once (the database would refuse a second)
@@ -265,9 +265,9 @@ def test_every_second_schedule_on_several_supervisors_fires_each_slot_once_witho
 def test_overlap_allow_lets_a_slow_schedule_run_concurrently(conveyor, effects_log):
     _supervisors(conveyor)
     schedules.create({"name": "pile-up", "cron": "* * * * * *", "type": "t.sleep",
-                      "payload": {"s": 2.5, "log": effects_log}, "overlap": "allow"})
+                      "payload": {"s": 2.5, "log": effects_log}, "overlap": "allow"}, rules())
     runs = _settled_runs("pile-up", 4)
-    schedules.set_paused("pile-up", True)
+    schedules.set_paused("pile-up", True, rules())
     assert all(run.outcome == "enqueued" for run in runs)
     enqueued = [run.job_id for run in runs]
     conveyor.wait_until_final(enqueued, timeout=60)
@@ -280,7 +280,7 @@ def test_supervisor_killed_mid_run_the_run_is_recovered_not_duplicated(conveyor,
     first = conveyor.start_supervisor(concurrency=1)
     first.wait_for_workers(1)
     schedules.create({"name": "hourly", "cron": "* * * * * *", "type": "t.wait_file",
-                      "payload": {"file": str(go)}, "overlap": "skip"})
+                      "payload": {"file": str(go)}, "overlap": "skip"}, rules())
     [run] = _settled_runs("hourly", 1)
     job = conveyor.wait_for_status(run.job_id, "running")
     assert conveyor.attempts(job.id)[0].pid in first.worker_pids()
@@ -290,7 +290,7 @@ def test_supervisor_killed_mid_run_the_run_is_recovered_not_duplicated(conveyor,
     first.kill_host()
     go.touch()
     finished = conveyor.wait_for_status(run.job_id, "succeeded", timeout=30)
-    schedules.set_paused("hourly", True)
+    schedules.set_paused("hourly", True, rules())
 
     assert [a.status for a in conveyor.attempts(finished.id)] == ["crashed", "succeeded"]
     runs = runs_of("hourly")

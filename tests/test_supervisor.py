@@ -5,7 +5,7 @@ import re
 import signal
 import time
 
-import jobs
+from core import workers
 from checks import (LONG_LEASE, alive, assert_audit_clean, assert_one_attempt_at_a_time,
                     attempt_status, effect_seen, gate_path, log_line, release, running_attempt)
 from conftest import side_effects, wait_for
@@ -64,7 +64,7 @@ def test_sigterm_lets_running_attempts_finish_and_claims_nothing_new(conveyor, e
         assert conveyor.job(job_id).status == "available" and conveyor.attempts(job_id) == []
     assert not any(line[0] == "run" for line in side_effects(effects_log))
     assert "interrupted" not in supervisor.log()
-    assert jobs.live_workers(lease_s=60) == []  # every worker deregistered on the way out
+    assert workers.live_workers(lease_s=60) == []  # every worker deregistered on the way out
     assert_audit_clean(conveyor)
 
 

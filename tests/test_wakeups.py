@@ -7,7 +7,7 @@ import select
 
 import pytest
 
-import jobs
+from core import jobs
 from conftest import wait_for
 from supervisor import slots
 from supervisor.wakeups import WakePipe, wake_for

@@ -8,7 +8,9 @@ never imports this module, so it imports the core like any other.
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-import jobs
+from core import history
+
+from core import status as statuses
 from infra import metrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -49,18 +51,18 @@ class JobsCollector:
         self.lease_s = lease_s
 
     def collect(self):
-        stats = jobs.stats(self.lease_s)
+        stats = history.stats(self.lease_s)
         depth = GaugeMetricFamily("conveyor_jobs", "Jobs by queue and status.",
                                   labels=["queue", "status"])
         for queue, counts in sorted(stats["queues"].items()):
-            for status in jobs.STATUSES:
+            for status in statuses.STATUSES:
                 depth.add_metric([queue, status], counts.get(status, 0))
         yield depth
         oldest = GaugeMetricFamily(
             "conveyor_oldest_available_job_age_seconds",
             "How long the oldest due job of each queue has waited to be claimed.",
             labels=["queue"])
-        ages = jobs.oldest_available_by_queue()
+        ages = history.oldest_available_by_queue()
         for queue in sorted(stats["queues"]):
             oldest.add_metric([queue], ages.get(queue, 0.0))
         yield oldest

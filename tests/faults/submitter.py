@@ -8,7 +8,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from infra import boot  # noqa: E402
-import jobs  # noqa: E402
+from core import jobs  # noqa: E402
+from core import submission  # noqa: E402
 from models import DB_ERRORS, reset_connection  # noqa: E402
 
 BATCH = 5
@@ -16,8 +17,9 @@ PAUSE_S = 0.1
 
 
 def main(effects_log, acks):
-    boot.start()
-    batch = [jobs.validate_submission({"type": "t.chaos", "payload": {"log": effects_log}})] * BATCH
+    rules = submission.Rules.from_settings(boot.start())
+    batch = [submission.validate_submission({"type": "t.chaos", "payload": {"log": effects_log}},
+                                            rules)] * BATCH
     while True:
         try:
             ids = [job.id for job, _ in jobs.enqueue(batch)]

@@ -9,7 +9,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-import jobs
+from core import jobs
+
+from core import workers
 import models
 from checks import (SHORT_LEASE, alive, assert_audit_clean, effect_seen, gate_path,
                     release, running_attempt, stopped)
@@ -98,7 +100,7 @@ def test_claim_answered_after_its_lease_expired_does_not_run_the_job(pg_conveyor
     # claims all the time (finding nothing); the first claim the server gets after the job
     # is stored is the one that takes it.
     stored = threading.Event()
-    any_worker = jobs.WorkerInfo(id="w", supervisor_id="s", host="h", pid=1)  # no queues either
+    any_worker = workers.WorkerInfo(id="w", supervisor_id="s", host="h", pid=1)  # no queues either
     claim = models.statement_name(jobs.claim_statement(any_worker)[0]).encode()  # prepared
     proxy.cut_after(lambda message, previous: stored.is_set() and message.startswith(b"Q")
                     and b"EXECUTE " + claim in message)
@@ -141,10 +143,10 @@ def test_partitioned_supervisors_jobs_are_neither_lost_nor_run_twice(pg_conveyor
 def test_reaper_passes_over_a_job_locked_by_a_cut_off_session(pg_conveyor):
     import threading
 
-    import jobs
+    from core import jobs
     import psycopg2
     job_id = pg_conveyor.submit("t.noop")
-    [job] = jobs.claim(jobs.WorkerInfo(id="w-cut-off", supervisor_id="s-gone", host="h", pid=1))
+    [job] = jobs.claim(workers.WorkerInfo(id="w-cut-off", supervisor_id="s-gone", host="h", pid=1))
     # The worker's session is stuck inside a transaction that holds the job's row.
     cut_off = psycopg2.connect(pg_conveyor.database_url)
     with cut_off.cursor() as cur:

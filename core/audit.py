@@ -6,9 +6,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from models import Attempt, Job
+from core import status as S
 
-FINISHED_ATTEMPT = ("succeeded", "failed", "timed_out", "crashed", "interrupted", "cancelled",
-                    "released")
+FINISHED_ATTEMPT = tuple(s for s in S.ATTEMPT_STATUSES if s != S.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,8 @@ def check_job(job, attempts):
             violation("one attempt at a time",
                       f"attempt {later.number} started before attempt {earlier.number} ended")
 
-    running = [a.number for a in attempts if a.status == "running"]
-    if job.status == "running":
+    running = [a.number for a in attempts if a.status == S.RUNNING]
+    if job.status == S.RUNNING:
         if running != numbers[-1:]:
             violation("one attempt at a time",
                       f"job is running but its running attempts are {running}")
@@ -81,20 +81,20 @@ def check_job(job, attempts):
             violation("nothing lost",
                       f"attempt {attempt.number} is {attempt.status} with finished_at "
                       f"{attempt.finished_at}")
-        if attempt.fenced and attempt.status in ("succeeded", "running"):
+        if attempt.fenced and attempt.status in (S.SUCCEEDED, S.RUNNING):
             violation("fencing", f"attempt {attempt.number} was fenced yet is {attempt.status}")
 
-    succeeded = [a.number for a in attempts if a.status == "succeeded"]
-    if job.status == "succeeded" and succeeded != numbers[-1:]:
+    succeeded = [a.number for a in attempts if a.status == S.SUCCEEDED]
+    if job.status == S.SUCCEEDED and succeeded != numbers[-1:]:
         violation("succeeded is final",
                   f"job succeeded but its succeeded attempts are {succeeded} of {numbers}")
-    if job.status != "succeeded" and succeeded:
+    if job.status != S.SUCCEEDED and succeeded:
         violation("succeeded is final",
                   f"job is {job.status} after attempt {succeeded[0]} succeeded")
 
-    if job.status in ("succeeded", "dead", "cancelled") and job.finished_at is None:
+    if job.status in S.FINAL and job.finished_at is None:
         violation("nothing lost", f"job is {job.status} without a finish time")
-    if job.status == "dead" and job.dead_reason == "max_attempts" \
+    if job.status == S.DEAD and job.dead_reason == "max_attempts" \
             and job.attempt - job.attempt_base < job.max_attempts:
         violation("nothing lost", f"dead after {job.attempt - job.attempt_base} of "
                                   f"{job.max_attempts} attempts")

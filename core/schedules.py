@@ -14,12 +14,18 @@ import peewee as pw
 from croniter import CroniterBadDateError, croniter
 from jsonschema import Draft202012Validator
 
-import jobs
+from core import jobs
+
+from core import history
+
+from core import status as statuses
+
+from core import submission
 from core.errors import Conflict, Invalid, InvalidRequest, InvalidSchedule, NotFound, Refused
 from models import Job, Schedule, ScheduleRun, db, now
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$(?!\n)"  # see jobs.NAME_PATTERN
-MAX_LIMIT = jobs.MAX_LIMIT
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$(?!\n)"  # see submission.NAME_PATTERN
+MAX_LIMIT = history.MAX_LIMIT
 
 CRON_FORMAT = ("5 fields: minute hour day-of-month month day-of-week, e.g. '0 3 * * *'. An "
                "optional 6th field for seconds goes LAST, as croniter reads it: "
@@ -28,7 +34,7 @@ _FIELDS = {
     "cron": {"type": "string", "minLength": 1, "maxLength": 200, "description": CRON_FORMAT},
     "type": {"type": "string", "minLength": 1, "maxLength": 100},
     "payload": {"type": "object"},
-    "queue": {"type": ["string", "null"], "pattern": jobs.NAME_PATTERN},
+    "queue": {"type": ["string", "null"], "pattern": submission.NAME_PATTERN},
     "priority": {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000},
     "timezone": {"type": "string", "minLength": 1, "maxLength": 64},
     "overlap": {"enum": ["skip", "allow"]},
@@ -110,23 +116,23 @@ def _validate(body, schema):
         raise InvalidSchedule("the schedule is not valid", errors)
 
 
-def _check_job(fields):
+def _check_job(fields, rules):
     """The job each slot will enqueue must be valid now: type, payload, queue, priority."""
     body = {"type": fields["type"], "payload": fields.get("payload") or {}}
     for name in ("queue", "priority"):
         if fields.get(name) is not None:
             body[name] = fields[name]
     try:
-        jobs.validate_submission(body)
+        submission.validate_submission(body, rules)
     except Invalid as exc:  # what was sent is a schedule: it is the schedule that is invalid
         raise InvalidSchedule(exc.detail, exc.errors) from None
 
 
-def create(body):
+def create(body, rules):
     _validate(body, SCHEDULE_SCHEMA)
     check_cron(body["cron"])
     zone(body.get("timezone", "UTC"))
-    _check_job(body)
+    _check_job(body, rules)
     current = jobs.db_time()
     fields = {"payload": {}, "timezone": "UTC", "overlap": "skip", "paused": False, "priority": 0,
               **body, "created_at": current, "updated_at": current}
@@ -138,14 +144,14 @@ def create(body):
     return get(body["name"])
 
 
-def update(name, changes):
+def update(name, changes, rules):
     """Change a schedule; a new cron, timezone or a resume recomputes its next slot."""
     _validate(changes, CHANGE_SCHEMA)
     schedule = get(name)
     merged = {field: getattr(schedule, field) for field in _FIELDS} | changes
     check_cron(merged["cron"])
     zone(merged["timezone"])
-    _check_job(merged)
+    _check_job(merged, rules)
     current = jobs.db_time()
     fields = dict(changes, updated_at=current)
     retimed = {"cron", "timezone"} & changes.keys() or (schedule.paused and not merged["paused"])
@@ -156,8 +162,8 @@ def update(name, changes):
     return get(name)
 
 
-def set_paused(name, paused):
-    return update(name, {"paused": paused})
+def set_paused(name, paused, rules):
+    return update(name, {"paused": paused}, rules)
 
 
 def remove(name):
@@ -182,10 +188,10 @@ def list_schedules(limit=50, cursor=None):
                              ["limit: out of range"])
     query = Schedule.select().order_by(Schedule.name)
     if cursor:
-        after = jobs.decode_cursor(cursor, issued=is_name)
+        after = history.decode_cursor(cursor, issued=is_name)
         query = query.where(Schedule.name > after)
     page = list(query.limit(limit + 1))
-    next_cursor = jobs.encode_cursor(page[limit - 1].name) if len(page) > limit else None
+    next_cursor = history.encode_cursor(page[limit - 1].name) if len(page) > limit else None
     return page[:limit], next_cursor
 
 
@@ -200,21 +206,22 @@ def recent_runs(name, limit=20):
 
 # ---------------------------------------------------------------------------- firing
 
-def fire_due(moment=None):
-    """Enqueue the latest due slot of every due schedule; returns the runs this call made."""
+def fire_due(moment=None, *, rules):
+    """Enqueue the latest due slot of every due schedule, as `rules` (core.submission.Rules)
+    check and complete a job; returns the runs this call made."""
     moment = jobs.db_time() if moment is None else moment
     due = (Schedule.select()
            .where(Schedule.paused == False, Schedule.next_run_at <= moment)  # noqa: E712
            .order_by(Schedule.next_run_at).limit(100))
     fired = []
     for schedule in due:
-        run = _fire(schedule, latest_at_or_before(schedule, moment))
+        run = _fire(schedule, latest_at_or_before(schedule, moment), rules)
         if run is not None:
             fired.append(run)
     return fired
 
 
-def _fire(schedule, slot):
+def _fire(schedule, slot, rules):
     with db.atomic():
         claimed = list(ScheduleRun.insert(schedule_name=schedule.name, slot=slot,
                                           outcome="enqueued", created_at=now())
@@ -231,7 +238,7 @@ def _fire(schedule, slot):
             reason = f"the previous run (job {busy.job_id}) is still {busy.job_status}"
         else:
             try:
-                job_id = _enqueue(schedule, slot)
+                job_id = _enqueue(schedule, slot, rules)
             except Refused as exc:
                 outcome, reason = "failed", exc.detail
         (ScheduleRun.update(outcome=outcome, job_id=job_id, reason=reason)
@@ -245,17 +252,18 @@ def _unfinished_run(name, slot):
                 .where(ScheduleRun.schedule_name == name, ScheduleRun.outcome == "enqueued",
                        ScheduleRun.slot < slot)
                 .order_by(ScheduleRun.slot.desc()).limit(1).objects().first())
-    if previous is not None and previous.job_status not in jobs.FINAL:
+    if previous is not None and previous.job_status not in statuses.FINAL:
         return previous
     return None
 
 
-def _enqueue(schedule, slot):
+def _enqueue(schedule, slot, rules):
     body = {"type": schedule.type, "payload": schedule.payload, "priority": schedule.priority}
     if schedule.queue:
         body["queue"] = schedule.queue
     slot_text = datetime.fromtimestamp(slot, utc_zone.utc).isoformat().replace("+00:00", "Z")
-    new = jobs.validate_submission(body, idempotency_key=f"schedule:{schedule.name}:{slot_text}")
+    new = submission.validate_submission(body, rules,
+                                         idempotency_key=f"schedule:{schedule.name}:{slot_text}")
     [(job, _)] = jobs.enqueue([new])
     return job.id
 

@@ -14,14 +14,18 @@ import time
 import click
 from flask.cli import AppGroup
 
-import audit
-import auth
+from core import audit
+from core import keys
 from infra import boot
-import documents
+from web import documents
 import handlers
-import jobs
+from core import jobs
+from core import history
+from core import status as statuses
+from core import submission
+from core import workers as registry
 import models
-import schedules
+from core import schedules
 from infra.config import ConfigError, fail_fast, settings
 from core.errors import Refused
 
@@ -96,6 +100,18 @@ def json_object(text, option="--payload"):
     return value
 
 
+def echo_fields(document, width):
+    """One `name: value` line per field of document, objects and lists as JSON."""
+    for name, value in document.items():
+        shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+        click.echo(f"{name:>{width}}: {'' if shown is None else shown}")
+
+
+def rules():
+    """How this process checks and completes a job (core.submission.Rules)."""
+    return submission.Rules.from_settings(settings())
+
+
 def emit(document):
     click.echo(json.dumps(document, indent=2))
 
@@ -130,7 +146,7 @@ def jobs_submit(type, payload, **options):
     """Submit a job; prints its id."""
     body = {"type": type, "payload": json_object(payload)}
     body.update({name: value for name, value in options.items() if value is not None})
-    [(job, _)] = jobs.enqueue([jobs.validate_submission(body)])
+    [(job, _)] = jobs.enqueue([submission.validate_submission(body, rules())])
     click.echo(job.id)
 
 
@@ -139,14 +155,12 @@ def jobs_submit(type, payload, **options):
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def jobs_show(job_id, as_json):
     """Show a job with its attempts."""
-    job = jobs.get_job(job_id)
-    document = documents.job(job, jobs.attempts_of(job.id))
+    job = history.get_job(job_id)
+    document = documents.job(job, history.attempts_of(job.id))
     if as_json:
         return emit(document)
     attempts = document.pop("attempts")
-    for name, value in document.items():
-        shown = json.dumps(value) if isinstance(value, (dict, list)) else value
-        click.echo(f"{name:>15}: {'' if shown is None else shown}")
+    echo_fields(document, 15)
     for attempt in attempts:
         click.echo(f"\nattempt {attempt['number']}: {attempt['status']} on {attempt['host']} "
                    f"pid {attempt['pid']} ({attempt['worker_id']}), {attempt['started_at']} → "
@@ -160,7 +174,7 @@ def jobs_show(job_id, as_json):
 
 
 def _list(as_json, **filters):
-    page, cursor = jobs.list_jobs(**filters)
+    page, cursor = history.list_jobs(**filters)
     if as_json:
         return emit(documents.page([documents.job(job) for job in page], cursor))
     click.echo(f"{'id':>8}  {'type':<24} {'queue':<12} {'status':<10} {'try':>3}  last error")
@@ -173,10 +187,10 @@ def _list(as_json, **filters):
 
 
 @jobs_group.command("list")
-@click.option("--status", type=click.Choice(jobs.STATUSES))
+@click.option("--status", type=click.Choice(statuses.STATUSES))
 @click.option("--type")
 @click.option("--queue")
-@click.option("--limit", type=click.IntRange(1, jobs.MAX_LIMIT), default=50)
+@click.option("--limit", type=click.IntRange(1, history.MAX_LIMIT), default=50)
 @click.option("--cursor")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def jobs_list(as_json, **filters):
@@ -193,11 +207,11 @@ def jobs_cancel(job_id):
                f"job {job.id} is running; its worker will be stopped")
 
 
-WAIT_EXIT_CODES = {"succeeded": 0, "dead": 3, "cancelled": 4}
+WAIT_EXIT_CODES = {statuses.SUCCEEDED: 0, statuses.DEAD: 3, statuses.CANCELLED: 4}
 WAIT_TIMED_OUT = 5
 WAIT_REMINDER_S = 30  # on a long wait with no change, say it is still waiting this often
-STATUS_COLOURS = {"succeeded": "green", "dead": "red", "cancelled": "yellow",
-                  "retryable": "yellow", "running": "cyan"}
+STATUS_COLOURS = {statuses.SUCCEEDED: "green", statuses.DEAD: "red", statuses.CANCELLED: "yellow",
+                  statuses.RETRYABLE: "yellow", statuses.RUNNING: "cyan"}
 
 
 def describe_progress(job):
@@ -206,7 +220,7 @@ def describe_progress(job):
     if job.attempt == 0:
         return status
     line = f"{status}, attempt {job.attempt}"
-    if job.status in ("scheduled", "available", "retryable", "dead") and job.last_error:
+    if job.status in (*statuses.PENDING, statuses.DEAD) and job.last_error:
         line += f": {job.last_error.splitlines()[0][:120]}"
     return line
 
@@ -224,7 +238,7 @@ def jobs_wait(job_id, limit, as_json):
     Exit status: 0 succeeded, 3 dead, 4 cancelled, 5 unfinished at --timeout, 1 when there
     is no such job.
     """
-    job = jobs.get_job(job_id)
+    job = history.get_job(job_id)
     started, interval = time.monotonic(), 0.05  # polls slow down to one a second
     shown, shown_at, outage = None, 0.0, False
     while True:
@@ -234,12 +248,12 @@ def jobs_wait(job_id, limit, as_json):
             still = "still " if state == shown else ""
             click.echo(f"{elapsed:7.1f}s  job {job.id} {still}{describe_progress(job)}", err=True)
             shown, shown_at = state, elapsed
-        if job.status in jobs.FINAL or (limit is not None and elapsed >= limit):
+        if job.status in statuses.FINAL or (limit is not None and elapsed >= limit):
             break
         time.sleep(interval if limit is None else max(0.0, min(interval, limit - elapsed)))
         interval = min(interval * 1.5, 1.0)
         try:
-            job, outage = jobs.get_job(job_id), False
+            job, outage = history.get_job(job_id), False
         except models.DB_ERRORS as exc:  # a database restart: keep waiting through it
             models.reset_connection()
             if not outage:
@@ -247,8 +261,8 @@ def jobs_wait(job_id, limit, as_json):
                            err=True)
             outage = True
     if as_json:
-        emit(documents.job(job, jobs.attempts_of(job.id)))
-    if job.status not in jobs.FINAL:
+        emit(documents.job(job, history.attempts_of(job.id)))
+    if job.status not in statuses.FINAL:
         click.echo(f"Error: job {job.id} is still {job.status} after {limit:g}s", err=True)
         raise SystemExit(WAIT_TIMED_OUT)
     if not as_json:
@@ -257,12 +271,12 @@ def jobs_wait(job_id, limit, as_json):
 
 
 @dlq_group.command("list")
-@click.option("--limit", type=click.IntRange(1, jobs.MAX_LIMIT), default=50)
+@click.option("--limit", type=click.IntRange(1, history.MAX_LIMIT), default=50)
 @click.option("--cursor")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def dlq_list(limit, cursor, as_json):
     """Dead-lettered jobs, with their last error."""
-    _list(as_json, status="dead", limit=limit, cursor=cursor)
+    _list(as_json, status=statuses.DEAD, limit=limit, cursor=cursor)
 
 
 @dlq_group.command("retry")
@@ -287,7 +301,7 @@ def schedules_list(as_json):
     """All schedules with their next run."""
     page, cursor, rows = None, None, []
     while True:
-        page, cursor = schedules.list_schedules(limit=jobs.MAX_LIMIT, cursor=cursor)
+        page, cursor = schedules.list_schedules(limit=history.MAX_LIMIT, cursor=cursor)
         rows.extend(page)
         if cursor is None:
             break
@@ -310,9 +324,7 @@ def schedules_show(name, as_json):
     if as_json:
         return emit(document)
     runs = document.pop("recent_runs")
-    for key, value in document.items():
-        shown = json.dumps(value) if isinstance(value, (dict, list)) else value
-        click.echo(f"{key:>12}: {'' if shown is None else shown}")
+    echo_fields(document, 12)
     for run in runs:
         job = f"job {run['job_id']} ({run['job_status'] or 'pruned'})" if run["job_id"] else ""
         click.echo(f"  {run['slot']}  {run['outcome']:<8} {job} {run['reason'] or ''}".rstrip())
@@ -332,7 +344,7 @@ def schedules_add(name, cron, type_, payload, **options):
     """Add a recurring schedule; it first fires at its next slot."""
     body = {"name": name, "cron": cron, "type": type_, "payload": json_object(payload)}
     body.update({key: value for key, value in options.items() if value not in (None, False)})
-    row = schedules.create(body)
+    row = schedules.create(body, rules())
     click.echo(f"schedule {row.name} added; next run {documents.timestamp(row.next_run_at)}")
 
 
@@ -348,7 +360,7 @@ def schedules_remove(name):
 @click.argument("name")
 def schedules_pause(name):
     """Stop firing a schedule until it is resumed."""
-    schedules.set_paused(name, True)
+    schedules.set_paused(name, True, rules())
     click.echo(f"schedule {name} paused")
 
 
@@ -356,7 +368,7 @@ def schedules_pause(name):
 @click.argument("name")
 def schedules_resume(name):
     """Fire a paused schedule again, from its next slot (missed slots are not replayed)."""
-    row = schedules.set_paused(name, False)
+    row = schedules.set_paused(name, False, rules())
     click.echo(f"schedule {name} resumed; next run {documents.timestamp(row.next_run_at)}")
 
 
@@ -370,7 +382,7 @@ keys_group = Commands("keys", help="Create, list and revoke API keys.")
 def keys_create(name, admin, rate_limit):
     """Create a key; prints it alone on stdout, the only time it is shown."""
     role = "admin" if admin else "submit"
-    _, secret = auth.create(name, role, rate_limit)
+    _, secret = keys.create(name, role, rate_limit)
     click.echo(secret)
     click.echo(f"created {role} key {name!r}; it is shown only this once", err=True)
 
@@ -379,12 +391,12 @@ def keys_create(name, admin, rate_limit):
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
 def keys_list(as_json):
     """Every key, active and revoked (never the keys themselves)."""
-    keys = [documents.api_key(key) for key in auth.all_keys()]
+    every = [documents.api_key(key) for key in keys.all_keys()]
     if as_json:
-        click.echo(json.dumps({"items": keys}, indent=2))
+        click.echo(json.dumps({"items": every}, indent=2))
         return
     click.echo(f"{'name':<24} {'role':<7} {'rate limit':<20} {'created':<25} revoked")
-    for key in keys:
+    for key in every:
         click.echo(f"{key['name']:<24} {key['role']:<7} {key['rate_limit'] or 'default':<20} "
                    f"{key['created_at']:<25} {key['revoked_at'] or ''}")
 
@@ -393,7 +405,7 @@ def keys_list(as_json):
 @click.argument("name")
 def keys_revoke(name):
     """Revoke the active key NAME; requests with it get 401 from now on."""
-    auth.revoke(name)
+    keys.revoke(name)
     click.echo(f"key {name} revoked")
 
 
@@ -403,7 +415,7 @@ def keys_revoke(name):
 def prune(older_than):
     """Delete succeeded and cancelled jobs finished before the cutoff."""
     seconds = settings().retention_days * 86400 if older_than is None else older_than
-    click.echo(f"pruned {jobs.prune(seconds)} jobs")
+    click.echo(f"pruned {history.prune(seconds)} jobs")
 
 
 @click.command("audit", cls=Command)
@@ -446,7 +458,7 @@ def handlers_command(as_json):
 
 def handler_options(handler):
     """A job type's options as a job gets them: the handler's own, else the settings'."""
-    return {"type": handler.name, **jobs.job_defaults(handler)._asdict(),
+    return {"type": handler.name, **submission.job_defaults(handler, rules())._asdict(),
             "schema": handler.schema is not None,
             "module": handler.origin,
             "path": inspect.getsourcefile(handler.fn)}
@@ -462,8 +474,8 @@ def top(interval, once, as_json):
     Ctrl-C to leave."""
     lease_s = settings().lease_s
     if as_json:
-        return emit({"stats": jobs.stats(lease_s),
-                     "workers": [documents.worker(w) for w in jobs.live_workers(lease_s)]})
+        return emit({"stats": history.stats(lease_s),
+                     "workers": [documents.worker(w) for w in registry.live_workers(lease_s)]})
     if once:
         return click.echo(top_frame(lease_s))
     # Ctrl-C is the way out, even when started with SIGINT ignored (a shell's background job,
@@ -483,20 +495,20 @@ def top_frame(lease_s):
     """One screen of `flask top`, read through the core (a database outage is shown, not
     raised, so the view outlives it)."""
     try:
-        stats, workers, clock = jobs.stats(lease_s), jobs.live_workers(lease_s), jobs.db_time()
+        stats, workers, clock = history.stats(lease_s), registry.live_workers(lease_s), jobs.db_time()
         # What each worker runs (type, attempt, for how long) comes from the running jobs.
-        running, _ = jobs.list_jobs(status="running", limit=jobs.MAX_LIMIT)
+        running, _ = history.list_jobs(status=statuses.RUNNING, limit=history.MAX_LIMIT)
     except models.DB_ERRORS as exc:
         models.reset_connection()
         return click.style(f"database unavailable: {str(exc).strip()[:200]}", fg="red")
     lines = [click.style(f"conveyor  {documents.timestamp(clock)}  workers alive: "
                          f"{stats['workers_alive']}  oldest available job: "
                          f"{stats['oldest_available_age_s']:.1f}s", bold=True), ""]
-    lines.append(click.style(f"{'queue':<16}" + "".join(f"{s:>10}" for s in jobs.STATUSES),
+    lines.append(click.style(f"{'queue':<16}" + "".join(f"{s:>10}" for s in statuses.STATUSES),
                              bold=True))
     for queue, counts in sorted(stats["queues"].items()) + [("(all)", stats["totals"])]:
         lines.append(f"{queue[:16]:<16}"
-                     + "".join(f"{counts.get(s, 0):>10}" for s in jobs.STATUSES))
+                     + "".join(f"{counts.get(s, 0):>10}" for s in statuses.STATUSES))
     lines += ["", click.style(f"{'host':<20} {'pid':>7}  {'queues':<16} {'heartbeat':>9}  job",
                               bold=True)]
     running_on = {job.lease_owner: job for job in running}

@@ -1,14 +1,14 @@
 """The OpenAPI 3.1 description of the HTTP API, served at GET /openapi.json.
 
-Built from what the code checks: jobs.SUBMISSION_SCHEMA, each registered handler's payload
+Built from what the code checks: submission.SUBMISSION_SCHEMA, each registered handler's payload
 schema, the core's statuses and limits. To describe a new route, add its operation to
 `PATHS` (a path, a method and an `operation(...)`) and any new shapes to `SCHEMAS`;
 tests/test_api_openapi.py fails while a route of the app is missing here.
 """
 import copy
 
-import jobs
-import schedules
+from core import history, schedules, submission
+from core import status as statuses
 
 MAX_ID = 2 ** 63 - 1
 PROBLEM = "application/problem+json"
@@ -51,7 +51,7 @@ SCHEMAS = {
                      "traceback", "fenced"],
         "properties": {
             "number": {"type": "integer", "minimum": 1},
-            "status": {"enum": list(jobs.ATTEMPT_STATUSES)},
+            "status": {"enum": list(statuses.ATTEMPT_STATUSES)},
             "worker_id": {"type": "string"},
             "host": nullable({"type": "string"}),
             "pid": nullable({"type": "integer"}),
@@ -80,7 +80,7 @@ SCHEMAS = {
             "max_attempts": {"type": "integer", "minimum": 1},
             "timeout_s": {"type": "number"},
             "backoff": ref("Backoff"),
-            "status": {"enum": list(jobs.STATUSES)},
+            "status": {"enum": list(statuses.STATUSES)},
             "attempt": {"type": "integer", "minimum": 0,
                         "description": "Attempts started so far."},
             "idempotency_key": nullable({"type": "string"}),
@@ -110,7 +110,7 @@ SCHEMAS = {
         "required": ["jobs"],
         "additionalProperties": False,
         "properties": {
-            "jobs": {"type": "array", "minItems": 1, "maxItems": jobs.MAX_BATCH,
+            "jobs": {"type": "array", "minItems": 1, "maxItems": submission.MAX_BATCH,
                      "items": ref("JobSubmission")},
         },
     },
@@ -183,7 +183,7 @@ SCHEMAS = {
             "slot": TIME,
             "outcome": {"enum": ["enqueued", "skipped", "failed"]},
             "job_id": nullable({"type": "integer"}),
-            "job_status": nullable({"enum": list(jobs.STATUSES)}),
+            "job_status": nullable({"enum": list(statuses.STATUSES)}),
             "reason": nullable({"type": "string"}),
             "fired_at": TIME,
         },
@@ -276,22 +276,22 @@ def parameter(name, where, schema, description, required=False):
 JOB_ID = parameter("job_id", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID},
                    "The job's id.")
 PAGE = [
-    parameter("limit", "query", {"type": "integer", "minimum": 1, "maximum": jobs.MAX_LIMIT,
+    parameter("limit", "query", {"type": "integer", "minimum": 1, "maximum": history.MAX_LIMIT,
                                  "default": 50}, "Items per page."),
     parameter("cursor", "query", {"type": "string", "maxLength": 200},
               "The `next_cursor` of the previous page."),
 ]
 NAME_FILTERS = [
-    parameter("type", "query", {"type": "string", "pattern": jobs.NAME_PATTERN},
+    parameter("type", "query", {"type": "string", "pattern": submission.NAME_PATTERN},
               "Only jobs of this type."),
-    parameter("queue", "query", {"type": "string", "pattern": jobs.NAME_PATTERN},
+    parameter("queue", "query", {"type": "string", "pattern": submission.NAME_PATTERN},
               "Only jobs in this queue."),
 ]
-STATUS_FILTER = parameter("status", "query", {"enum": list(jobs.STATUSES)},
+STATUS_FILTER = parameter("status", "query", {"enum": list(statuses.STATUSES)},
                           "Only jobs with this status.")
 IDEMPOTENCY_KEY = parameter(
     "Idempotency-Key", "header",
-    jobs.SUBMISSION_SCHEMA["properties"]["idempotency_key"],
+    submission.SUBMISSION_SCHEMA["properties"]["idempotency_key"],
     "The same key (for this API key) with an equal body returns the first job with 200; "
     "with another body, 409. Kept as long as the job is.")
 
@@ -477,7 +477,7 @@ def metrics_operation(public):
 
 
 def submission_schema(registered):
-    """jobs.SUBMISSION_SCHEMA, with `type` one of the registered handlers and `payload`
+    """submission.SUBMISSION_SCHEMA, with `type` one of the registered handlers and `payload`
     checked against that handler's schema."""
     by_type = []
     for name, handler in sorted(registered.items()):
@@ -486,7 +486,7 @@ def submission_schema(registered):
         if handler.payload_errors({}):
             branch["required"] = ["payload"]  # {} (the default payload) would not do
         by_type.append(branch)
-    return {"allOf": [copy.deepcopy(jobs.SUBMISSION_SCHEMA), {"oneOf": by_type}],
+    return {"allOf": [copy.deepcopy(submission.SUBMISSION_SCHEMA), {"oneOf": by_type}],
             "not": {"required": ["run_at", "delay_s"]},
             "description": "A job to run. `payload` defaults to {}; the type's handler and "
                            "the settings supply the defaults of the other fields."}

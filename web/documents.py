@@ -1,15 +1,6 @@
 """What jobs, attempts and workers look like to users: the JSON of the API and of `--json`."""
-from datetime import datetime, timezone
-from functools import lru_cache
-
-
-@lru_cache(maxsize=4096)  # the jobs of a batch share their created_at, and mostly run_at
-def timestamp(epoch):
-    """Epoch seconds as an RFC 3339 string in UTC (None stays None)."""
-    if epoch is None:
-        return None
-    moment = datetime.fromtimestamp(epoch, timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+from core.times import timestamp
+from core import status as statuses
 
 
 def job(row, attempts=None):
@@ -31,7 +22,7 @@ def job(row, attempts=None):
         "created_at": timestamp(row.created_at),
         "finished_at": timestamp(row.finished_at),
     }
-    if row.status == "dead":
+    if row.status == statuses.DEAD:
         document["dead_reason"] = row.dead_reason
     if row.cancel_requested_at is not None:
         document["cancel_requested_at"] = timestamp(row.cancel_requested_at)

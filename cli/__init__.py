@@ -1,0 +1,1 @@
+"""The `flask` commands: thin callers of the core, registered on the app by app.py."""

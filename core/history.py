@@ -1,0 +1,116 @@
+"""Reading the record: one job with its attempts, pages of jobs, counts; and pruning what
+is old enough to forget (SPEC §6, §7)."""
+import base64
+import json
+
+import peewee as pw
+
+from core import status as S
+from core.errors import InvalidRequest, NotFound
+from core.store import backend
+from core.workers import workers_alive
+from models import Attempt, Job, Step, db, now
+
+MAX_LIMIT = 500
+
+
+def get_job(job_id, api_key_id=None):
+    """The job, or NotFound (also for another API key's job: 404, not 403)."""
+    if not isinstance(job_id, int) or not 0 < job_id < 2 ** 63:
+        raise NotFound(f"job {job_id} not found")
+    query = Job.select().where(Job.id == job_id)
+    if api_key_id is not None:
+        query = query.where(Job.api_key_id == api_key_id)
+    job = query.first()
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def attempts_of(job_id):
+    return list(Attempt.select().where(Attempt.job_id == job_id).order_by(Attempt.number))
+
+
+def encode_cursor(position):
+    """An opaque cursor for "the page after position" (an id, a name)."""
+    return base64.urlsafe_b64encode(json.dumps({"after": position}).encode()).decode().rstrip("=")
+
+
+def _sql_integer(value):
+    return isinstance(value, int) and not isinstance(value, bool) and -2 ** 63 <= value < 2 ** 63
+
+
+def decode_cursor(cursor, issued=_sql_integer):
+    """The position in a cursor; InvalidRequest unless issued(position) says this server
+    could have issued it (a job id by default), so no other value reaches the SQL."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        value = json.loads(base64.urlsafe_b64decode(padded.encode()))["after"]
+        if issued(value):
+            return value
+    except (ValueError, TypeError, KeyError, UnicodeError, RecursionError):
+        pass
+    raise InvalidRequest("cursor is not one this server issued", ["cursor: invalid"])
+
+
+def check_limit(limit):
+    if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}", ["limit: out of range"])
+
+
+def list_jobs(*, status=None, type=None, queue=None, api_key_id=None, limit=50, cursor=None):
+    """A page of jobs, newest first: (jobs, next_cursor or None)."""
+    if status is not None and status not in S.STATUSES:
+        raise InvalidRequest(f"unknown status {status!r}",
+                             [f"status: must be one of {', '.join(S.STATUSES)}"])
+    check_limit(limit)
+    query = Job.select()
+    for column, value in ((Job.status, status), (Job.type, type), (Job.queue, queue),
+                          (Job.api_key_id, api_key_id)):
+        if value is not None:
+            query = query.where(column == value)
+    if cursor:
+        query = query.where(Job.id < decode_cursor(cursor))
+    page = list(query.order_by(Job.id.desc()).limit(limit + 1))
+    next_cursor = encode_cursor(page[limit - 1].id) if len(page) > limit else None
+    return page[:limit], next_cursor
+
+
+def stats(lease_s):
+    """Counts by queue and status, the age of the oldest available job, live workers."""
+    queues, totals = {}, {}
+    rows = (Job.select(Job.queue, Job.status, pw.fn.COUNT(Job.id).alias("n"))
+            .group_by(Job.queue, Job.status).tuples())
+    for queue, status, count in rows:
+        queues.setdefault(queue, {})[status] = count
+        totals[status] = totals.get(status, 0) + count
+    oldest = (Job.select(pw.fn.MIN(Job.run_at)).where(Job.status.in_(S.PENDING), Job.run_at <= now())
+              .scalar())
+    age = max(0.0, backend().db_time() - oldest) if oldest is not None else 0.0
+    return {"queues": queues, "totals": totals, "oldest_available_age_s": round(age, 3),
+            "workers_alive": workers_alive(lease_s)}
+
+
+def oldest_available_by_queue():
+    """{queue: seconds its oldest due job has waited}, for queues with one."""
+    current = backend().db_time()
+    rows = (Job.select(Job.queue, pw.fn.MIN(Job.run_at))
+            .where(Job.status.in_(S.PENDING), Job.run_at <= now()).group_by(Job.queue).tuples())
+    return {queue: round(max(0.0, current - oldest), 3) for queue, oldest in rows}
+
+
+def prune(older_than_s, batch=1000):
+    """Delete succeeded and cancelled jobs finished more than older_than_s ago, with their
+    attempts and steps; dead jobs stay until retried or discarded. Returns the count."""
+    cutoff = backend().db_time() - older_than_s
+    removed = 0
+    while True:
+        with db.atomic():
+            ids = [j.id for j in Job.select(Job.id)
+                   .where(Job.status.in_(S.PRUNABLE), Job.finished_at < cutoff)
+                   .limit(batch)]
+            if not ids:
+                return removed
+            Attempt.delete().where(Attempt.job_id.in_(ids)).execute()
+            Step.delete().where(Step.job_id.in_(ids)).execute()
+            removed += Job.delete().where(Job.id.in_(ids), Job.status.in_(S.PRUNABLE)).execute()

@@ -1,0 +1,451 @@
+"""The job operations: the one owner of every job state change.
+
+Enqueue, claim, heartbeat, finish (succeed, retry, dead-letter), reap, cancel and the
+dead-letter queue live here; routes, CLI commands, the supervisor and its workers only call
+them. Where an ended attempt sends its job is decided by the pure core/policy.py; every
+move of a running job (a worker's report, the reaper, the supervisor, a worker giving back
+what it never began) goes through one statement, `step` of core/store, which moves a job
+only while it still runs the attempt under the lease the mover knew: the fencing of SPEC §4.
+"""
+import contextlib
+import json
+import logging
+from collections import Counter, namedtuple
+from typing import NamedTuple, Optional
+
+import peewee as pw
+
+from core import events, status as S
+from core.errors import Conflict, LeaseLost
+from core.events import Finished
+from core.history import get_job
+from core.policy import Outcome, next_transition, released_outcome, run_order
+from core.store import backend
+from core.store.postgres import NOTIFY_CHANNEL, notify_payload  # noqa: F401 (for the supervisor)
+from core.workers import renew_worker
+from infra import metrics
+from models import Job, Step, db, loaded, now
+
+
+def db_time():
+    """The database's clock, in epoch seconds (SQLite lives on this host: its clock is ours)."""
+    return backend().db_time()
+
+
+# ---------------------------------------------------------------------------- enqueue
+
+# A job as enqueue answers it: the value of each column of `jobs`, as stored. (Model
+# instances cost more to make and to read than the rest of a batch's answer.)
+StoredJob = namedtuple("StoredJob", Job._meta.sorted_field_names)
+
+# Payload bytes one insert statement carries at most: a batch of large payloads goes in
+# several (one transaction), so that the driver's copies of a statement and libpq's send
+# buffer, which keeps its largest size, stay small however large the batch.
+INSERT_CHUNK_BYTES = 1 << 20
+
+
+def enqueue(new_jobs, api_key_id=None):
+    """Insert jobs (core.submission.NewJob) in one transaction; return [(StoredJob,
+    created)] in the order given.
+
+    A job with an idempotency key that this API key already used returns the existing
+    job (created=False) when the request matches, and raises Conflict when it differs;
+    the unique index decides, so concurrent identical requests make one job. On
+    PostgreSQL the same statement announces the jobs that can run now (NOTIFY_CHANNEL).
+    """
+    if not new_jobs:
+        return []
+    keyed = any(new.idempotency_key is not None for new in new_jobs)
+    chunks = list(_insert_chunks(new_jobs))
+    store = backend()
+    # One statement is atomic by itself; a used key takes a second one (to read the
+    # job it names), and a conflict must undo the first.
+    with db.atomic() if keyed or len(chunks) > 1 else contextlib.nullcontext():
+        inserted = [row for chunk in chunks for row in store.insert_jobs(chunk, api_key_id, keyed)]
+        stored = _stored(new_jobs, inserted, api_key_id)
+    created = [job for job, was_created in stored if was_created]
+    for (type_, queue), count in Counter((job.type, job.queue) for job in created).items():
+        metrics.count("conveyor_jobs_submitted", count, type=type_, queue=queue)
+    if events.log.isEnabledFor(logging.INFO):
+        for job in created:
+            events.event(logging.INFO, "submitted", job,
+                         f"{job.status}, run at {job.run_at:.3f}" if job.status == S.SCHEDULED
+                         else job.status)
+    return stored
+
+
+def _insert_chunks(new_jobs):
+    """new_jobs in consecutive runs of at most INSERT_CHUNK_BYTES of payload (or one job)."""
+    chunk, size = [], 0
+    for new in new_jobs:
+        if chunk and size + len(new.payload_json) > INSERT_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(new)
+        size += len(new.payload_json)
+    yield chunk
+
+
+def _stored(new_jobs, inserted, api_key_id):
+    """[(job, created)] in the order given. The rows inserted without a key are the jobs
+    without one, in order; a key's row is the first job with that key. Any other job's key
+    was used already: it names the job it made, which must come from an equal request."""
+    plain = iter([row for row in inserted if row["idempotency_key"] is None])
+    by_key = {row["idempotency_key"]: row for row in inserted if row["idempotency_key"] is not None}
+    stored, used = [], []
+    for index, new in enumerate(new_jobs):
+        row = next(plain) if new.idempotency_key is None else by_key.pop(new.idempotency_key, None)
+        stored.append((None, False) if row is None else (_new_job(new, row, api_key_id), True))
+        if row is None:
+            used.append(index)
+    if used:
+        existing = {job.idempotency_key: job for job in Job.select().where(
+            pw.fn.COALESCE(Job.api_key_id, 0) == (api_key_id or 0),
+            Job.idempotency_key.in_(list({new_jobs[i].idempotency_key for i in used})))}
+        conflicts = []
+        for index in used:
+            job = existing.get(new_jobs[index].idempotency_key)
+            if job is None:
+                raise Conflict("the job could not be stored; try again")
+            if job.request_hash != new_jobs[index].request_hash:
+                conflicts.append(index)
+            stored[index] = (StoredJob(**job.__data__), False)
+        if conflicts:
+            raise Conflict("an idempotency key was already used for a different job",
+                           [f"{i}: idempotency key {new_jobs[i].idempotency_key!r} was used "
+                            f"for a different request (job {stored[i][0].id})" for i in conflicts])
+    return stored
+
+
+# What a new job holds in the columns the insert does not set.
+_UNSET = {"attempt": 0, "attempt_base": 0, "result": None, "last_error": None,
+          "dead_reason": None, "started_at": None, "finished_at": None, "lease_owner": None,
+          "heartbeat_at": None, "cancel_requested_at": None}
+
+
+def _new_job(new, row, api_key_id):
+    """The job as stored, from what was sent and what the insert returned (no read-back)."""
+    return StoredJob(
+        **_UNSET, id=row["id"], type=new.type, queue=new.queue, payload=new.payload,
+        priority=new.priority, run_at=row["run_at"], max_attempts=new.max_attempts,
+        timeout_s=new.timeout_s, backoff_base_s=new.backoff_base_s,
+        backoff_max_s=new.backoff_max_s, status=row["status"],
+        idempotency_key=row["idempotency_key"], request_hash=new.request_hash,
+        api_key_id=api_key_id, created_at=row["created_at"])
+
+
+# ---------------------------------------------------------------------------- the worker's step
+
+class Claimed(NamedTuple):
+    """A job as its worker holds it: what the handler, the retry policy and the lease need.
+    started_at is the database's clock when the attempt was claimed."""
+    id: int
+    type: str
+    queue: str
+    payload: dict
+    priority: int
+    run_at: float
+    max_attempts: int
+    timeout_s: float
+    backoff_base_s: float
+    backoff_max_s: float
+    attempt: int
+    attempt_base: int
+    idempotency_key: Optional[str]
+    started_at: float
+    cancel_requested_at: Optional[float]
+    lease_owner: str
+
+
+class Report(NamedTuple):
+    """A finished attempt to record: started_at/finished_at are its times on the database's
+    clock (None: the time of recording). fence: from the worker that ran it, whose refused
+    outcome marks the attempt fenced (the reaper's or the supervisor's does not)."""
+    job: Claimed
+    outcome: Outcome
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    fence: bool = True
+
+
+def claim(worker, limit=1):
+    """Start up to `limit` due jobs for `worker` (core.workers.WorkerInfo); returns them."""
+    return step(worker, (), limit)[0]
+
+
+def report(job, outcome):
+    """A worker reports its attempt's outcome. False when its lease was lost: the outcome
+    is refused, the attempt is marked fenced and the job is left as it is."""
+    return step(None, [Report(job, outcome)], 0)[1][0]
+
+
+def step(worker, reports=(), limit=1):
+    """Record the outcomes of finished attempts and start up to `limit` new ones, in one
+    round trip on PostgreSQL (one statement) and one transaction on SQLite.
+
+    Each outcome is accepted only from the lease that holds its job (fencing). Returns
+    (claimed jobs in the order to run them, [accepted?] per report).
+    """
+    claimed, accepted, _ = _step(worker, reports, limit)
+    return claimed, accepted
+
+
+def _step(worker, reports, limit, event=None):
+    """step, also returning what was moved ([Finished]), each counted and logged (as
+    `event` when given: the reaper's `reaped`)."""
+    rows = [_reported(r) for r in reports]
+    if not rows and not limit:
+        return [], [], []
+    claimed, moved, refused = backend().step(worker, rows, limit)
+    accepted, done = [], []
+    for report_, row in zip(reports, rows):
+        job, outcome = report_.job, report_.outcome
+        if job.id in moved:
+            now_row = moved[job.id]
+            done.append(Finished(job, outcome, now_row["status"], now_row["dead_reason"],
+                                 row["delay_s"], now_row["duration_s"]))
+        elif job.id in refused:
+            events.event(logging.WARNING, "refused", job,
+                         f"late outcome refused: attempt {job.attempt} {outcome.status} after "
+                         f"its lease was lost", attempt=job.attempt, worker_id=job.lease_owner)
+        accepted.append(job.id not in refused)  # neither: our own earlier report committed
+    for finished in done:
+        events.finished(finished, event)
+    jobs = sorted((_claimed(row) for row in claimed), key=run_order)
+    for job in jobs:
+        events.event(logging.INFO, "started", job, f"attempt {job.attempt} on {worker.id}",
+                     attempt=job.attempt, worker_id=worker.id)
+    return jobs, accepted, done
+
+
+def _reported(report_):
+    """The values one outcome writes (by these names): the retry policy decided here,
+    the guard and the move in SQL."""
+    job, outcome = report_.job, report_.outcome
+    move = next_transition(job, outcome)
+    result = None if outcome.result is None or move.status != S.SUCCEEDED else \
+        json.dumps(outcome.result, separators=(",", ":"))
+    values = {"id": job.id, "attempt": job.attempt, "lease_owner": job.lease_owner,
+              "status": move.status, "delay_s": move.delay_s, "result": result,
+              "last_error": None if move.refund else outcome.error,
+              "dead_reason": move.dead_reason, "attempt_status": outcome.status,
+              "error_type": outcome.error_type, "error_message": outcome.error_message,
+              "traceback": outcome.traceback, "started_at": report_.started_at,
+              "finished_at": report_.finished_at, "refund": int(move.refund),
+              "fence": report_.fence}
+    return values
+
+
+def _claimed(row):
+    return Claimed(**row)._replace(payload=json.loads(row["payload"]))
+
+
+def claim_statement(worker, limit=1):
+    """(sql, params): the statement `claim(worker, limit)` runs on the open database, as it
+    runs it, for what must see it whole: the plan tests (EXPLAIN), and the fault tests that
+    pick its prepared name out of the wire (models.statement_name)."""
+    return backend().claim_statement(worker, limit)
+
+
+def stage_due():
+    """Mark scheduled and retryable jobs whose time has come `available` (claim takes them
+    either way; this keeps the stored status true for readers)."""
+    return (Job.update(status=S.AVAILABLE)
+            .where(Job.status.in_((S.SCHEDULED, S.RETRYABLE)), Job.run_at <= now())
+            .execute())
+
+
+# ---------------------------------------------------------------------------- leases
+
+def heartbeat(worker, job_ids=()):
+    """Renew the worker's registration and the leases it holds on these jobs; returns the
+    ids of those whose lease it still holds.
+
+    Only the jobs the worker knows it holds: a claim whose answer was lost (the connection
+    broke after the commit) leaves jobs under its lease that it will never run, and those
+    must expire and be reaped, not be kept alive forever."""
+    with db.atomic():
+        renew_worker(worker)
+        if not job_ids:
+            return set()
+        renewed = (Job.update(heartbeat_at=now())
+                   .where(Job.id.in_(list(job_ids)), Job.status == S.RUNNING,
+                          Job.lease_owner == worker.id)
+                   .returning(Job.id).execute())
+        return {row.id for row in renewed}
+
+
+def _holds(job):
+    """The SQL condition "job is still running this attempt under this lease" (the guard
+    of core/store's step, for the statements written once for both databases)."""
+    return ((Job.id == job.id) & (Job.status == S.RUNNING)
+            & (Job.attempt == job.attempt) & (Job.lease_owner == job.lease_owner))
+
+
+def lease_held(job):
+    return Job.select(Job.id).where(_holds(job)).exists()
+
+
+# ---------------------------------------------------------------------------- ending what the dead held
+
+def end_attempts(worker_id, outcome, running_job_id=None):
+    """A supervisor ends what its dead or killed worker held: the attempt whose handler was
+    running (running_job_id, from the worker's slot) ends with outcome; every other job the
+    worker had claimed never began, and is released. Returns the jobs ended."""
+    held = list(Job.select().where(Job.status == S.RUNNING, Job.lease_owner == worker_id))
+    released = released_outcome(f"its worker {worker_id} ended first ({outcome.error})")
+    return _end([Report(job, outcome if job.id == running_job_id else released, fence=False)
+                 for job in held])
+
+
+def release(worker_id, job_ids, why):
+    """A worker gives back jobs it claimed and will not begin; returns the jobs released."""
+    held = list(Job.select().where(Job.id.in_(list(job_ids)), Job.status == S.RUNNING,
+                                   Job.lease_owner == worker_id))
+    outcome = released_outcome(why)
+    return _end([Report(job, outcome, fence=False) for job in held])
+
+
+def _end(reports, event=None):
+    """Move these running jobs by their reports (one transition, as a worker's report is
+    recorded); wake idle workers for the jobs released among them. Returns the jobs moved."""
+    _, _, done = _step(None, reports, 0, event)
+    _wake_for_released(done)
+    return [finished.job for finished in done]
+
+
+def _wake_for_released(done):
+    released = Counter(f.job.queue for f in done if f.outcome.status == S.RELEASED)
+    if released:
+        backend().notify(released)
+
+
+def reap_expired(lease_s, limit=100):
+    """Record the attempts of workers whose heartbeat is older than the lease; any process
+    may call this. Such a worker was lost with everything it held, and nobody saw how far
+    through its claim it got: the first job in its run order is charged the attempt
+    (`crashed`, as if its handler was running), the rest are released. A worker's claim is
+    taken whole, its rows locked in one transaction, so two reapers cannot each charge a
+    different job; a heartbeat that lands first wins (the lock re-reads staleness).
+    Returns the jobs ended (crashed and released)."""
+    owners = (Job.select(Job.lease_owner)
+              .where(Job.status == S.RUNNING, Job.heartbeat_at < now() - lease_s)
+              .distinct().limit(limit).tuples())
+    crashed = Outcome(S.CRASHED, error_type="LeaseExpired",
+                      error_message=f"no heartbeat for over {lease_s:g}s: worker or host lost")
+    released = released_outcome(f"no heartbeat for over {lease_s:g}s, and an earlier job of "
+                                f"the same claim was charged the attempt")
+    reaped = []
+    for (owner,) in list(owners):
+        with db.atomic():
+            held = sorted((loaded(Job, _job_columns(row))
+                           for row in backend().stale_claim(owner, lease_s)), key=run_order)
+            _, _, done = _step(None, [Report(job, crashed if job is held[0] else released,
+                                             fence=False) for job in held], 0, "reaped")
+        for finished in done:
+            if finished.outcome is crashed:
+                metrics.count("conveyor_attempts_reaped", type=finished.job.type,
+                              queue=finished.job.queue)
+        _wake_for_released(done)
+        reaped += [finished.job for finished in done]
+    return reaped
+
+
+_JOB_COLUMNS = frozenset(Job._meta.sorted_field_names)
+
+
+def _job_columns(row):
+    return {name: value for name, value in row.items() if name in _JOB_COLUMNS}
+
+
+# ---------------------------------------------------------------------------- steps
+
+def load_step(job_id, name):
+    """(True, result) when a step of this job already ran, else (False, None)."""
+    step_ = Step.get_or_none(Step.job_id == job_id, Step.name == name)
+    return (True, step_.result) if step_ is not None else (False, None)
+
+
+def save_step(job, name, result):
+    """Store a step's result, only while job's lease is held; raise LeaseLost otherwise."""
+    stored = list(Step.insert_from(
+        Job.select(Job.id, pw.Value(name), pw.Value(json.dumps(result)), Job.attempt,
+                   now())
+        .where(_holds(job)),
+        [Step.job_id, Step.name, Step.result, Step.attempt, Step.created_at])
+        .on_conflict(action="NOTHING").returning(Step.job_id).execute())
+    if stored:
+        return result
+    found, existing = load_step(job.id, name)
+    if not found or not lease_held(job):
+        raise LeaseLost(f"job {job.id} attempt {job.attempt} lost its lease")
+    return existing
+
+
+# ---------------------------------------------------------------------------- cancel, DLQ
+
+def cancel(job_id, api_key_id=None):
+    """Cancel a job: at once if it is waiting; a running one is flagged and its supervisor
+    stops the worker. Returns (job, stopped_now)."""
+    get_job(job_id, api_key_id)
+    with db.atomic():
+        stopped = (Job.update(status=S.CANCELLED, finished_at=now())
+                   .where(Job.id == job_id, Job.status.in_(S.PENDING)).execute())
+        flagged = not stopped and (
+            Job.update(cancel_requested_at=pw.fn.COALESCE(Job.cancel_requested_at, now()))
+            .where(Job.id == job_id, Job.status == S.RUNNING).execute())
+    job = get_job(job_id)
+    if stopped:
+        metrics.count("conveyor_jobs_cancelled", type=job.type, queue=job.queue)
+        events.event(logging.INFO, "cancelled", job, "cancelled before it ran", status=job.status)
+        return job, True
+    if flagged:
+        events.event(logging.INFO, "cancelling", job, f"attempt {job.attempt} is running; its "
+                     f"supervisor stops the worker", attempt=job.attempt,
+                     worker_id=job.lease_owner)
+        return job, False
+    raise Conflict(f"job {job_id} is {job.status} and cannot be cancelled")
+
+
+def cancellations(worker_ids):
+    """Running jobs of these workers whose cancellation was requested."""
+    if not worker_ids:
+        return []
+    return list(Job.select(Job.id, Job.attempt, Job.lease_owner)
+                .where(Job.status == S.RUNNING, Job.lease_owner.in_(list(worker_ids)),
+                       Job.cancel_requested_at.is_null(False)))
+
+
+def dlq_retry(job_id):
+    """Send a dead job back to `available` with a fresh attempt budget; history is kept."""
+    with db.atomic():
+        moved = list(Job.update(status=S.AVAILABLE, run_at=now(), attempt_base=Job.attempt,
+                                finished_at=None, dead_reason=None)
+                     .where(Job.id == job_id, Job.status == S.DEAD).returning(Job)
+                     .execute())
+        if moved:
+            backend().notify({moved[0].queue: 1})
+    # The job as the retry left it: a woken worker may be running it already.
+    job = moved[0] if moved else _dlq_result(job_id, 0)
+    events.event(logging.INFO, "requeued", job, "back from the dead-letter queue with "
+                 f"{job.max_attempts} fresh attempts", status=job.status)
+    return job
+
+
+def dlq_discard(job_id):
+    """Discard a dead job: it becomes `cancelled`, its history kept until pruned."""
+    with db.atomic():
+        moved = (Job.update(status=S.CANCELLED, finished_at=now())
+                 .where(Job.id == job_id, Job.status == S.DEAD).execute())
+    job = _dlq_result(job_id, moved)
+    metrics.count("conveyor_jobs_cancelled", type=job.type, queue=job.queue)
+    events.event(logging.INFO, "discarded", job, "discarded from the dead-letter queue",
+                 status=job.status)
+    return job
+
+
+def _dlq_result(job_id, moved):
+    job = get_job(job_id)
+    if not moved:
+        raise Conflict(f"job {job_id} is {job.status}, not in the dead-letter queue")
+    return job

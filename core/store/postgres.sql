@@ -1,0 +1,174 @@
+-- The PostgreSQL statements of the core, each whole under its name (core/store/queries.py
+-- loads them; core/store/postgres.py runs them). Parameters are named, %(name)s.
+--
+-- One instant per statement: `clock`, read from clock_timestamp() once the statement runs,
+-- not now() (its transaction's start). A claim may wait (a lock, the scheduler) between the
+-- two and see a release that committed meanwhile; the attempt it starts must begin after
+-- the released one was recorded finished.
+--
+-- The status words are literals (core/status.py names them; tests/test_store.py checks the
+-- two agree): a partial index serves a query only when the query spells out its predicate.
+
+-- name: clock
+-- The database's clock, in epoch seconds.
+SELECT extract(epoch from clock_timestamp())::float8 AS now;
+
+-- name: insert_jobs
+-- Store jobs given as one JSON array of arrays (PostgreSQL reads arrays much faster than
+-- objects), in the order of core.store.postgres.GIVEN; announce on %(channel)s, at commit,
+-- how many jobs each queue got that can run now ("queue:count", NOTIFY_PAYLOAD's shape).
+WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
+given AS (
+    SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::text AS payload,
+           (job->>3)::int AS priority, (job->>4)::float8 AS run_at,
+           (job->>5)::float8 AS delay_s, (job->>6)::int AS max_attempts,
+           (job->>7)::float8 AS timeout_s, (job->>8)::float8 AS backoff_base_s,
+           (job->>9)::float8 AS backoff_max_s
+    FROM json_array_elements(%(jobs)s) AS job),
+new AS (
+    INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts,
+                      timeout_s, backoff_base_s, backoff_max_s, api_key_id, created_at)
+    SELECT v.type, v.queue, v.payload, v.priority, COALESCE(v.run_at, clock.now + v.delay_s),
+           CASE WHEN COALESCE(v.run_at, clock.now + v.delay_s) > clock.now
+                THEN 'scheduled' ELSE 'available' END,
+           v.max_attempts, v.timeout_s, v.backoff_base_s, v.backoff_max_s,
+           %(api_key_id)s::bigint, clock.now
+    FROM given AS v, clock
+    RETURNING id, idempotency_key, status, run_at, created_at, queue),
+announced AS (
+    SELECT pg_notify(%(channel)s, queue || ':' || count(*)) FROM new
+    WHERE status = 'available' GROUP BY queue)
+SELECT id, idempotency_key, status, run_at, created_at
+FROM new, (SELECT count(*) FROM announced) AS notified
+ORDER BY id;
+
+-- name: insert_jobs_keyed
+-- insert_jobs for jobs of which some carry an idempotency key: each JSON array also holds
+-- the key and the request's hash, and a key this API key used already is skipped (the
+-- unique index jobs_idempotency decides); the caller reads the job it names. ON CONFLICT
+-- costs on every row, so jobs without keys go through insert_jobs.
+WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
+given AS (
+    SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::text AS payload,
+           (job->>3)::int AS priority, (job->>4)::float8 AS run_at,
+           (job->>5)::float8 AS delay_s, (job->>6)::int AS max_attempts,
+           (job->>7)::float8 AS timeout_s, (job->>8)::float8 AS backoff_base_s,
+           (job->>9)::float8 AS backoff_max_s, (job->>10)::text AS idempotency_key,
+           (job->>11)::text AS request_hash
+    FROM json_array_elements(%(jobs)s) AS job),
+new AS (
+    INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts,
+                      timeout_s, backoff_base_s, backoff_max_s, idempotency_key,
+                      request_hash, api_key_id, created_at)
+    SELECT v.type, v.queue, v.payload, v.priority, COALESCE(v.run_at, clock.now + v.delay_s),
+           CASE WHEN COALESCE(v.run_at, clock.now + v.delay_s) > clock.now
+                THEN 'scheduled' ELSE 'available' END,
+           v.max_attempts, v.timeout_s, v.backoff_base_s, v.backoff_max_s,
+           v.idempotency_key, v.request_hash, %(api_key_id)s::bigint, clock.now
+    FROM given AS v, clock
+    ON CONFLICT DO NOTHING
+    RETURNING id, idempotency_key, status, run_at, created_at, queue),
+announced AS (
+    SELECT pg_notify(%(channel)s, queue || ':' || count(*)) FROM new
+    WHERE status = 'available' GROUP BY queue)
+SELECT id, idempotency_key, status, run_at, created_at
+FROM new, (SELECT count(*) FROM announced) AS notified
+ORDER BY id;
+
+-- name: step
+-- A worker's round trip, and the one transition of a running job: record the outcomes in
+-- %(reports)s (a JSON array of objects, as core.jobs._reported makes them), then claim up to %(limit)s
+-- due jobs of %(queues)s (every queue when null) for %(worker_id)s.
+--
+-- An outcome moves its job only while the job still runs that attempt under that lease
+-- (the ownership guard: status, attempt and lease_owner as the report knew them). An
+-- outcome that finds the job moved on is refused; when it came from the worker itself
+-- (fence) its attempt is marked fenced. A cancellation requested while the attempt ran
+-- wins over a retry or a dead letter; a refunded attempt (released: it never began) gives
+-- its budget back.
+--
+-- Answers one row per claimed job, moved job and refused report: (kind, row as JSON).
+WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
+reported AS (
+    SELECT * FROM json_to_recordset(%(reports)s::json) AS r(
+        id bigint, attempt int, lease_owner text, status text, delay_s float8, result text,
+        last_error text, dead_reason text, attempt_status text, error_type text,
+        error_message text, traceback text, started_at float8, finished_at float8,
+        refund int, fence boolean)),
+moved AS (
+    UPDATE jobs SET
+        status = CASE WHEN jobs.cancel_requested_at IS NOT NULL AND r.status <> 'succeeded'
+                      THEN 'cancelled' ELSE r.status END,
+        result = CASE WHEN r.status = 'succeeded' THEN r.result ELSE jobs.result END,
+        last_error = COALESCE(r.last_error, jobs.last_error),
+        dead_reason = CASE WHEN jobs.cancel_requested_at IS NOT NULL AND r.status <> 'succeeded'
+                           THEN NULL ELSE r.dead_reason END,
+        run_at = CASE WHEN r.delay_s IS NULL THEN jobs.run_at
+                      ELSE COALESCE(r.finished_at, clock.now) + r.delay_s END,
+        finished_at = CASE WHEN jobs.cancel_requested_at IS NOT NULL
+                                OR r.status IN ('succeeded', 'dead', 'cancelled')
+                           THEN COALESCE(r.finished_at, clock.now) END,
+        attempt_base = jobs.attempt_base + r.refund,
+        lease_owner = NULL, heartbeat_at = NULL
+    FROM reported AS r, clock
+    WHERE jobs.id = r.id
+      AND jobs.status = 'running' AND jobs.attempt = r.attempt AND jobs.lease_owner = r.lease_owner
+    RETURNING jobs.id, jobs.status, jobs.dead_reason, jobs.run_at, jobs.finished_at),
+ended AS (
+    UPDATE attempts SET status = r.attempt_status,
+        started_at = COALESCE(r.started_at, attempts.started_at),
+        finished_at = COALESCE(r.finished_at, clock.now),
+        error_type = r.error_type, error_message = r.error_message, traceback = r.traceback
+    FROM reported AS r JOIN moved AS m ON m.id = r.id, clock
+    WHERE attempts.job_id = r.id AND attempts.number = r.attempt AND attempts.status = 'running'
+    RETURNING attempts.job_id, attempts.finished_at - attempts.started_at AS duration_s),
+refused AS (
+    UPDATE attempts SET fenced = TRUE
+    FROM reported AS r
+    WHERE r.fence AND attempts.job_id = r.id AND attempts.number = r.attempt
+      AND attempts.status <> r.attempt_status
+      AND NOT EXISTS (SELECT 1 FROM moved AS m WHERE m.id = r.id)
+    RETURNING attempts.job_id AS id),
+next AS (
+    SELECT id FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= (SELECT now FROM clock)
+      AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+    ORDER BY priority, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED),
+claimed AS (
+    UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, lease_owner = %(worker_id)s,
+                    heartbeat_at = clock.now, started_at = clock.now
+    FROM next, clock
+    WHERE jobs.id = next.id
+    RETURNING jobs.id, jobs.type, jobs.queue, jobs.payload, jobs.priority, jobs.run_at,
+              jobs.max_attempts, jobs.timeout_s, jobs.backoff_base_s, jobs.backoff_max_s,
+              jobs.attempt, jobs.attempt_base, jobs.idempotency_key, jobs.started_at,
+              jobs.cancel_requested_at, jobs.lease_owner),
+started AS (
+    INSERT INTO attempts (job_id, number, status, worker_id, host, pid, started_at)
+    SELECT id, attempt, 'running', lease_owner, %(host)s, %(pid)s, started_at FROM claimed)
+SELECT 'claimed' AS kind, to_json(claimed) AS row FROM claimed
+UNION ALL
+SELECT 'moved', to_json(done)
+FROM (SELECT moved.*, ended.duration_s FROM moved LEFT JOIN ended ON ended.job_id = moved.id) AS done
+UNION ALL
+SELECT 'refused', to_json(refused) FROM refused;
+
+-- name: stale_claim
+-- The running jobs of one worker whose heartbeat is older than %(lease_s)s, locked, with
+-- how many there are: the caller takes the claim only when it locked all of them (another
+-- session holding any, a reaper or a cut-off session until the server ends it, means a
+-- later round decides from the whole claim instead of from part of it).
+WITH stale AS (
+    SELECT id FROM jobs
+    WHERE lease_owner = %(owner)s AND status = 'running'
+      AND heartbeat_at < extract(epoch from clock_timestamp())::float8 - %(lease_s)s),
+locked AS (
+    SELECT jobs.* FROM jobs JOIN stale USING (id)
+    FOR UPDATE OF jobs SKIP LOCKED)
+SELECT locked.*, (SELECT count(*) FROM stale) AS stale FROM locked;
+
+-- name: notify
+-- Wake the supervisors' idle workers: %(count)s jobs of %(queue)s can run now.
+SELECT pg_notify(%(channel)s, %(queue)s::text || ':' || %(count)s::text);

@@ -1,0 +1,120 @@
+-- The SQLite statements of the core, each whole under its name (core/store/queries.py
+-- loads them; core/store/sqlite.py runs them, inside BEGIN IMMEDIATE where several make one
+-- change). Parameters are named, :name. SQLite lives on the host that runs it, so its
+-- clock is the caller's: :now is time.time() of the process (SQLite's own 'now' is cut to
+-- the millisecond).
+--
+-- The status words are literals (core/status.py names them; tests/test_store.py checks the
+-- two agree): SQLite uses a partial index only when the query spells out its predicate.
+
+-- name: insert_jobs
+-- Store jobs given as one JSON array of arrays, in the order of core.store.sqlite.GIVEN; a
+-- used idempotency key (the unique index jobs_idempotency) is skipped and the caller reads
+-- the job it names. ("WHERE true": an upsert's SELECT needs a WHERE, or SQLite reads ON as
+-- the start of a join.)
+INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts, timeout_s,
+                  backoff_base_s, backoff_max_s, idempotency_key, request_hash, api_key_id,
+                  created_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3,
+       COALESCE(value ->> 4, :now + (value ->> 5)),
+       CASE WHEN COALESCE(value ->> 4, :now + (value ->> 5)) > :now
+            THEN 'scheduled' ELSE 'available' END,
+       value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11,
+       :api_key_id, :now
+FROM json_each(:jobs)
+WHERE true
+ON CONFLICT DO NOTHING
+RETURNING id, idempotency_key, status, run_at, created_at;
+
+-- name: move
+-- The one transition of a running job, by a reported outcome (as core.jobs._reported makes it): only
+-- while the job still runs that attempt under that lease (the ownership guard). A
+-- cancellation requested while the attempt ran wins over a retry or a dead letter; a
+-- refunded attempt (released: it never began) gives its budget back.
+UPDATE jobs SET
+    status = CASE WHEN cancel_requested_at IS NOT NULL AND :status <> 'succeeded'
+                  THEN 'cancelled' ELSE :status END,
+    result = CASE WHEN :status = 'succeeded' THEN :result ELSE result END,
+    last_error = COALESCE(:last_error, last_error),
+    dead_reason = CASE WHEN cancel_requested_at IS NOT NULL AND :status <> 'succeeded'
+                       THEN NULL ELSE :dead_reason END,
+    run_at = CASE WHEN :delay_s IS NULL THEN run_at ELSE COALESCE(:finished_at, :now) + :delay_s END,
+    finished_at = CASE WHEN cancel_requested_at IS NOT NULL
+                            OR :status IN ('succeeded', 'dead', 'cancelled')
+                       THEN COALESCE(:finished_at, :now) END,
+    attempt_base = attempt_base + :refund,
+    lease_owner = NULL, heartbeat_at = NULL
+WHERE id = :id AND status = 'running' AND attempt = :attempt AND lease_owner = :lease_owner
+RETURNING id, status, dead_reason, run_at, finished_at;
+
+-- name: end_attempt
+-- The attempt of a job that `move` moved, ended as reported.
+UPDATE attempts SET status = :attempt_status,
+    started_at = COALESCE(:started_at, started_at), finished_at = COALESCE(:finished_at, :now),
+    error_type = :error_type, error_message = :error_message, traceback = :traceback
+WHERE job_id = :id AND number = :attempt AND status = 'running'
+RETURNING finished_at - started_at AS duration_s;
+
+-- name: fence
+-- A worker's outcome that `move` refused: its attempt is marked fenced (unless the
+-- outcome is already recorded, from an earlier report of the same worker).
+UPDATE attempts SET fenced = 1
+WHERE job_id = :id AND number = :attempt AND status <> :attempt_status
+RETURNING job_id AS id;
+
+-- name: claim
+-- Start up to :limit due jobs, of every queue when :queues is null, else of the queues in
+-- that JSON array, for :worker_id (jobs_claim gives them in the order they are taken).
+UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker_id,
+                heartbeat_at = :now, started_at = :now
+WHERE id IN (
+    SELECT id FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
+      AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+    ORDER BY priority, run_at, id
+    LIMIT :limit)
+RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
+          backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
+          cancel_requested_at, lease_owner;
+
+-- name: claim_from_queue
+-- `claim` for a worker of one queue, :queue, through jobs_claim_by_queue (SQLite cannot
+-- tell how many queues a JSON array holds, so it would walk every queue's waiting jobs).
+UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker_id,
+                heartbeat_at = :now, started_at = :now
+WHERE id IN (
+    SELECT id FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
+      AND queue = :queue
+    ORDER BY priority, run_at, id
+    LIMIT :limit)
+RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
+          backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
+          cancel_requested_at, lease_owner;
+
+-- name: start_attempts
+-- The attempt rows of the jobs a claim started, given as a JSON array of [job_id, number].
+INSERT INTO attempts (job_id, number, status, worker_id, host, pid, started_at)
+SELECT value ->> 0, value ->> 1, 'running', :worker_id, :host, :pid, :now
+FROM json_each(:claimed);
+
+-- name: any_due
+-- Whether `claim` would find a job: asked first, so that an idle worker's poll does not
+-- take the single write lock.
+SELECT EXISTS (
+    SELECT 1 FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
+      AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))) AS due;
+
+-- name: any_due_in_queue
+-- `any_due` for a worker of one queue, :queue (as claim_from_queue, through jobs_claim_by_queue).
+SELECT EXISTS (
+    SELECT 1 FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
+      AND queue = :queue) AS due;
+
+-- name: stale_claim
+-- The running jobs of one worker whose heartbeat is older than :lease_s (the reaper's
+-- transaction holds the write lock, so nobody changes them before it commits).
+SELECT * FROM jobs
+WHERE lease_owner = :owner AND status = 'running' AND heartbeat_at < :now - :lease_s;

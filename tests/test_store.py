@@ -1,0 +1,63 @@
+"""The core's named SQL (core/store/*.sql) against the rules it promises: every status word
+it spells is one core/status.py names, a claim spells the partial index's predicate word for
+word, and every statement that moves a running job carries the ownership guard. No database
+needed: these read the statements."""
+import re
+
+import pytest
+
+from core import status as S
+from core.store import postgres, sqlite
+
+STORES = {"postgres": postgres.SQL, "sqlite": sqlite.SQL}
+STATEMENTS = [(db, name, sql) for db, statements in STORES.items()
+              for name, sql in statements.items()]
+# The predicate of the partial indexes a claim reads (migrations/0001_jobs.py).
+WAITING = "status IN ('available', 'scheduled', 'retryable')"
+
+
+@pytest.mark.parametrize("db, name, sql", STATEMENTS, ids=[f"{d}-{n}" for d, n, _ in STATEMENTS])
+def test_every_status_word_in_the_sql_is_one_the_core_names(db, name, sql):
+    compared = re.findall(r"status\s*(?:=|<>|IN)\s*\(?([^)\n]*)", sql)
+    words = {word for text in compared for word in re.findall(r"'(\w+)'", text)}
+    assigned = set(re.findall(r"THEN '(\w+)'|ELSE '(\w+)'|status = '(\w+)'", sql))
+    words |= {word for group in assigned for word in group if word}
+    assert words <= set(S.STATUSES) | set(S.ATTEMPT_STATUSES), (db, name)
+
+
+def test_the_waiting_predicate_is_the_pending_statuses():
+    assert WAITING == "status IN (%s)" % ", ".join(f"'{status}'" for status in S.PENDING)
+
+
+@pytest.mark.parametrize("db, name", [("postgres", "step"), ("sqlite", "claim"),
+                                      ("sqlite", "claim_from_queue"), ("sqlite", "any_due"),
+                                      ("sqlite", "any_due_in_queue")])
+def test_a_claim_spells_the_partial_index_predicate_word_for_word(db, name):
+    assert WAITING in STORES[db][name]
+
+
+def moves_of_a_running_job(sql):
+    """The UPDATEs of jobs in sql that end a lease (they set lease_owner to NULL)."""
+    return [part for part in re.split(r"\bUPDATE\b", sql)[1:]
+            if part.lstrip().startswith("jobs") and "lease_owner = NULL" in part]
+
+
+@pytest.mark.parametrize("db, name", [("postgres", "step"), ("sqlite", "move")])
+def test_the_one_transition_of_a_running_job_carries_the_ownership_guard(db, name):
+    [move] = moves_of_a_running_job(STORES[db][name])
+    guard = re.sub(r"\s+", " ", move)
+    assert re.search(r"status = 'running' AND (jobs\.)?attempt = (r\.|:)attempt "
+                     r"AND (jobs\.)?lease_owner = (r\.|:)lease_owner", guard), move
+
+
+def test_no_other_statement_moves_a_running_job():
+    """One transition function: only the step (PostgreSQL) and move (SQLite) end a lease."""
+    moving = {(db, name) for db, name, sql in STATEMENTS if moves_of_a_running_job(sql)}
+    assert moving == {("postgres", "step"), ("sqlite", "move")}
+
+
+def test_both_databases_name_their_statements_once_each():
+    for statements in STORES.values():
+        assert all(sql.strip() and not sql.rstrip().endswith(";") for sql in statements.values())
+    assert {"step", "insert_jobs", "stale_claim"} <= set(postgres.SQL)
+    assert {"move", "end_attempt", "fence", "claim", "insert_jobs", "stale_claim"} <= set(sqlite.SQL)
