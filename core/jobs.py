@@ -61,7 +61,7 @@ def enqueue(new_jobs, api_key_id=None):
     # One statement is atomic by itself; a used key takes a second one (to read the
     # job it names), and a conflict must undo the first.
     with db.atomic() if keyed or len(chunks) > 1 else contextlib.nullcontext():
-        inserted = [row for chunk in chunks for row in store.insert_jobs(chunk, api_key_id, keyed)]
+        inserted = [row for chunk in chunks for row in store.insert_jobs(chunk, api_key_id)]
         stored = _stored(new_jobs, inserted, api_key_id)
     created = [job for job, was_created in stored if was_created]
     for (type_, queue), count in Counter((job.type, job.queue) for job in created).items():

@@ -25,19 +25,14 @@ def db_time():
     return models.execute(SQL["clock"]).fetchone()[0]
 
 
-def insert_jobs(new_jobs, api_key_id, keyed):
-    """Store new jobs (core.submission.NewJob) in one statement; keyed: some carry an
-    idempotency key. Returns {id, idempotency_key, status, run_at, created_at} of each row
-    stored, by id (the order given)."""
-    if keyed:
-        given = [(new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
-                  new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
-                  new.idempotency_key, new.request_hash) for new in new_jobs]
-    else:
-        given = [(new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
-                  new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s)
-                 for new in new_jobs]
-    cursor = models.execute(SQL["insert_jobs_keyed" if keyed else "insert_jobs"], {
+def insert_jobs(new_jobs, api_key_id):
+    """Store new jobs (core.submission.NewJob) of one API key in one statement. Returns
+    {id, idempotency_key, status, run_at, created_at} of each row stored, by id (the order
+    given); a job whose idempotency key was used already has none."""
+    given = [(new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
+              new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
+              new.idempotency_key, new.request_hash) for new in new_jobs]
+    cursor = models.execute(SQL["insert_jobs"], {
         "jobs": _compact_json.encode(given), "api_key_id": api_key_id, "channel": NOTIFY_CHANNEL})
     return rows(cursor)
 

@@ -15,38 +15,11 @@ SELECT extract(epoch from clock_timestamp())::float8 AS now;
 
 -- name: insert_jobs
 -- Store jobs given as one JSON array of arrays (PostgreSQL reads arrays much faster than
--- objects), in the order of core.store.postgres.GIVEN; announce on %(channel)s, at commit,
--- how many jobs each queue got that can run now ("queue:count", NOTIFY_PAYLOAD's shape).
-WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
-given AS (
-    SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::text AS payload,
-           (job->>3)::int AS priority, (job->>4)::float8 AS run_at,
-           (job->>5)::float8 AS delay_s, (job->>6)::int AS max_attempts,
-           (job->>7)::float8 AS timeout_s, (job->>8)::float8 AS backoff_base_s,
-           (job->>9)::float8 AS backoff_max_s
-    FROM json_array_elements(%(jobs)s) AS job),
-new AS (
-    INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts,
-                      timeout_s, backoff_base_s, backoff_max_s, api_key_id, created_at)
-    SELECT v.type, v.queue, v.payload, v.priority, COALESCE(v.run_at, clock.now + v.delay_s),
-           CASE WHEN COALESCE(v.run_at, clock.now + v.delay_s) > clock.now
-                THEN 'scheduled' ELSE 'available' END,
-           v.max_attempts, v.timeout_s, v.backoff_base_s, v.backoff_max_s,
-           %(api_key_id)s::bigint, clock.now
-    FROM given AS v, clock
-    RETURNING id, idempotency_key, status, run_at, created_at, queue),
-announced AS (
-    SELECT pg_notify(%(channel)s, queue || ':' || count(*)) FROM new
-    WHERE status = 'available' GROUP BY queue)
-SELECT id, idempotency_key, status, run_at, created_at
-FROM new, (SELECT count(*) FROM announced) AS notified
-ORDER BY id;
-
--- name: insert_jobs_keyed
--- insert_jobs for jobs of which some carry an idempotency key: each JSON array also holds
--- the key and the request's hash, and a key this API key used already is skipped (the
--- unique index jobs_idempotency decides); the caller reads the job it names. ON CONFLICT
--- costs on every row, so jobs without keys go through insert_jobs.
+-- objects), in the order of core.store.postgres.insert_jobs. A key this API key used
+-- already is skipped (the unique index jobs_idempotency decides) and the caller reads the
+-- job it names; naming that index as the only arbiter spares the rows without a key most
+-- of ON CONFLICT's cost. Announces on %(channel)s, at commit, how many jobs each queue got
+-- that can run now ("queue:count", notify_payload's shape).
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
 given AS (
     SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::text AS payload,
@@ -66,7 +39,8 @@ new AS (
            v.max_attempts, v.timeout_s, v.backoff_base_s, v.backoff_max_s,
            v.idempotency_key, v.request_hash, %(api_key_id)s::bigint, clock.now
     FROM given AS v, clock
-    ON CONFLICT DO NOTHING
+    ON CONFLICT (COALESCE(api_key_id, 0), idempotency_key) WHERE idempotency_key IS NOT NULL
+    DO NOTHING
     RETURNING id, idempotency_key, status, run_at, created_at, queue),
 announced AS (
     SELECT pg_notify(%(channel)s, queue || ':' || count(*)) FROM new

@@ -16,7 +16,7 @@ def db_time():
     return time.time()
 
 
-def insert_jobs(new_jobs, api_key_id, keyed):
+def insert_jobs(new_jobs, api_key_id):
     """What postgres.insert_jobs does, without NOTIFY (SQLite has none)."""
     given = _compact_json.encode([
         (new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
