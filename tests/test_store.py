@@ -2,14 +2,29 @@
 it spells is one core/status.py names, a claim spells the partial index's predicate word for
 word, and every statement that moves a running job carries the ownership guard. No database
 needed: these read the statements."""
+import importlib.util
+import os
 import re
 
 import pytest
 
+from conftest import ROOT
 from core import status as S
 from core.store import postgres, sqlite
 
-STORES = {"postgres": postgres.SQL, "sqlite": sqlite.SQL}
+
+def migration(name):
+    path = os.path.join(ROOT, "migrations", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The transition of a running job on PostgreSQL is a function a migration defines.
+STORES = {"postgres": {**postgres.SQL,
+                       "conveyor_record": migration("0006_record_function").RECORD},
+          "sqlite": sqlite.SQL}
 STATEMENTS = [(db, name, sql) for db, statements in STORES.items()
               for name, sql in statements.items()]
 # The predicate of the partial indexes a claim reads (migrations/0001_jobs.py).
@@ -42,7 +57,7 @@ def moves_of_a_running_job(sql):
             if part.lstrip().startswith("jobs") and "lease_owner = NULL" in part]
 
 
-@pytest.mark.parametrize("db, name", [("postgres", "step"), ("sqlite", "move")])
+@pytest.mark.parametrize("db, name", [("postgres", "conveyor_record"), ("sqlite", "move")])
 def test_the_one_transition_of_a_running_job_carries_the_ownership_guard(db, name):
     [move] = moves_of_a_running_job(STORES[db][name])
     guard = re.sub(r"\s+", " ", move)
@@ -51,9 +66,11 @@ def test_the_one_transition_of_a_running_job_carries_the_ownership_guard(db, nam
 
 
 def test_no_other_statement_moves_a_running_job():
-    """One transition function: only the step (PostgreSQL) and move (SQLite) end a lease."""
+    """One transition function: only conveyor_record (PostgreSQL, which the step calls) and
+    move (SQLite) end a lease."""
     moving = {(db, name) for db, name, sql in STATEMENTS if moves_of_a_running_job(sql)}
-    assert moving == {("postgres", "step"), ("sqlite", "move")}
+    assert moving == {("postgres", "conveyor_record"), ("sqlite", "move")}
+    assert "conveyor_record(" in postgres.SQL["step"]
 
 
 def test_both_databases_name_their_statements_once_each():

@@ -50,59 +50,15 @@ FROM new, (SELECT count(*) FROM announced) AS notified
 ORDER BY id;
 
 -- name: step
--- A worker's round trip, and the one transition of a running job: record the outcomes in
--- %(reports)s (a JSON array of objects, as core.jobs._reported makes them), then claim up to %(limit)s
--- due jobs of %(queues)s (every queue when null) for %(worker_id)s.
---
--- An outcome moves its job only while the job still runs that attempt under that lease
--- (the ownership guard: status, attempt and lease_owner as the report knew them). An
--- outcome that finds the job moved on is refused; when it came from the worker itself
--- (fence) its attempt is marked fenced. A cancellation requested while the attempt ran
--- wins over a retry or a dead letter; a refunded attempt (released: it never began) gives
--- its budget back.
+-- A worker's round trip: claim up to %(limit)s due jobs of %(queues)s (every queue when
+-- null) for %(worker_id)s, and record the outcomes in %(reports)s (a JSON array of
+-- objects, as core.jobs._reported makes them) through conveyor_record, the one transition
+-- of a running job (migrations/0006_record_function.py). A function, so that a claim with
+-- nothing to report does not plan the statements that record (a worker's session plans
+-- every statement afresh: see models.open_database).
 --
 -- Answers one row per claimed job, moved job and refused report: (kind, row as JSON).
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
-reported AS (
-    SELECT * FROM json_to_recordset(%(reports)s::json) AS r(
-        id bigint, attempt int, lease_owner text, status text, delay_s float8, result text,
-        last_error text, dead_reason text, attempt_status text, error_type text,
-        error_message text, traceback text, started_at float8, finished_at float8,
-        refund int, fence boolean)),
-moved AS (
-    UPDATE jobs SET
-        status = CASE WHEN jobs.cancel_requested_at IS NOT NULL AND r.status <> 'succeeded'
-                      THEN 'cancelled' ELSE r.status END,
-        result = CASE WHEN r.status = 'succeeded' THEN r.result ELSE jobs.result END,
-        last_error = COALESCE(r.last_error, jobs.last_error),
-        dead_reason = CASE WHEN jobs.cancel_requested_at IS NOT NULL AND r.status <> 'succeeded'
-                           THEN NULL ELSE r.dead_reason END,
-        run_at = CASE WHEN r.delay_s IS NULL THEN jobs.run_at
-                      ELSE COALESCE(r.finished_at, clock.now) + r.delay_s END,
-        finished_at = CASE WHEN jobs.cancel_requested_at IS NOT NULL
-                                OR r.status IN ('succeeded', 'dead', 'cancelled')
-                           THEN COALESCE(r.finished_at, clock.now) END,
-        attempt_base = jobs.attempt_base + r.refund,
-        lease_owner = NULL, heartbeat_at = NULL
-    FROM reported AS r, clock
-    WHERE jobs.id = r.id
-      AND jobs.status = 'running' AND jobs.attempt = r.attempt AND jobs.lease_owner = r.lease_owner
-    RETURNING jobs.id, jobs.status, jobs.dead_reason, jobs.run_at, jobs.finished_at),
-ended AS (
-    UPDATE attempts SET status = r.attempt_status,
-        started_at = COALESCE(r.started_at, attempts.started_at),
-        finished_at = COALESCE(r.finished_at, clock.now),
-        error_type = r.error_type, error_message = r.error_message, traceback = r.traceback
-    FROM reported AS r JOIN moved AS m ON m.id = r.id, clock
-    WHERE attempts.job_id = r.id AND attempts.number = r.attempt AND attempts.status = 'running'
-    RETURNING attempts.job_id, attempts.finished_at - attempts.started_at AS duration_s),
-refused AS (
-    UPDATE attempts SET fenced = TRUE
-    FROM reported AS r
-    WHERE r.fence AND attempts.job_id = r.id AND attempts.number = r.attempt
-      AND attempts.status <> r.attempt_status
-      AND NOT EXISTS (SELECT 1 FROM moved AS m WHERE m.id = r.id)
-    RETURNING attempts.job_id AS id),
 next AS (
     SELECT id FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= (SELECT now FROM clock)
@@ -124,10 +80,7 @@ started AS (
     SELECT id, attempt, 'running', lease_owner, %(host)s, %(pid)s, started_at FROM claimed)
 SELECT 'claimed' AS kind, to_json(claimed) AS row FROM claimed
 UNION ALL
-SELECT 'moved', to_json(done)
-FROM (SELECT moved.*, ended.duration_s FROM moved LEFT JOIN ended ON ended.job_id = moved.id) AS done
-UNION ALL
-SELECT 'refused', to_json(refused) FROM refused;
+SELECT recorded.kind, recorded.row FROM conveyor_record(%(reports)s::json) AS recorded;
 
 -- name: stale_claim
 -- The running jobs of one worker whose heartbeat is older than %(lease_s)s, locked, with
