@@ -315,6 +315,7 @@ class Job(BaseModel):
     lease_owner = pw.TextField(null=True)
     heartbeat_at = pw.DoubleField(null=True)
     cancel_requested_at = pw.DoubleField(null=True)
+    group_key = pw.TextField(null=True)  # the job's `group` (SPEC §11)
 
     class Meta:
         table_name = "jobs"
@@ -407,6 +408,19 @@ class ScheduleRun(BaseModel):
 
     class Meta:
         table_name = "schedule_runs"
+
+
+class QueueSetting(BaseModel):
+    """What an operator set on a queue (SPEC §11); a queue without a row has no settings."""
+    name = pw.TextField(primary_key=True)
+    paused = pw.BooleanField(default=False)
+    concurrency = pw.IntegerField(null=True)
+    rate_count = pw.IntegerField(null=True)
+    rate_period_s = pw.DoubleField(null=True)
+    updated_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "queues"
 
 
 class MetricCounter(BaseModel):

@@ -131,7 +131,7 @@ def _new_job(new, row, api_key_id):
         timeout_s=new.timeout_s, backoff_base_s=new.backoff_base_s,
         backoff_max_s=new.backoff_max_s, status=row["status"],
         idempotency_key=row["idempotency_key"], request_hash=new.request_hash,
-        api_key_id=api_key_id, created_at=row["created_at"])
+        api_key_id=api_key_id, created_at=row["created_at"], group_key=new.group_key)
 
 
 # ---------------------------------------------------------------------------- the worker's step

@@ -62,6 +62,7 @@ SUBMISSION_SCHEMA = {
         },
         "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 255,
                             "pattern": r"^[\x20-\x7e]+$(?!\n)"},
+        "group": {"type": "string", "minLength": 1, "maxLength": 200},
     },
 }
 _submission_validator = Draft202012Validator(SUBMISSION_SCHEMA)
@@ -82,6 +83,7 @@ class NewJob(NamedTuple):
     backoff_max_s: float
     idempotency_key: Optional[str] = None
     request_hash: Optional[str] = None
+    group_key: Optional[str] = None  # `group`: group_concurrency counts running jobs by it
 
 
 class JobDefaults(NamedTuple):
@@ -164,6 +166,7 @@ def validate_submission(body, rules, idempotency_key=None):
         idempotency_key=key,
         request_hash=request_fingerprint(body) if key is not None else None,
         payload_json=payload_json,
+        group_key=body.get("group"),
     )
 
 

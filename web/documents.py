@@ -17,6 +17,7 @@ def job(row, attempts=None):
         "status": row.status,
         "attempt": row.attempt,
         "idempotency_key": row.idempotency_key,
+        "group": row.group_key,
         "result": row.result,
         "last_error": row.last_error,
         "created_at": timestamp(row.created_at),

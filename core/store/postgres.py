@@ -31,7 +31,7 @@ def insert_jobs(new_jobs, api_key_id):
     given); a job whose idempotency key was used already has none."""
     given = [(new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
               new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
-              new.idempotency_key, new.request_hash) for new in new_jobs]
+              new.idempotency_key, new.request_hash, new.group_key) for new in new_jobs]
     cursor = models.execute(SQL["insert_jobs"], {
         "jobs": _compact_json.encode(given), "api_key_id": api_key_id, "channel": NOTIFY_CHANNEL})
     return rows(cursor)

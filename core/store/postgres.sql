@@ -27,17 +27,17 @@ given AS (
            (job->>5)::float8 AS delay_s, (job->>6)::int AS max_attempts,
            (job->>7)::float8 AS timeout_s, (job->>8)::float8 AS backoff_base_s,
            (job->>9)::float8 AS backoff_max_s, (job->>10)::text AS idempotency_key,
-           (job->>11)::text AS request_hash
+           (job->>11)::text AS request_hash, (job->>12)::text AS group_key
     FROM json_array_elements(%(jobs)s) AS job),
 new AS (
     INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts,
                       timeout_s, backoff_base_s, backoff_max_s, idempotency_key,
-                      request_hash, api_key_id, created_at)
+                      request_hash, group_key, api_key_id, created_at)
     SELECT v.type, v.queue, v.payload, v.priority, COALESCE(v.run_at, clock.now + v.delay_s),
            CASE WHEN COALESCE(v.run_at, clock.now + v.delay_s) > clock.now
                 THEN 'scheduled' ELSE 'available' END,
            v.max_attempts, v.timeout_s, v.backoff_base_s, v.backoff_max_s,
-           v.idempotency_key, v.request_hash, %(api_key_id)s::bigint, clock.now
+           v.idempotency_key, v.request_hash, v.group_key, %(api_key_id)s::bigint, clock.now
     FROM given AS v, clock
     ON CONFLICT (COALESCE(api_key_id, 0), idempotency_key) WHERE idempotency_key IS NOT NULL
     DO NOTHING
@@ -63,6 +63,7 @@ next AS (
     SELECT id FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= (SELECT now FROM clock)
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+      AND queue NOT IN (SELECT name FROM queues WHERE paused)
     ORDER BY priority, run_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED),

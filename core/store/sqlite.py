@@ -21,7 +21,7 @@ def insert_jobs(new_jobs, api_key_id):
     given = _compact_json.encode([
         (new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
          new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
-         new.idempotency_key, new.request_hash) for new in new_jobs])
+         new.idempotency_key, new.request_hash, new.group_key) for new in new_jobs])
     cursor = db.execute_sql(SQL["insert_jobs"], {"jobs": given, "api_key_id": api_key_id,
                                                  "now": time.time()})
     return sorted(rows(cursor), key=lambda row: row["id"])

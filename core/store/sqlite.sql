@@ -13,14 +13,14 @@
 -- the job it names. ("WHERE true": an upsert's SELECT needs a WHERE, or SQLite reads ON as
 -- the start of a join.)
 INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts, timeout_s,
-                  backoff_base_s, backoff_max_s, idempotency_key, request_hash, api_key_id,
-                  created_at)
+                  backoff_base_s, backoff_max_s, idempotency_key, request_hash, group_key,
+                  api_key_id, created_at)
 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3,
        COALESCE(value ->> 4, :now + (value ->> 5)),
        CASE WHEN COALESCE(value ->> 4, :now + (value ->> 5)) > :now
             THEN 'scheduled' ELSE 'available' END,
        value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11,
-       :api_key_id, :now
+       value ->> 12, :api_key_id, :now
 FROM json_each(:jobs)
 WHERE true
 ON CONFLICT DO NOTHING
@@ -71,6 +71,7 @@ WHERE id IN (
     SELECT id FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
       AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+      AND queue NOT IN (SELECT name FROM queues WHERE paused)
     ORDER BY priority, run_at, id
     LIMIT :limit)
 RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
@@ -85,7 +86,7 @@ UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker
 WHERE id IN (
     SELECT id FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
-      AND queue = :queue
+      AND queue = :queue AND queue NOT IN (SELECT name FROM queues WHERE paused)
     ORDER BY priority, run_at, id
     LIMIT :limit)
 RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
@@ -104,14 +105,15 @@ FROM json_each(:claimed);
 SELECT EXISTS (
     SELECT 1 FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
-      AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))) AS due;
+      AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+      AND queue NOT IN (SELECT name FROM queues WHERE paused)) AS due;
 
 -- name: any_due_in_queue
 -- `any_due` for a worker of one queue, :queue (as claim_from_queue, through jobs_claim_by_queue).
 SELECT EXISTS (
     SELECT 1 FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
-      AND queue = :queue) AS due;
+      AND queue = :queue AND queue NOT IN (SELECT name FROM queues WHERE paused)) AS due;
 
 -- name: stale_claim
 -- The running jobs of one worker whose heartbeat is older than :lease_s (the reaper's
