@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import peewee as pw
 
-from core import events, status as S
+from core import events, flow, status as S
 from core.errors import Conflict, LeaseLost
 from core.events import Finished
 from core.history import get_job
@@ -196,7 +196,11 @@ def _step(worker, reports, limit, event=None):
     rows = [_reported(r) for r in reports]
     if not rows and not limit:
         return [], [], []
-    claimed, moved, refused = backend().step(worker, rows, limit)
+    limits = flow.type_limits()
+    claimed, moved, refused = backend().step(worker, rows, limit, limits)
+    limited = []
+    if len(claimed) < limit and (limits or flow.queue_limits_exist()):
+        limited = backend().claim_limited(worker, limits, flow.RATE_GUARD_S)
     accepted, done = [], []
     for report_, row in zip(reports, rows):
         job, outcome = report_.job, report_.outcome
@@ -211,7 +215,8 @@ def _step(worker, reports, limit, event=None):
         accepted.append(job.id not in refused)  # neither: our own earlier report committed
     for finished in done:
         events.finished(finished, event)
-    jobs = sorted((_claimed(row) for row in claimed), key=run_order)
+    # A job under limits first: its start must follow its claim (a rate counts claims).
+    jobs = [_claimed(row) for row in limited] + sorted(map(_claimed, claimed), key=run_order)
     for job in jobs:
         events.event(logging.INFO, "started", job, f"attempt {job.attempt} on {worker.id}",
                      attempt=job.attempt, worker_id=worker.id)
@@ -240,11 +245,12 @@ def _claimed(row):
     return Claimed(**row)._replace(payload=json.loads(row["payload"]))
 
 
-def claim_statement(worker, limit=1):
-    """(sql, params): the statement `claim(worker, limit)` runs on the open database, as it
-    runs it, for what must see it whole: the plan tests (EXPLAIN), and the fault tests that
-    pick its prepared name out of the wire (models.statement_name)."""
-    return backend().claim_statement(worker, limit)
+def claim_statements(worker, limit=1):
+    """[(sql, params)]: the statements through which `claim(worker, limit)` reads the jobs
+    on the open database, as it runs them, for what must see them whole: the plan tests
+    (EXPLAIN), and the fault tests that pick a prepared name out of the wire
+    (models.statement_name). One on PostgreSQL, the step."""
+    return backend().claim_statements(worker, limit)
 
 
 def stage_due():

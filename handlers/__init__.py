@@ -2,7 +2,8 @@
 `outbound_session()` makes HTTP requests to URLs from payloads (see handlers/outbound.py).
 
 A job type is one module in this folder or in a folder named in HANDLER_PATHS; `load`
-imports them all (errors.py and outbound.py, the rest of the handler API, register none).
+imports them all (errors.py, outbound.py and rates.py, the rest of the handler API, register
+none).
 Handlers get the payload and a `Context`, and know nothing of the database: `ctx.step` is
 backed by whatever the worker hands the context.
 """
@@ -20,6 +21,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from handlers.errors import Permanent, RetryAfter
+from handlers.rates import Rate, parse_rate
 from handlers.outbound import OutboundRefused, outbound_session
 
 __all__ = ["handler", "Permanent", "RetryAfter", "Context", "Handler", "HandlerError",
@@ -42,6 +44,14 @@ class Handler:
     backoff_base_s: Optional[float] = None
     backoff_max_s: Optional[float] = None
     schema: Optional[dict] = None
+    concurrency: Optional[int] = None  # running attempts of this type, across every host
+    rate: Optional[Rate] = None  # attempts of this type started in any interval
+    group_concurrency: Optional[int] = None  # running attempts per (type, group)
+
+    @property
+    def limited(self):
+        """Whether a claim must check this type's limits."""
+        return (self.concurrency, self.rate, self.group_concurrency) != (None, None, None)
 
     @property
     def origin(self):
@@ -90,14 +100,24 @@ _registry: dict = {}
 
 
 def handler(name, *, queue=None, max_attempts=None, timeout_s=None,
-            backoff_base_s=None, backoff_max_s=None, schema=None):
-    """Register the decorated function as the handler of job type `name`."""
+            backoff_base_s=None, backoff_max_s=None, schema=None, concurrency=None, rate=None,
+            group_concurrency=None):
+    """Register the decorated function as the handler of job type `name`; concurrency,
+    rate ("N/second|minute|hour") and group_concurrency limit its attempts across every
+    host (SPEC §11)."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise HandlerError(f"job type name {name!r} must match {NAME_PATTERN.pattern}")
     _check_positive(name, "max_attempts", max_attempts, integer=True)
     _check_positive(name, "timeout_s", timeout_s)
     _check_positive(name, "backoff_base_s", backoff_base_s, zero_ok=True)
     _check_positive(name, "backoff_max_s", backoff_max_s, zero_ok=True)
+    _check_positive(name, "concurrency", concurrency, integer=True)
+    _check_positive(name, "group_concurrency", group_concurrency, integer=True)
+    if rate is not None:
+        try:
+            rate = parse_rate(rate)
+        except ValueError as exc:
+            raise HandlerError(f"job type {name!r}: rate must be {exc}") from None
     if schema is not None:
         try:
             Draft202012Validator.check_schema(schema)
@@ -106,7 +126,7 @@ def handler(name, *, queue=None, max_attempts=None, timeout_s=None,
 
     def register(fn):
         entry = Handler(name, fn, queue, max_attempts, timeout_s, backoff_base_s,
-                        backoff_max_s, schema)
+                        backoff_max_s, schema, concurrency, rate, group_concurrency)
         existing = _registry.get(name)
         if existing is not None and existing.origin != entry.origin:
             raise HandlerError(

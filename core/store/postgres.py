@@ -37,10 +37,11 @@ def insert_jobs(new_jobs, api_key_id):
     return rows(cursor)
 
 
-def step(worker, reports, limit):
-    """Record reported outcomes (dicts, as core.jobs._reported makes them) and claim up to `limit` jobs for
-    `worker`, in one statement. Returns (claimed rows, {id: moved row}, {refused ids})."""
-    cursor = models.execute(SQL["step"], _step_params(worker, reports, limit))
+def step(worker, reports, limit, limits):
+    """Record reported outcomes (dicts, as core.jobs._reported makes them) and claim up to
+    `limit` jobs under no limit for `worker`, in one statement; `limits` are the limits of
+    job types (core.flow.type_limits). Returns (claimed rows, {id: moved row}, {refused ids})."""
+    cursor = models.execute(SQL["step"], _step_params(worker, reports, limit, limits))
     claimed, moved, refused = [], {}, set()
     for kind, row in cursor.fetchall():
         if kind == "claimed":
@@ -52,16 +53,25 @@ def step(worker, reports, limit):
     return claimed, moved, refused
 
 
-def _step_params(worker, reports, limit):
+def _step_params(worker, reports, limit, limited_types=()):
     return {"reports": _compact_json.encode(reports), "limit": limit,
+            "limited_types": list(limited_types),
             "queues": list(worker.queues) if worker and worker.queues else None,
             "worker_id": worker and worker.id, "host": worker and worker.host,
             "pid": worker and worker.pid}
 
 
-def claim_statement(worker, limit):
-    """(sql, params): the statement a claim of `limit` jobs for `worker` runs."""
-    return SQL["step"], _step_params(worker, [], limit)
+def claim_statements(worker, limit):
+    """[(sql, params)]: the statement a claim of `limit` jobs for `worker` runs."""
+    return [(SQL["step"], _step_params(worker, [], limit))]
+
+
+def claim_limited(worker, limits, guard_s):
+    """Claim at most one due job under limits for `worker` (see postgres.sql)."""
+    return rows(models.execute(SQL["claim_limited"], {
+        "worker_id": worker.id, "host": worker.host, "pid": worker.pid,
+        "queues": list(worker.queues) if worker.queues else None,
+        "limits": _compact_json.encode(limits), "guard_s": guard_s}))
 
 
 def stale_claim(owner, lease_s):

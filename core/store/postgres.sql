@@ -55,18 +55,47 @@ ORDER BY id;
 -- objects, as core.jobs._reported makes them) through conveyor_record, the one transition
 -- of a running job (migrations/0006_record_function.py). A function, so that a claim with
 -- nothing to report does not plan the statements that record (a worker's session plans
--- every statement afresh: see models.open_database).
+-- every statement afresh: see models.open_database). It claims only jobs under no limit
+-- (not of %(limited_types)s, not in a paused or limited queue); claim_limited takes those.
+--
+-- Fair share (SPEC §11): the waiting jobs fall into lanes, one per (queue, priority, API
+-- key); a claim takes the oldest jobs of every lane by turns (each lane's first, then each
+-- lane's second...), lower priority first. The lanes are found by skipping through the index
+-- jobs_lanes, one probe per lane, so a key's backlog is never read through; a claim locks
+-- no more of a lane than its share of the claim.
 --
 -- Answers one row per claimed job, moved job and refused report: (kind, row as JSON).
-WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
+WITH RECURSIVE clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
+lanes (queue, priority, owner) AS (
+    (SELECT queue, priority, COALESCE(api_key_id, 0) FROM jobs
+     WHERE status IN ('available', 'scheduled', 'retryable') AND %(limit)s > 0
+       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+     ORDER BY queue, priority, COALESCE(api_key_id, 0)
+     LIMIT 1)
+    UNION ALL
+    SELECT later.* FROM lanes AS l CROSS JOIN LATERAL (
+        SELECT queue, priority, COALESCE(api_key_id, 0) FROM jobs
+        WHERE status IN ('available', 'scheduled', 'retryable')
+          AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+          AND (queue, priority, COALESCE(api_key_id, 0)) > (l.queue, l.priority, l.owner)
+        ORDER BY queue, priority, COALESCE(api_key_id, 0)
+        LIMIT 1) AS later),
+waiting AS (
+    SELECT j.id, l.priority, j.run_at,
+           row_number() OVER (PARTITION BY l.queue, l.priority, l.owner
+                              ORDER BY j.run_at, j.id) AS turn
+    FROM lanes AS l CROSS JOIN LATERAL (
+        SELECT id, run_at FROM jobs
+        WHERE status IN ('available', 'scheduled', 'retryable') AND queue = l.queue
+          AND priority = l.priority AND COALESCE(api_key_id, 0) = l.owner
+          AND run_at <= (SELECT now FROM clock) AND type <> ALL(%(limited_types)s::text[])
+        ORDER BY run_at, id
+        LIMIT (SELECT (%(limit)s + GREATEST(count(*), 1) - 1) / GREATEST(count(*), 1) FROM lanes)
+        FOR UPDATE SKIP LOCKED) AS j
+    WHERE l.queue NOT IN (SELECT name FROM queues
+                          WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)),
 next AS (
-    SELECT id FROM jobs
-    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= (SELECT now FROM clock)
-      AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
-      AND queue NOT IN (SELECT name FROM queues WHERE paused)
-    ORDER BY priority, run_at, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED),
+    SELECT id FROM waiting ORDER BY priority, turn, run_at, id LIMIT %(limit)s),
 claimed AS (
     UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, lease_owner = %(worker_id)s,
                     heartbeat_at = clock.now, started_at = clock.now
@@ -82,6 +111,16 @@ started AS (
 SELECT 'claimed' AS kind, to_json(claimed) AS row FROM claimed
 UNION ALL
 SELECT recorded.kind, recorded.row FROM conveyor_record(%(reports)s::json) AS recorded;
+
+-- name: claim_limited
+-- Claim at most one due job under limits (a type of %(limits)s, or a queue with a
+-- concurrency or a rate) for %(worker_id)s: conveyor_claim_limited, made by
+-- migrations/0007_flow_control.py, says how.
+SELECT id, type, queue, payload, priority, run_at, max_attempts, timeout_s, backoff_base_s,
+       backoff_max_s, attempt, attempt_base, idempotency_key, started_at, cancel_requested_at,
+       lease_owner
+FROM conveyor_claim_limited(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
+                            %(limits)s::jsonb, %(guard_s)s);
 
 -- name: stale_claim
 -- The running jobs of one worker whose heartbeat is older than %(lease_s)s, locked, with

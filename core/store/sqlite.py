@@ -3,6 +3,7 @@ is ours: `now` is time.time() (its own 'now' is cut to the millisecond, so a job
 could look not due yet)."""
 import json
 import time
+from typing import NamedTuple, Optional
 
 from models import db
 from core.store.queries import load, rows
@@ -27,10 +28,11 @@ def insert_jobs(new_jobs, api_key_id):
     return sorted(rows(cursor), key=lambda row: row["id"])
 
 
-def step(worker, reports, limit):
+def step(worker, reports, limit, limits):
     """What postgres.step does, as several statements in one transaction (BEGIN
     IMMEDIATE: the write lock first, so no lock upgrade can fail)."""
-    if not reports and not _any_due(worker, time.time()):
+    limited_types = json.dumps(list(limits))
+    if not reports and not _any_due(worker, time.time(), limited_types):
         return [], {}, set()  # spare SQLite's single write lock when there is nothing to take
     claimed, moved, refused = [], {}, set()
     with db.atomic():
@@ -45,31 +47,135 @@ def step(worker, reports, limit):
             elif report["fence"] and db.execute_sql(SQL["fence"], values).fetchone():
                 refused.add(report["id"])
         if limit:
-            claimed = rows(db.execute_sql(*claim_statement(worker, limit, now)))
-            if claimed:
-                db.execute_sql(SQL["start_attempts"], {
-                    "claimed": _compact_json.encode([(job["id"], job["attempt"]) for job in claimed]),
-                    "worker_id": worker.id, "host": worker.host, "pid": worker.pid, "now": now})
+            claimed = _start(worker, _fair_share(worker, limit, now, limited_types), now)
     return claimed, moved, refused
 
 
-def claim_statement(worker, limit, now=None):
-    """(sql, params): the statement a claim of `limit` jobs for `worker` runs."""
-    now = time.time() if now is None else now
-    if len(worker.queues) == 1:
-        return SQL["claim_from_queue"], {"worker_id": worker.id, "now": now,
-                                         "queue": worker.queues[0], "limit": limit}
-    return SQL["claim"], {"worker_id": worker.id, "now": now, "limit": limit,
-                          "queues": json.dumps(list(worker.queues)) if worker.queues else None}
+def _fair_share(worker, limit, now, limited_types):
+    """The ids of up to `limit` due jobs under no limit, taken from every lane by turns
+    (see sqlite.sql, next_lane); each lane gives at most its share of the claim."""
+    held = {row["name"] for row in rows(db.execute_sql(SQL["held_queues"]))}
+    lanes, lane = [], {"queue": "", "priority": -2 ** 63, "owner": -1}  # before every lane
+    while True:
+        found = rows(db.execute_sql(SQL["next_lane"], {**lane, "queues": _queues(worker)}))
+        if not found:
+            break
+        lane = found[0]
+        if lane["queue"] not in held:
+            lanes.append(lane)
+    share = -(-limit // max(len(lanes), 1))
+    waiting = []
+    for lane in lanes:
+        due = rows(db.execute_sql(SQL["lane_jobs"], {
+            **lane, "now": now, "limit": share, "limited_types": limited_types}))
+        waiting += [(lane["priority"], turn, job["run_at"], job["id"])
+                    for turn, job in enumerate(due)]
+    return [job_id for *_, job_id in sorted(waiting)[:limit]]
 
 
-def _any_due(worker, now):
+def _start(worker, job_ids, now):
+    """Start these jobs for worker (those still waiting), with their attempt rows."""
+    if not job_ids:
+        return []
+    claimed = rows(db.execute_sql(SQL["claim_ids"], {
+        "ids": json.dumps(job_ids), "worker_id": worker.id, "now": now}))
+    if claimed:
+        db.execute_sql(SQL["start_attempts"], {
+            "claimed": _compact_json.encode([(job["id"], job["attempt"]) for job in claimed]),
+            "worker_id": worker.id, "host": worker.host, "pid": worker.pid, "now": now})
+    return claimed
+
+
+def claim_statements(worker, limit):
+    """[(sql, params)]: the statements through which a claim of `limit` jobs for `worker`
+    reads the jobs (the first lane's, for lane_jobs)."""
+    now = time.time()
+    first = {"queue": "", "priority": -2 ** 63, "owner": -1, "queues": _queues(worker)}
+    lane = (rows(db.execute_sql(SQL["next_lane"], first)) or [first])[0]
+    return [(SQL["next_lane"], first),
+            (SQL["lane_jobs"], {"queue": lane["queue"], "priority": lane["priority"],
+                                "owner": lane["owner"], "now": now, "limit": limit,
+                                "limited_types": "[]"})]
+
+
+def _queues(worker):
+    return json.dumps(list(worker.queues)) if worker and worker.queues else None
+
+
+def _any_due(worker, now, limited_types):
     if worker and len(worker.queues) == 1:
-        due = db.execute_sql(SQL["any_due_in_queue"], {"now": now, "queue": worker.queues[0]})
+        due = db.execute_sql(SQL["any_due_in_queue"], {"now": now, "queue": worker.queues[0],
+                                                       "limited_types": limited_types})
     else:
-        queues = json.dumps(list(worker.queues)) if worker and worker.queues else None
-        due = db.execute_sql(SQL["any_due"], {"now": now, "queues": queues})
+        due = db.execute_sql(SQL["any_due"], {"now": now, "queues": _queues(worker),
+                                              "limited_types": limited_types})
     return bool(rows(due)[0]["due"])
+
+
+def claim_limited(worker, limits, guard_s):
+    """What postgres.claim_limited does (conveyor_claim_limited, in
+    migrations/0006_flow_control.py), in one transaction: under BEGIN IMMEDIATE this
+    process is the only writer, so its counts are exact."""
+    with db.atomic():
+        now = time.time()
+        passed = set()  # limits found full: their other jobs wait too
+        candidates = rows(db.execute_sql(SQL["limited_candidates"], {
+            "now": now, "queues": _queues(worker), "limited_types": json.dumps(list(limits))}))
+        for job in candidates:
+            over = limits_over(job, limits.get(job["type"], {}))
+            full = next((limit for limit in over if limit.key in passed
+                         or not _has_room(limit, job, now, guard_s)), None)
+            if full is not None:
+                passed.add(full.key)
+                continue
+            claimed = _start(worker, [job["id"]], now)
+            if not claimed:
+                continue
+            for limit in over:
+                if limit.rate_period_s is not None:
+                    since = now - limit.rate_period_s - guard_s
+                    db.execute_sql(SQL["forget_starts"], {"key": limit.key, "since": since})
+                    db.execute_sql(SQL["record_start"], {"key": limit.key, "now": now})
+            return claimed
+    return []
+
+
+class Limit(NamedTuple):
+    key: str  # what counts under it: type:T, group:T:G, queue:Q
+    kind: str
+    concurrency: Optional[int]
+    rate_count: Optional[int]
+    rate_period_s: Optional[float]
+
+
+def limits_over(job, type_limits):
+    """The limits a candidate job (a row of limited_candidates) is under: its type's, its
+    (type, group)'s, its queue's."""
+    rate = type_limits.get("rate") or (None, None)
+    over = [Limit(f"type:{job['type']}", "type", type_limits.get("concurrency"), *rate),
+            Limit(f"queue:{job['queue']}", "queue", job["queue_concurrency"],
+                  job["queue_rate_count"], job["queue_rate_period_s"])]
+    if job["group_key"] is not None:
+        over.append(Limit(f"group:{job['type']}:{job['group_key']}", "group",
+                          type_limits.get("group_concurrency"), None, None))
+    return [limit for limit in over
+            if limit.concurrency is not None or limit.rate_count is not None]
+
+
+_RUNNING = {"type": "running_of_type", "group": "running_of_group", "queue": "running_of_queue"}
+
+
+def _has_room(limit, job, now, guard_s):
+    if limit.concurrency is not None:
+        running = rows(db.execute_sql(SQL[_RUNNING[limit.kind]], job))[0]["running"]
+        if running >= limit.concurrency:
+            return False
+    if limit.rate_count is not None:
+        since = now - limit.rate_period_s - guard_s
+        started = rows(db.execute_sql(SQL["starts_since"], {"key": limit.key, "since": since}))
+        if started[0]["started"] >= limit.rate_count:
+            return False
+    return True
 
 
 def stale_claim(owner, lease_s):

@@ -62,33 +62,37 @@ UPDATE attempts SET fenced = 1
 WHERE job_id = :id AND number = :attempt AND status <> :attempt_status
 RETURNING job_id AS id;
 
--- name: claim
--- Start up to :limit due jobs, of every queue when :queues is null, else of the queues in
--- that JSON array, for :worker_id (jobs_claim gives them in the order they are taken).
-UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker_id,
-                heartbeat_at = :now, started_at = :now
-WHERE id IN (
-    SELECT id FROM jobs
-    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
-      AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
-      AND queue NOT IN (SELECT name FROM queues WHERE paused)
-    ORDER BY priority, run_at, id
-    LIMIT :limit)
-RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
-          backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
-          cancel_requested_at, lease_owner;
+-- name: held_queues
+-- The queues whose jobs no plain claim takes: paused, or under a concurrency or a rate.
+SELECT name FROM queues WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL;
 
--- name: claim_from_queue
--- `claim` for a worker of one queue, :queue, through jobs_claim_by_queue (SQLite cannot
--- tell how many queues a JSON array holds, so it would walk every queue's waiting jobs).
+-- name: next_lane
+-- Fair share (SPEC §11): the waiting jobs fall into lanes, one per (queue, priority, API
+-- key), and a claim takes the oldest of every lane by turns. This finds the lane after
+-- (:queue, :priority, :owner) among the queues in :queues (every queue when null): one
+-- probe of jobs_lanes, so a key's backlog is never read through.
+SELECT queue, priority, COALESCE(api_key_id, 0) AS owner FROM jobs
+WHERE status IN ('available', 'scheduled', 'retryable')
+  AND (queue, priority, COALESCE(api_key_id, 0)) > (:queue, :priority, :owner)
+  AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+ORDER BY queue, priority, COALESCE(api_key_id, 0)
+LIMIT 1;
+
+-- name: lane_jobs
+-- The oldest :limit due jobs of one lane under no limit of their type (:limited_types).
+SELECT id, run_at FROM jobs
+WHERE status IN ('available', 'scheduled', 'retryable') AND queue = :queue
+  AND priority = :priority AND COALESCE(api_key_id, 0) = :owner AND run_at <= :now
+  AND type NOT IN (SELECT value FROM json_each(:limited_types))
+ORDER BY run_at, id
+LIMIT :limit;
+
+-- name: claim_ids
+-- Start the jobs (a JSON array of ids) a claim chose, for :worker_id, those still waiting.
 UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker_id,
                 heartbeat_at = :now, started_at = :now
-WHERE id IN (
-    SELECT id FROM jobs
-    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
-      AND queue = :queue AND queue NOT IN (SELECT name FROM queues WHERE paused)
-    ORDER BY priority, run_at, id
-    LIMIT :limit)
+WHERE id IN (SELECT value FROM json_each(:ids))
+  AND status IN ('available', 'scheduled', 'retryable')
 RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
           backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
           cancel_requested_at, lease_owner;
@@ -106,14 +110,55 @@ SELECT EXISTS (
     SELECT 1 FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
       AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
-      AND queue NOT IN (SELECT name FROM queues WHERE paused)) AS due;
+      AND type NOT IN (SELECT value FROM json_each(:limited_types))
+      AND queue NOT IN (SELECT name FROM queues
+                        WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)) AS due;
 
 -- name: any_due_in_queue
--- `any_due` for a worker of one queue, :queue (as claim_from_queue, through jobs_claim_by_queue).
+-- `any_due` for a worker of one queue, :queue (through jobs_lanes, whose first column is the
+-- queue).
 SELECT EXISTS (
     SELECT 1 FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
-      AND queue = :queue AND queue NOT IN (SELECT name FROM queues WHERE paused)) AS due;
+      AND queue = :queue
+      AND type NOT IN (SELECT value FROM json_each(:limited_types))
+      AND queue NOT IN (SELECT name FROM queues
+                        WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)) AS due;
+
+-- name: limited_candidates
+-- The due jobs a claim under limits looks at, in the order they are taken: those of a type
+-- in :limited_types or of a queue with a concurrency or a rate (not paused), with the
+-- queue's settings.
+SELECT j.id, j.type, j.queue, j.group_key, q.concurrency AS queue_concurrency,
+       q.rate_count AS queue_rate_count, q.rate_period_s AS queue_rate_period_s
+FROM jobs AS j LEFT JOIN queues AS q ON q.name = j.queue
+WHERE j.status IN ('available', 'scheduled', 'retryable') AND j.run_at <= :now
+  AND (:queues IS NULL OR j.queue IN (SELECT value FROM json_each(:queues)))
+  AND NOT COALESCE(q.paused, 0)
+  AND (j.type IN (SELECT value FROM json_each(:limited_types))
+       OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL)
+ORDER BY j.priority, j.run_at, j.id
+LIMIT 1000;
+
+-- name: running_of_type
+SELECT count(*) AS running FROM jobs WHERE status = 'running' AND type = :type;
+
+-- name: running_of_group
+SELECT count(*) AS running FROM jobs
+WHERE status = 'running' AND type = :type AND group_key = :group_key;
+
+-- name: running_of_queue
+SELECT count(*) AS running FROM jobs WHERE status = 'running' AND queue = :queue;
+
+-- name: starts_since
+-- Attempts started under a rate limit (:key) after :since.
+SELECT count(*) AS started FROM flow_starts WHERE key = :key AND started_at > :since;
+
+-- name: forget_starts
+DELETE FROM flow_starts WHERE key = :key AND started_at <= :since;
+
+-- name: record_start
+INSERT INTO flow_starts (key, started_at) VALUES (:key, :now);
 
 -- name: stale_claim
 -- The running jobs of one worker whose heartbeat is older than :lease_s (the reaper's

@@ -1,0 +1,36 @@
+"""Flow control (SPEC §11): which limits a claim must respect. The job types' limits come
+from their handlers (`@handler(concurrency=, rate=, group_concurrency=)`), a queue's from
+its settings (core/queues.py); the claims of core/store enforce them."""
+import time
+
+import handlers
+from models import QueueSetting
+
+# A rate counts the starts of its period plus this: a claimed job's handler begins a few
+# milliseconds after its claim, and the starts the handlers see must keep within the rate.
+RATE_GUARD_S = 0.05
+
+# How long a process trusts what it read of the queues' limits (SPEC §11: settings take
+# effect on every host within 2 s).
+QUEUE_LIMITS_TTL_S = 1.0
+_queue_limits = {"checked_at": float("-inf"), "any": False}
+
+
+def type_limits():
+    """{type: {"concurrency", "rate": [count, period_s], "group_concurrency"}} for the job
+    types with limits, as the claims read them."""
+    return {entry.name: {"concurrency": entry.concurrency,
+                         "rate": list(entry.rate) if entry.rate else None,
+                         "group_concurrency": entry.group_concurrency}
+            for entry in handlers.registered().values() if entry.limited}
+
+
+def queue_limits_exist():
+    """Whether any queue has a concurrency or a rate (read at most once a second)."""
+    current = time.monotonic()
+    if current - _queue_limits["checked_at"] >= QUEUE_LIMITS_TTL_S:
+        _queue_limits["any"] = QueueSetting.select().where(
+            QueueSetting.concurrency.is_null(False) | QueueSetting.rate_count.is_null(False)
+        ).exists()
+        _queue_limits["checked_at"] = current
+    return _queue_limits["any"]

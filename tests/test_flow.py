@@ -1,0 +1,188 @@
+"""SPEC §11 under real supervisors: a job type's concurrency, rate and group_concurrency hold
+across every worker of every supervisor, and through kill -9. The oracle is the handlers'
+own side-effect log (start and end of each run), compared with the limits; then the
+database's history and `flask audit`."""
+import os
+import random
+import signal
+import time
+
+import pytest
+
+import handlers
+from checks import LONG_LEASE, assert_audit_clean
+from conftest import ROOT, TEST_HANDLERS, side_effects, wait_for
+from core import flow
+from models import Attempt, Job, QueueSetting, now
+
+FLOW_HANDLERS = os.path.join(ROOT, "tests", "flow_handlers")
+PATHS = {"HANDLER_PATHS": f"{TEST_HANDLERS}:{FLOW_HANDLERS}"}
+
+
+@pytest.fixture
+def flowing(conveyor):
+    """The conveyor with the job types under limits loaded here and in its supervisors."""
+    handlers.load([FLOW_HANDLERS])
+    return conveyor
+
+
+def supervisors(conveyor, count=2, concurrency=4, **env):
+    started = [conveyor.start_supervisor(concurrency=concurrency, **PATHS, **LONG_LEASE, **env)
+               for _ in range(count)]
+    for supervisor in started:
+        supervisor.wait_for_workers(concurrency)
+    return started
+
+
+def runs(effects_log):
+    """{(job id, attempt): [start, end]} from the side-effect log (end None: not ended)."""
+    spans = {}
+    for event, job_id, attempt, moment in side_effects(effects_log):
+        span = spans.setdefault((int(job_id), int(attempt)), [None, None])
+        span[0 if event == "start" else 1] = float(moment)
+    return spans
+
+
+def most_at_once(spans):
+    """The largest number of runs in progress at one instant."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans],
+                   key=lambda edge: (edge[0], edge[1]))  # an end before a start at a tie
+    running = peak = 0
+    for _, change in edges:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def most_started_within(starts, window_s):
+    """The largest number of starts in any interval of window_s (sliding, not calendar)."""
+    starts = sorted(starts)
+    first, peak = 0, 0
+    for last, moment in enumerate(starts):
+        while moment - starts[first] >= window_s:
+            first += 1
+        peak = max(peak, last - first + 1)
+    return peak
+
+
+# ---------------------------------------------------------------------------- load time
+
+@pytest.mark.parametrize("option, value", [
+    ("concurrency", 0), ("concurrency", -1), ("concurrency", 1.5), ("concurrency", "3"),
+    ("concurrency", True), ("group_concurrency", 0), ("rate", "0/second"),
+    ("rate", "10/day"), ("rate", "ten/second"), ("rate", 10), ("rate", "10/second;1/minute")])
+def test_a_bad_limit_stops_the_handler_from_loading_with_one_line(option, value):
+    with pytest.raises(handlers.HandlerError) as refused:
+        handlers.handler("flow.bad", **{option: value})
+    assert option in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_limits_reach_the_claim_as_each_type_declares_them(flowing):
+    limits = flow.type_limits()
+    assert limits["flow.capped"] == {"concurrency": 3, "rate": None, "group_concurrency": None}
+    assert limits["flow.rated"]["rate"] == [20, 1.0]
+    assert limits["flow.serial"]["group_concurrency"] == 1
+    assert "flow.free" not in limits and "t.noop" not in limits
+
+
+# ---------------------------------------------------------------------------- the limits hold
+
+def test_concurrency_holds_across_two_supervisors(flowing, effects_log):
+    supervisors(flowing)
+    ids = flowing.submit_many("flow.capped", [{"log": effects_log, "s": 0.01}] * 600)
+    flowing.wait_until_final(ids, timeout=120)
+
+    spans = runs(effects_log)
+    assert len(spans) == len(ids)
+    assert most_at_once(spans.values()) == 3  # never more, and the limit was used
+    assert set(flowing.statuses(ids).values()) == {"succeeded"}
+    assert_audit_clean(flowing)
+
+
+@pytest.mark.slow
+def test_concurrency_holds_for_2000_jobs_on_eight_workers(flowing, effects_log):
+    supervisors(flowing)
+    ids = flowing.submit_many("flow.capped", [{"log": effects_log, "s": 0.002}] * 2000)
+    flowing.wait_until_final(ids, timeout=240)
+    assert most_at_once(runs(effects_log).values()) == 3
+    assert_audit_clean(flowing)
+
+
+def test_a_rate_holds_over_every_sliding_second(flowing, effects_log):
+    supervisors(flowing)
+    ids = flowing.submit_many("flow.rated", [{"log": effects_log}] * 100)
+    flowing.wait_until_final(ids, timeout=60)
+
+    starts = [start for start, _ in runs(effects_log).values()]
+    assert len(starts) == 100
+    assert most_started_within(starts, 1.0) <= 20
+    assert max(starts) - min(starts) >= 4.0  # 100 starts at 20 a second take 4 s at least
+
+
+def test_one_group_runs_one_at_a_time_while_ten_groups_run_side_by_side(flowing, effects_log):
+    supervisors(flowing)
+    groups = [f"customer-{n}" for n in range(10)]
+    ids = {}
+    for n in range(200):
+        group = groups[n % 10]
+        [job_id] = flowing.submit_many("flow.serial", [{"log": effects_log, "s": 0.02}],
+                                       group=group)
+        ids[job_id] = group
+    flowing.wait_until_final(ids, timeout=120)
+
+    spans = runs(effects_log)
+    for group in groups:
+        assert most_at_once([spans[job_id, 1] for job_id, g in ids.items() if g == group]) == 1
+    assert most_at_once(spans.values()) >= 4  # the groups progressed in parallel
+    assert_audit_clean(flowing)
+
+
+def test_a_held_job_waits_available_and_loses_no_attempt(flowing, effects_log):
+    supervisors(flowing, count=1)
+    ids = flowing.submit_many("flow.capped", [{"log": effects_log, "s": 2}] * 6)
+    wait_for(lambda: len(runs(effects_log)) == 3, message="three running")
+    held = [job_id for job_id in ids if (job_id, 1) not in runs(effects_log)]
+    assert len(held) == 3
+    rows = Job.select().where(Job.id.in_(held))
+    assert {(job.status, job.attempt) for job in rows} == {("available", 0)}
+    flowing.wait_until_final(ids, timeout=30)
+    assert {a.number for a in Attempt.select().where(Attempt.job_id.in_(ids))} == {1}
+
+
+def test_a_queues_concurrency_holds_for_jobs_of_any_type(flowing, effects_log):
+    QueueSetting.insert(name="narrow", concurrency=2, updated_at=now()).execute()
+    supervisors(flowing)
+    ids = flowing.submit_many("flow.free", [{"log": effects_log, "s": 0.05}] * 60,
+                              queue="narrow")
+    flowing.wait_until_final(ids, timeout=60)
+    assert most_at_once(runs(effects_log).values()) == 2
+
+
+# ---------------------------------------------------------------------------- under fire
+
+@pytest.mark.slow
+def test_limits_hold_while_workers_and_a_supervisor_are_killed(flowing, effects_log):
+    doomed, survivor = supervisors(flowing, LEASE_S=3)
+    ids = flowing.submit_many("flow.capped", [{"log": effects_log, "s": 0.05}] * 300)
+    chaos = random.Random(7)
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        pids = survivor.worker_pids()
+        if pids:
+            os.kill(chaos.choice(pids), signal.SIGKILL)  # its running attempt is crashed
+        time.sleep(0.5)  # the pace of the chaos, not a wait for a condition
+    doomed.kill_host()
+    flowing.wait_until_final(ids, timeout=180)
+
+    assert set(flowing.statuses(ids).values()) == {"succeeded"}
+    # A run killed mid-way logged no end: it held its place until its crash was recorded,
+    # the end of its attempt (on this host's clock: the database's is the same machine's).
+    spans = runs(effects_log)
+    killed = {(a.job_id, a.number): a.finished_at for a in Attempt.select().where(
+        Attempt.job_id.in_(ids), Attempt.status == "crashed")}
+    assert killed, "the chaos killed no running attempt"
+    for run, span in spans.items():
+        if span[1] is None:
+            span[1] = killed[run]
+    assert most_at_once(spans.values()) <= 3
+    assert_audit_clean(flowing)
