@@ -245,12 +245,12 @@ def _claimed(row):
     return Claimed(**row)._replace(payload=json.loads(row["payload"]))
 
 
-def claim_statements(worker, limit=1):
-    """[(sql, params)]: the statements through which `claim(worker, limit)` reads the jobs
-    on the open database, as it runs them, for what must see them whole: the plan tests
-    (EXPLAIN), and the fault tests that pick a prepared name out of the wire
-    (models.statement_name). One on PostgreSQL, the step."""
-    return backend().claim_statements(worker, limit)
+def claim_statement(worker, limit=1):
+    """(sql, params): the statement `claim(worker, limit)` runs on the open database, as it
+    runs it, for what must see it whole: the plan tests (EXPLAIN), and the fault tests that
+    pick its prepared name out of the wire (models.statement_name). Jobs under limits are
+    claimed by another (claim_limited)."""
+    return backend().claim_statement(worker, limit)
 
 
 def stage_due():

@@ -9,8 +9,6 @@ against.
 - `flow_starts`: when each attempt under a rate limit started, by limit; a claim counts
   those within the period (a sliding window), and old ones are pruned.
 - `jobs_running_type`: running jobs by type and group, for the counts of running attempts.
-- `jobs_lanes` (in place of `jobs_claim_by_queue`): the waiting jobs by (queue, priority,
-  API key), for fair share.
 - On PostgreSQL, `conveyor_claim_limited`: the claim of a job under limits (below).
 """
 import peewee as pw
@@ -140,12 +138,6 @@ def up(migrator, db):
         )""",
         "CREATE INDEX flow_starts_key ON flow_starts (key, started_at)",
         "CREATE INDEX jobs_running_type ON jobs (type, group_key) WHERE status = 'running'",
-        # Fair share: a claim takes waiting jobs by lane, (queue, priority, API key), in
-        # turns. This index holds the lanes in order, and each lane's jobs oldest first; it
-        # takes the place of jobs_claim_by_queue, whose order it extends.
-        """CREATE INDEX jobs_lanes ON jobs (queue, priority, (COALESCE(api_key_id, 0)), run_at, id)
-            WHERE status IN ('available', 'scheduled', 'retryable')""",
-        "DROP INDEX jobs_claim_by_queue",
     ):
         db.execute_sql(statement)
     if isinstance(db, pw.PostgresqlDatabase):

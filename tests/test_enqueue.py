@@ -214,7 +214,7 @@ def test_statements_run_unprepared_when_the_session_has_another_clients(pg_conve
     assert models.prepares_statements()
     [(job, _)] = jobs.enqueue([new_job()])
     worker = workers.WorkerInfo(id="w-unprepared", supervisor_id="s", host="h", pid=1)
-    [(claim_sql, _)] = jobs.claim_statements(worker)
+    claim_sql, _ = jobs.claim_statement(worker)
     models.db.execute_sql(f"PREPARE {models.statement_name(claim_sql)} AS SELECT 1")
     assert [claimed.id for claimed in jobs.claim(worker)] == [job.id]
     assert not models.prepares_statements()

@@ -61,9 +61,9 @@ def _step_params(worker, reports, limit, limited_types=()):
             "pid": worker and worker.pid}
 
 
-def claim_statements(worker, limit):
-    """[(sql, params)]: the statement a claim of `limit` jobs for `worker` runs."""
-    return [(SQL["step"], _step_params(worker, [], limit))]
+def claim_statement(worker, limit):
+    """(sql, params): the statement a claim of `limit` jobs for `worker` runs."""
+    return SQL["step"], _step_params(worker, [], limit)
 
 
 def claim_limited(worker, limits, guard_s):

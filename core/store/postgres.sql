@@ -58,44 +58,18 @@ ORDER BY id;
 -- every statement afresh: see models.open_database). It claims only jobs under no limit
 -- (not of %(limited_types)s, not in a paused or limited queue); claim_limited takes those.
 --
--- Fair share (SPEC §11): the waiting jobs fall into lanes, one per (queue, priority, API
--- key); a claim takes the oldest jobs of every lane by turns (each lane's first, then each
--- lane's second...), lower priority first. The lanes are found by skipping through the index
--- jobs_lanes, one probe per lane, so a key's backlog is never read through; a claim locks
--- no more of a lane than its share of the claim.
---
 -- Answers one row per claimed job, moved job and refused report: (kind, row as JSON).
-WITH RECURSIVE clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
-lanes (queue, priority, owner) AS (
-    (SELECT queue, priority, COALESCE(api_key_id, 0) FROM jobs
-     WHERE status IN ('available', 'scheduled', 'retryable') AND %(limit)s > 0
-       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
-     ORDER BY queue, priority, COALESCE(api_key_id, 0)
-     LIMIT 1)
-    UNION ALL
-    SELECT later.* FROM lanes AS l CROSS JOIN LATERAL (
-        SELECT queue, priority, COALESCE(api_key_id, 0) FROM jobs
-        WHERE status IN ('available', 'scheduled', 'retryable')
-          AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
-          AND (queue, priority, COALESCE(api_key_id, 0)) > (l.queue, l.priority, l.owner)
-        ORDER BY queue, priority, COALESCE(api_key_id, 0)
-        LIMIT 1) AS later),
-waiting AS (
-    SELECT j.id, l.priority, j.run_at,
-           row_number() OVER (PARTITION BY l.queue, l.priority, l.owner
-                              ORDER BY j.run_at, j.id) AS turn
-    FROM lanes AS l CROSS JOIN LATERAL (
-        SELECT id, run_at FROM jobs
-        WHERE status IN ('available', 'scheduled', 'retryable') AND queue = l.queue
-          AND priority = l.priority AND COALESCE(api_key_id, 0) = l.owner
-          AND run_at <= (SELECT now FROM clock) AND type <> ALL(%(limited_types)s::text[])
-        ORDER BY run_at, id
-        LIMIT (SELECT (%(limit)s + GREATEST(count(*), 1) - 1) / GREATEST(count(*), 1) FROM lanes)
-        FOR UPDATE SKIP LOCKED) AS j
-    WHERE l.queue NOT IN (SELECT name FROM queues
-                          WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)),
+WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
 next AS (
-    SELECT id FROM waiting ORDER BY priority, turn, run_at, id LIMIT %(limit)s),
+    SELECT id FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= (SELECT now FROM clock)
+      AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+      AND type <> ALL(%(limited_types)s::text[])
+      AND queue NOT IN (SELECT name FROM queues
+                        WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
+    ORDER BY priority, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED),
 claimed AS (
     UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, lease_owner = %(worker_id)s,
                     heartbeat_at = clock.now, started_at = clock.now

@@ -47,55 +47,28 @@ def step(worker, reports, limit, limits):
             elif report["fence"] and db.execute_sql(SQL["fence"], values).fetchone():
                 refused.add(report["id"])
         if limit:
-            claimed = _start(worker, _fair_share(worker, limit, now, limited_types), now)
+            claimed = rows(db.execute_sql(*claim_statement(worker, limit, now, limited_types)))
+            _start_attempts(worker, claimed, now)
     return claimed, moved, refused
 
 
-def _fair_share(worker, limit, now, limited_types):
-    """The ids of up to `limit` due jobs under no limit, taken from every lane by turns
-    (see sqlite.sql, next_lane); each lane gives at most its share of the claim."""
-    held = {row["name"] for row in rows(db.execute_sql(SQL["held_queues"]))}
-    lanes, lane = [], {"queue": "", "priority": -2 ** 63, "owner": -1}  # before every lane
-    while True:
-        found = rows(db.execute_sql(SQL["next_lane"], {**lane, "queues": _queues(worker)}))
-        if not found:
-            break
-        lane = found[0]
-        if lane["queue"] not in held:
-            lanes.append(lane)
-    share = -(-limit // max(len(lanes), 1))
-    waiting = []
-    for lane in lanes:
-        due = rows(db.execute_sql(SQL["lane_jobs"], {
-            **lane, "now": now, "limit": share, "limited_types": limited_types}))
-        waiting += [(lane["priority"], turn, job["run_at"], job["id"])
-                    for turn, job in enumerate(due)]
-    return [job_id for *_, job_id in sorted(waiting)[:limit]]
-
-
-def _start(worker, job_ids, now):
-    """Start these jobs for worker (those still waiting), with their attempt rows."""
-    if not job_ids:
-        return []
-    claimed = rows(db.execute_sql(SQL["claim_ids"], {
-        "ids": json.dumps(job_ids), "worker_id": worker.id, "now": now}))
+def _start_attempts(worker, claimed, now):
+    """The attempt rows of the jobs a claim started."""
     if claimed:
         db.execute_sql(SQL["start_attempts"], {
             "claimed": _compact_json.encode([(job["id"], job["attempt"]) for job in claimed]),
             "worker_id": worker.id, "host": worker.host, "pid": worker.pid, "now": now})
-    return claimed
 
 
-def claim_statements(worker, limit):
-    """[(sql, params)]: the statements through which a claim of `limit` jobs for `worker`
-    reads the jobs (the first lane's, for lane_jobs)."""
-    now = time.time()
-    first = {"queue": "", "priority": -2 ** 63, "owner": -1, "queues": _queues(worker)}
-    lane = (rows(db.execute_sql(SQL["next_lane"], first)) or [first])[0]
-    return [(SQL["next_lane"], first),
-            (SQL["lane_jobs"], {"queue": lane["queue"], "priority": lane["priority"],
-                                "owner": lane["owner"], "now": now, "limit": limit,
-                                "limited_types": "[]"})]
+def claim_statement(worker, limit, now=None, limited_types="[]"):
+    """(sql, params): the statement a claim of `limit` jobs for `worker` runs."""
+    now = time.time() if now is None else now
+    if len(worker.queues) == 1:
+        return SQL["claim_from_queue"], {"worker_id": worker.id, "now": now, "limit": limit,
+                                         "queue": worker.queues[0],
+                                         "limited_types": limited_types}
+    return SQL["claim"], {"worker_id": worker.id, "now": now, "limit": limit,
+                          "queues": _queues(worker), "limited_types": limited_types}
 
 
 def _queues(worker):
@@ -128,9 +101,11 @@ def claim_limited(worker, limits, guard_s):
             if full is not None:
                 passed.add(full.key)
                 continue
-            claimed = _start(worker, [job["id"]], now)
+            claimed = rows(db.execute_sql(SQL["claim_ids"], {
+                "ids": json.dumps([job["id"]]), "worker_id": worker.id, "now": now}))
             if not claimed:
                 continue
+            _start_attempts(worker, claimed, now)
             for limit in over:
                 if limit.rate_period_s is not None:
                     since = now - limit.rate_period_s - guard_s

@@ -62,30 +62,43 @@ UPDATE attempts SET fenced = 1
 WHERE job_id = :id AND number = :attempt AND status <> :attempt_status
 RETURNING job_id AS id;
 
--- name: held_queues
--- The queues whose jobs no plain claim takes: paused, or under a concurrency or a rate.
-SELECT name FROM queues WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL;
+-- name: claim
+-- Start up to :limit due jobs, of every queue when :queues is null, else of the queues in
+-- that JSON array, for :worker_id (jobs_claim gives them in the order they are taken): only
+-- jobs under no limit (not of the types in :limited_types, not in a paused or limited
+-- queue); claim_limited takes those.
+UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker_id,
+                heartbeat_at = :now, started_at = :now
+WHERE id IN (
+    SELECT id FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
+      AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+      AND type NOT IN (SELECT value FROM json_each(:limited_types))
+      AND queue NOT IN (SELECT name FROM queues
+                        WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
+    ORDER BY priority, run_at, id
+    LIMIT :limit)
+RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
+          backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
+          cancel_requested_at, lease_owner;
 
--- name: next_lane
--- Fair share (SPEC §11): the waiting jobs fall into lanes, one per (queue, priority, API
--- key), and a claim takes the oldest of every lane by turns. This finds the lane after
--- (:queue, :priority, :owner) among the queues in :queues (every queue when null): one
--- probe of jobs_lanes, so a key's backlog is never read through.
-SELECT queue, priority, COALESCE(api_key_id, 0) AS owner FROM jobs
-WHERE status IN ('available', 'scheduled', 'retryable')
-  AND (queue, priority, COALESCE(api_key_id, 0)) > (:queue, :priority, :owner)
-  AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
-ORDER BY queue, priority, COALESCE(api_key_id, 0)
-LIMIT 1;
-
--- name: lane_jobs
--- The oldest :limit due jobs of one lane under no limit of their type (:limited_types).
-SELECT id, run_at FROM jobs
-WHERE status IN ('available', 'scheduled', 'retryable') AND queue = :queue
-  AND priority = :priority AND COALESCE(api_key_id, 0) = :owner AND run_at <= :now
-  AND type NOT IN (SELECT value FROM json_each(:limited_types))
-ORDER BY run_at, id
-LIMIT :limit;
+-- name: claim_from_queue
+-- `claim` for a worker of one queue, :queue, through jobs_claim_by_queue (SQLite cannot
+-- tell how many queues a JSON array holds, so it would walk every queue's waiting jobs).
+UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker_id,
+                heartbeat_at = :now, started_at = :now
+WHERE id IN (
+    SELECT id FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
+      AND queue = :queue
+      AND type NOT IN (SELECT value FROM json_each(:limited_types))
+      AND queue NOT IN (SELECT name FROM queues
+                        WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
+    ORDER BY priority, run_at, id
+    LIMIT :limit)
+RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
+          backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
+          cancel_requested_at, lease_owner;
 
 -- name: claim_ids
 -- Start the jobs (a JSON array of ids) a claim chose, for :worker_id, those still waiting.
@@ -115,8 +128,8 @@ SELECT EXISTS (
                         WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)) AS due;
 
 -- name: any_due_in_queue
--- `any_due` for a worker of one queue, :queue (through jobs_lanes, whose first column is the
--- queue).
+-- `any_due` for a worker of one queue, :queue (as claim_from_queue, through
+-- jobs_claim_by_queue).
 SELECT EXISTS (
     SELECT 1 FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now

@@ -101,8 +101,7 @@ def test_claim_answered_after_its_lease_expired_does_not_run_the_job(pg_conveyor
     # is stored is the one that takes it.
     stored = threading.Event()
     any_worker = workers.WorkerInfo(id="w", supervisor_id="s", host="h", pid=1)  # no queues either
-    [(claim_sql, _)] = jobs.claim_statements(any_worker)
-    claim = models.statement_name(claim_sql).encode()  # prepared
+    claim = models.statement_name(jobs.claim_statement(any_worker)[0]).encode()  # prepared
     proxy.cut_after(lambda message, previous: stored.is_set() and message.startswith(b"Q")
                     and b"EXECUTE " + claim in message)
     # Held still while the job is stored: its NOTIFY would wake the worker at once, and a
