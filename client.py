@@ -218,6 +218,7 @@ class Job:
     dead_reason: Optional[str] = None
     cancel_requested_at: Optional[datetime] = None
     attempts: Optional[list[Attempt]] = None
+    group: Optional[str] = None
 
     @property
     def finished(self):
@@ -357,15 +358,16 @@ class Conveyor:
                delay_s: Union[float, timedelta, None] = None,
                max_attempts: Optional[int] = None, timeout_s: Optional[float] = None,
                backoff: Union[Backoff, dict, None] = None,
-               idempotency_key: Optional[str] = None) -> Job:
+               idempotency_key: Optional[str] = None, group: Optional[str] = None) -> Job:
         """Submit one job; returns it. run_at: a datetime with a timezone or an RFC 3339
-        string; delay_s: seconds or a timedelta; backoff: {"base_s": .., "max_s": ..}.
+        string; delay_s: seconds or a timedelta; backoff: {"base_s": .., "max_s": ..};
+        group: what its type's group_concurrency counts by (a customer id, say).
         Without an idempotency_key the call gets its own uuid, so its retries make one job;
         with one, a repeat of the same submission returns the first job (another body:
         Conflict)."""
         body = _submission(type, payload, queue=queue, priority=priority, run_at=run_at,
                            delay_s=delay_s, max_attempts=max_attempts, timeout_s=timeout_s,
-                           backoff=backoff)
+                           backoff=backoff, group=group)
         key = idempotency_key or str(uuid.uuid4())
         return Job.from_document(self._json("POST", "/v1/jobs", body=body, safe=True,
                                             headers={"Idempotency-Key": key}))

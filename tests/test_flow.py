@@ -10,6 +10,7 @@ import time
 import pytest
 
 import handlers
+from apiserver import api  # noqa: F401 (fixture)
 from checks import LONG_LEASE, assert_audit_clean
 from conftest import ROOT, TEST_HANDLERS, side_effects, wait_for
 from core import flow
@@ -187,3 +188,29 @@ def test_limits_hold_while_workers_and_a_supervisor_are_killed(flowing, effects_
     assert most_at_once(spans.values()) <= 3
     assert_audit_clean(flowing)
 
+
+
+# ---------------------------------------------------------------------------- a job's group
+
+def test_a_jobs_group_is_stored_and_shown(api):
+    key = api.key("me")
+    created = api.call("POST", "/v1/jobs", key, json={
+        "type": "t.noop", "payload": {}, "group": "customer-42"})
+    assert created.status_code == 201 and created.get_json()["group"] == "customer-42"
+    shown = api.call("GET", f"/v1/jobs/{created.get_json()['id']}", key).get_json()
+    assert shown["group"] == "customer-42"
+    plain = api.call("POST", "/v1/jobs", key, json={"type": "t.noop"}).get_json()
+    assert plain["group"] is None
+
+
+@pytest.mark.parametrize("group", ["", "x" * 201, 42, None, ["a"]])
+def test_a_bad_group_is_422_naming_the_field_and_in_a_batch_the_index(api, group):
+    key = api.key("me")
+    single = api.call("POST", "/v1/jobs", key, json={"type": "t.noop", "group": group})
+    assert single.status_code == 422
+    assert any(error.startswith("group") for error in single.get_json()["errors"])
+    batch = api.call("POST", "/v1/jobs/batch", key, json={"jobs": [
+        {"type": "t.noop", "group": "fine"}, {"type": "t.noop", "group": group}]})
+    assert batch.status_code == 422
+    assert any(error.startswith("1: group") for error in batch.get_json()["errors"])
+    assert Job.select().count() == 0
