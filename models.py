@@ -316,6 +316,7 @@ class Job(BaseModel):
     heartbeat_at = pw.DoubleField(null=True)
     cancel_requested_at = pw.DoubleField(null=True)
     group_key = pw.TextField(null=True)  # the job's `group` (SPEC §11)
+    held = pw.BooleanField(default=False)  # under a limit, or in a paused queue (SPEC §11)
 
     class Meta:
         table_name = "jobs"

@@ -395,7 +395,7 @@ def reset_core_connection():
         models.reset_connection()
 
 
-def enqueue_core(count, batch=1000, first=1):
+def enqueue_core(count, batch=1000, first=1, type=NOOP):
     """Enqueue `count` no-op jobs numbered first.. through the core (jobs.enqueue, as the
     API does), in transactions of `batch`; returns seconds taken."""
     from core import jobs
@@ -405,7 +405,7 @@ def enqueue_core(count, batch=1000, first=1):
     done = 0
     while done < count:
         size = min(batch, count - done)
-        jobs.enqueue([submission.validate_submission({"type": NOOP, "payload": {"n": first + done + i}},
+        jobs.enqueue([submission.validate_submission({"type": type, "payload": {"n": first + done + i}},
                                                      checked_by)
                       for i in range(size)])
         done += size

@@ -67,24 +67,33 @@ def audit(env):
             "audit_says": lines[-1][:200] if lines else ""}
 
 
+# --type: the job drained. capped and rated are the no-op under a limit (SPEC §11), set by
+# --concurrency and --rate (bench/handlers/bench_limited.py).
+TYPES = {"noop": common.NOOP, "capped": "bench.capped", "rated": "bench.rated"}
+
+
 def run(kind="postgres", jobs=20000, workers=4, profile=False, run_audit=True, db=None,
-        label="drain", quiet=False, before_workers=None):
+        label="drain", quiet=False, before_workers=None, type="noop", limits=None):
     """Measure one drain; with db given (bench.scale), use that database as it is.
-    before_workers(db): called with the queue filled, before the supervisor starts."""
+    before_workers(db): called with the queue filled, before the supervisor starts.
+    limits: the environment of the limited types (BENCH_CONCURRENCY, BENCH_RATE)."""
+    limits = limits or {}
+    os.environ.update(limits)  # this process enqueues the type too
     own_db = db is None
     db = db or common.Database(kind, label)
     stamps = common.Stamps()
-    result = {"system": "conveyor", "db": db.kind, "workers": workers}
+    result = {"system": "conveyor", "db": db.kind, "workers": workers, "type": type,
+              **{name.lower(): value for name, value in limits.items()}}
     supervisor = spy = pending = None
     try:
         common.core(db.url)
         after_id = db.query("SELECT COALESCE(max(id), 0) FROM jobs")[0][0]
-        prefill_s = common.enqueue_core(jobs, first=1)
+        prefill_s = common.enqueue_core(jobs, first=1, type=TYPES[type])
         result["prefill_core_jobs_per_s"] = round(jobs / prefill_s, 1)
         db.analyze()
         if before_workers is not None:
             result["before_workers"] = before_workers(db)
-        env = common.conveyor_env(db.url, stamps)
+        env = common.conveyor_env(db.url, stamps, **limits)
         pending = pending_counter(db)
         stats_before = common.pg_stats(db.url) if db.is_postgres else None
         holder = {}
@@ -149,7 +158,10 @@ def report(result):
     lines = []
     if "error" in result:
         return f"drain ({result['db']}, {result['workers']} workers): ERROR {result['error']}"
-    lines.append(f"drain ({result['db']}, {result['workers']} workers): {result['jobs']:,} jobs in "
+    limited = {"capped": f", concurrency {result.get('bench_concurrency', 4)}",
+               "rated": f", rate {result.get('bench_rate', '1000/second')}"}.get(result.get("type"), "")
+    lines.append(f"drain ({result['db']}, {result['workers']} workers{limited}): "
+                 f"{result['jobs']:,} jobs in "
                  f"{result['drain_s']:.2f}s = {result['jobs_per_s']:,.0f} jobs/s "
                  f"(first start {result['startup_s']:.2f}s after launch; store confirmed "
                  f"{result['store_lag_ms']:.0f} ms after the last handler; per worker "
@@ -187,10 +199,16 @@ def main():
     parser.add_argument("--db", choices=("postgres", "sqlite"), default="postgres")
     parser.add_argument("--profile", action="store_true", help="py-spy one worker")
     parser.add_argument("--no-audit", action="store_true", help="skip `flask audit`")
+    parser.add_argument("--type", choices=sorted(TYPES), default="noop",
+                        help="capped: concurrency-limited, rated: rate-limited")
+    parser.add_argument("--concurrency", type=int, help="bench.capped's limit (default 4)")
+    parser.add_argument("--rate", help='bench.rated\'s limit (default "1000/second")')
     parser.add_argument("--json-out", help="also write the figures as JSON here")
     args = parser.parse_args()
+    limits = {name: str(value) for name, value in (("BENCH_CONCURRENCY", args.concurrency),
+                                                   ("BENCH_RATE", args.rate)) if value}
     result = run(args.db, args.jobs, args.workers, profile=args.profile,
-                 run_audit=not args.no_audit)
+                 run_audit=not args.no_audit, type=args.type, limits=limits)
     common.say(report(result))
     common.write_result(result, args.json_out)
 

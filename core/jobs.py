@@ -24,7 +24,7 @@ from core.store import backend
 from core.store.postgres import NOTIFY_CHANNEL, notify_payload  # noqa: F401 (for the supervisor)
 from core.workers import renew_worker
 from infra import metrics
-from models import Job, Step, db, loaded, now
+from models import Job, QueueSetting, Step, db, loaded, now
 
 
 def db_time():
@@ -61,7 +61,9 @@ def enqueue(new_jobs, api_key_id=None):
     # One statement is atomic by itself; a used key takes a second one (to read the
     # job it names), and a conflict must undo the first.
     with db.atomic() if keyed or len(chunks) > 1 else contextlib.nullcontext():
-        inserted = [row for chunk in chunks for row in store.insert_jobs(chunk, api_key_id)]
+        limited = list(flow.type_limits())
+        inserted = [row for chunk in chunks
+                    for row in store.insert_jobs(chunk, api_key_id, limited)]
         stored = _stored(new_jobs, inserted, api_key_id)
     created = [job for job, was_created in stored if was_created]
     for (type_, queue), count in Counter((job.type, job.queue) for job in created).items():
@@ -131,7 +133,8 @@ def _new_job(new, row, api_key_id):
         timeout_s=new.timeout_s, backoff_base_s=new.backoff_base_s,
         backoff_max_s=new.backoff_max_s, status=row["status"],
         idempotency_key=row["idempotency_key"], request_hash=new.request_hash,
-        api_key_id=api_key_id, created_at=row["created_at"], group_key=new.group_key)
+        api_key_id=api_key_id, created_at=row["created_at"], group_key=new.group_key,
+        held=bool(row["held"]))
 
 
 # ---------------------------------------------------------------------------- the worker's step
@@ -197,7 +200,7 @@ def _step(worker, reports, limit, event=None):
     if not rows and not limit:
         return [], [], []
     limits = flow.type_limits()
-    claimed, moved, refused = backend().step(worker, rows, limit, limits)
+    claimed, moved, refused = backend().step(worker, rows, limit)
     limited = []
     if len(claimed) < limit and (limits or flow.queue_limits_exist()):
         limited = backend().claim_limited(worker, limits, flow.RATE_GUARD_S)
@@ -215,6 +218,7 @@ def _step(worker, reports, limit, event=None):
         accepted.append(job.id not in refused)  # neither: our own earlier report committed
     for finished in done:
         events.finished(finished, event)
+    _wake_for_places(done, limits)
     # A job under limits first: its start must follow its claim (a rate counts claims).
     jobs = [_claimed(row) for row in limited] + sorted(map(_claimed, claimed), key=run_order)
     for job in jobs:
@@ -241,6 +245,17 @@ def _reported(report_):
     return values
 
 
+def _wake_for_places(done, limits):
+    """A job under a limit that ended freed a place: wake idle workers (every supervisor's,
+    on PostgreSQL) to take the next one, rather than leave it to their next poll."""
+    if not done or not (limits or flow.queue_limits_exist()):
+        return
+    freed = Counter(f.job.queue for f in done
+                    if f.job.type in limits or flow.queue_limits_exist())
+    if freed:
+        backend().notify(freed)
+
+
 def _claimed(row):
     return Claimed(**row)._replace(payload=json.loads(row["payload"]))
 
@@ -259,6 +274,24 @@ def stage_due():
     return (Job.update(status=S.AVAILABLE)
             .where(Job.status.in_((S.SCHEDULED, S.RETRYABLE)), Job.run_at <= now())
             .execute())
+
+
+def sync_held(limited_types=None):
+    """Keep `held` true of every waiting job under a limit (of its type, of its queue, or a
+    pause) and of no other, whatever changed since it was stored: a queue paused or limited,
+    a limit added to or taken from a type by a new deploy. Submission marks jobs as they are
+    stored; this catches up within its interval (a supervisor duty, every second). Returns
+    how many jobs changed."""
+    limited_types = list(flow.type_limits()) if limited_types is None else limited_types
+    held_queues = QueueSetting.select(QueueSetting.name).where(
+        QueueSetting.paused | QueueSetting.concurrency.is_null(False)
+        | QueueSetting.rate_count.is_null(False))
+    limited = Job.type.in_(limited_types) | Job.queue.in_(held_queues)
+    waiting = Job.status.in_(S.PENDING)
+    changed = Job.update(held=False).where(waiting, Job.held, ~limited).execute()
+    if limited_types or held_queues.exists():  # else no waiting job needs reading
+        changed += Job.update(held=True).where(waiting, ~Job.held, limited).execute()
+    return changed
 
 
 # ---------------------------------------------------------------------------- leases

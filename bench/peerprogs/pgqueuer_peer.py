@@ -22,7 +22,9 @@ async def factory():
     connection = await asyncpg.connect(os.environ["BENCH_PEER_DSN"])
     pgq = PgQueuer(AsyncpgDriver(connection))
 
-    @pgq.entrypoint(ENTRYPOINT)
+    # BENCH_CONCURRENCY_LIMIT: pgqueuer's own concurrency_limit (0, its default: none).
+    @pgq.entrypoint(ENTRYPOINT,
+                    concurrency_limit=int(os.environ.get("BENCH_CONCURRENCY_LIMIT", "0")))
     async def noop(job: Job) -> None:
         common.stamp(int(job.payload or b"0"))
 

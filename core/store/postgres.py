@@ -25,7 +25,7 @@ def db_time():
     return models.execute(SQL["clock"]).fetchone()[0]
 
 
-def insert_jobs(new_jobs, api_key_id):
+def insert_jobs(new_jobs, api_key_id, limited_types):
     """Store new jobs (core.submission.NewJob) of one API key in one statement. Returns
     {id, idempotency_key, status, run_at, created_at} of each row stored, by id (the order
     given); a job whose idempotency key was used already has none."""
@@ -33,15 +33,16 @@ def insert_jobs(new_jobs, api_key_id):
               new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
               new.idempotency_key, new.request_hash, new.group_key) for new in new_jobs]
     cursor = models.execute(SQL["insert_jobs"], {
-        "jobs": _compact_json.encode(given), "api_key_id": api_key_id, "channel": NOTIFY_CHANNEL})
+        "jobs": _compact_json.encode(given), "api_key_id": api_key_id, "channel": NOTIFY_CHANNEL,
+        "limited_types": list(limited_types)})
     return rows(cursor)
 
 
-def step(worker, reports, limit, limits):
+def step(worker, reports, limit):
     """Record reported outcomes (dicts, as core.jobs._reported makes them) and claim up to
-    `limit` jobs under no limit for `worker`, in one statement; `limits` are the limits of
-    job types (core.flow.type_limits). Returns (claimed rows, {id: moved row}, {refused ids})."""
-    cursor = models.execute(SQL["step"], _step_params(worker, reports, limit, limits))
+    `limit` jobs under no limit for `worker`, in one statement. Returns (claimed rows,
+    {id: moved row}, {refused ids})."""
+    cursor = models.execute(SQL["step"], _step_params(worker, reports, limit))
     claimed, moved, refused = [], {}, set()
     for kind, row in cursor.fetchall():
         if kind == "claimed":
@@ -53,9 +54,8 @@ def step(worker, reports, limit, limits):
     return claimed, moved, refused
 
 
-def _step_params(worker, reports, limit, limited_types=()):
+def _step_params(worker, reports, limit):
     return {"reports": _compact_json.encode(reports), "limit": limit,
-            "limited_types": list(limited_types),
             "queues": list(worker.queues) if worker and worker.queues else None,
             "worker_id": worker and worker.id, "host": worker and worker.host,
             "pid": worker and worker.pid}

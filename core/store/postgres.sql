@@ -19,7 +19,8 @@ SELECT extract(epoch from clock_timestamp())::float8 AS now;
 -- already is skipped (the unique index jobs_idempotency decides) and the caller reads the
 -- job it names; naming that index as the only arbiter spares the rows without a key most
 -- of ON CONFLICT's cost. Announces on %(channel)s, at commit, how many jobs each queue got
--- that can run now ("queue:count", notify_payload's shape).
+-- that can run now ("queue:count", notify_payload's shape). A job of a type in
+-- %(limited_types)s or of a paused or limited queue is stored held.
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
 given AS (
     SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::text AS payload,
@@ -32,20 +33,24 @@ given AS (
 new AS (
     INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts,
                       timeout_s, backoff_base_s, backoff_max_s, idempotency_key,
-                      request_hash, group_key, api_key_id, created_at)
+                      request_hash, group_key, held, api_key_id, created_at)
     SELECT v.type, v.queue, v.payload, v.priority, COALESCE(v.run_at, clock.now + v.delay_s),
            CASE WHEN COALESCE(v.run_at, clock.now + v.delay_s) > clock.now
                 THEN 'scheduled' ELSE 'available' END,
            v.max_attempts, v.timeout_s, v.backoff_base_s, v.backoff_max_s,
-           v.idempotency_key, v.request_hash, v.group_key, %(api_key_id)s::bigint, clock.now
+           v.idempotency_key, v.request_hash, v.group_key,
+           v.type = ANY(%(limited_types)s::text[]) OR v.queue IN (
+               SELECT name FROM queues
+               WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL),
+           %(api_key_id)s::bigint, clock.now
     FROM given AS v, clock
     ON CONFLICT (COALESCE(api_key_id, 0), idempotency_key) WHERE idempotency_key IS NOT NULL
     DO NOTHING
-    RETURNING id, idempotency_key, status, run_at, created_at, queue),
+    RETURNING id, idempotency_key, status, run_at, created_at, held, queue),
 announced AS (
     SELECT pg_notify(%(channel)s, queue || ':' || count(*)) FROM new
-    WHERE status = 'available' GROUP BY queue)
-SELECT id, idempotency_key, status, run_at, created_at
+    WHERE status = 'available' AND NOT held GROUP BY queue)
+SELECT id, idempotency_key, status, run_at, created_at, held
 FROM new, (SELECT count(*) FROM announced) AS notified
 ORDER BY id;
 
@@ -55,8 +60,8 @@ ORDER BY id;
 -- objects, as core.jobs._reported makes them) through conveyor_record, the one transition
 -- of a running job (migrations/0006_record_function.py). A function, so that a claim with
 -- nothing to report does not plan the statements that record (a worker's session plans
--- every statement afresh: see models.open_database). It claims only jobs under no limit
--- (not of %(limited_types)s, not in a paused or limited queue); claim_limited takes those.
+-- every statement afresh: see models.open_database). It claims only jobs under no limit (not
+-- held, not in a paused or limited queue); claim_limited takes those.
 --
 -- Answers one row per claimed job, moved job and refused report: (kind, row as JSON).
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
@@ -64,9 +69,8 @@ next AS (
     SELECT id FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= (SELECT now FROM clock)
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
-      AND type <> ALL(%(limited_types)s::text[])
-      AND queue NOT IN (SELECT name FROM queues
-                        WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
+      AND NOT held AND queue NOT IN (SELECT name FROM queues
+                                     WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
     ORDER BY priority, run_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED),

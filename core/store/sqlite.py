@@ -17,22 +17,22 @@ def db_time():
     return time.time()
 
 
-def insert_jobs(new_jobs, api_key_id):
+def insert_jobs(new_jobs, api_key_id, limited_types):
     """What postgres.insert_jobs does, without NOTIFY (SQLite has none)."""
     given = _compact_json.encode([
         (new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
          new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
          new.idempotency_key, new.request_hash, new.group_key) for new in new_jobs])
     cursor = db.execute_sql(SQL["insert_jobs"], {"jobs": given, "api_key_id": api_key_id,
+                                                 "limited_types": json.dumps(list(limited_types)),
                                                  "now": time.time()})
     return sorted(rows(cursor), key=lambda row: row["id"])
 
 
-def step(worker, reports, limit, limits):
+def step(worker, reports, limit):
     """What postgres.step does, as several statements in one transaction (BEGIN
     IMMEDIATE: the write lock first, so no lock upgrade can fail)."""
-    limited_types = json.dumps(list(limits))
-    if not reports and not _any_due(worker, time.time(), limited_types):
+    if not reports and not _any_due(worker, time.time()):
         return [], {}, set()  # spare SQLite's single write lock when there is nothing to take
     claimed, moved, refused = [], {}, set()
     with db.atomic():
@@ -47,7 +47,7 @@ def step(worker, reports, limit, limits):
             elif report["fence"] and db.execute_sql(SQL["fence"], values).fetchone():
                 refused.add(report["id"])
         if limit:
-            claimed = rows(db.execute_sql(*claim_statement(worker, limit, now, limited_types)))
+            claimed = rows(db.execute_sql(*claim_statement(worker, limit, now)))
             _start_attempts(worker, claimed, now)
     return claimed, moved, refused
 
@@ -60,28 +60,25 @@ def _start_attempts(worker, claimed, now):
             "worker_id": worker.id, "host": worker.host, "pid": worker.pid, "now": now})
 
 
-def claim_statement(worker, limit, now=None, limited_types="[]"):
+def claim_statement(worker, limit, now=None):
     """(sql, params): the statement a claim of `limit` jobs for `worker` runs."""
     now = time.time() if now is None else now
     if len(worker.queues) == 1:
         return SQL["claim_from_queue"], {"worker_id": worker.id, "now": now, "limit": limit,
-                                         "queue": worker.queues[0],
-                                         "limited_types": limited_types}
+                                         "queue": worker.queues[0]}
     return SQL["claim"], {"worker_id": worker.id, "now": now, "limit": limit,
-                          "queues": _queues(worker), "limited_types": limited_types}
+                          "queues": _queues(worker)}
 
 
 def _queues(worker):
     return json.dumps(list(worker.queues)) if worker and worker.queues else None
 
 
-def _any_due(worker, now, limited_types):
+def _any_due(worker, now):
     if worker and len(worker.queues) == 1:
-        due = db.execute_sql(SQL["any_due_in_queue"], {"now": now, "queue": worker.queues[0],
-                                                       "limited_types": limited_types})
+        due = db.execute_sql(SQL["any_due_in_queue"], {"now": now, "queue": worker.queues[0]})
     else:
-        due = db.execute_sql(SQL["any_due"], {"now": now, "queues": _queues(worker),
-                                              "limited_types": limited_types})
+        due = db.execute_sql(SQL["any_due"], {"now": now, "queues": _queues(worker)})
     return bool(rows(due)[0]["due"])
 
 
@@ -93,7 +90,7 @@ def claim_limited(worker, limits, guard_s):
         now = time.time()
         passed = set()  # limits found full: their other jobs wait too
         candidates = rows(db.execute_sql(SQL["limited_candidates"], {
-            "now": now, "queues": _queues(worker), "limited_types": json.dumps(list(limits))}))
+            "now": now, "queues": _queues(worker)}))
         for job in candidates:
             over = limits_over(job, limits.get(job["type"], {}))
             full = next((limit for limit in over if limit.key in passed

@@ -8,23 +8,29 @@
 -- two agree): SQLite uses a partial index only when the query spells out its predicate.
 
 -- name: insert_jobs
--- Store jobs given as one JSON array of arrays, in the order of core.store.sqlite.GIVEN; a
--- used idempotency key (the unique index jobs_idempotency) is skipped and the caller reads
--- the job it names. ("WHERE true": an upsert's SELECT needs a WHERE, or SQLite reads ON as
--- the start of a join.)
+-- Store jobs given as one JSON array of arrays, in the order of core.store.sqlite.insert_jobs;
+-- a used idempotency key (the unique index jobs_idempotency) is skipped and the caller reads
+-- the job it names. A job of a type in :limited_types or of a paused or limited queue is
+-- stored held. ("WHERE true": an upsert's SELECT needs a WHERE, or SQLite reads ON as the
+-- start of a join.)
 INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts, timeout_s,
                   backoff_base_s, backoff_max_s, idempotency_key, request_hash, group_key,
-                  api_key_id, created_at)
-SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3,
-       COALESCE(value ->> 4, :now + (value ->> 5)),
-       CASE WHEN COALESCE(value ->> 4, :now + (value ->> 5)) > :now
+                  held, api_key_id, created_at)
+SELECT job.value ->> 0, job.value ->> 1, job.value ->> 2, job.value ->> 3,
+       COALESCE(job.value ->> 4, :now + (job.value ->> 5)),
+       CASE WHEN COALESCE(job.value ->> 4, :now + (job.value ->> 5)) > :now
             THEN 'scheduled' ELSE 'available' END,
-       value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11,
-       value ->> 12, :api_key_id, :now
-FROM json_each(:jobs)
+       job.value ->> 6, job.value ->> 7, job.value ->> 8, job.value ->> 9, job.value ->> 10,
+       job.value ->> 11, job.value ->> 12,
+       (job.value ->> 0) IN (SELECT value FROM json_each(:limited_types))
+           OR (job.value ->> 1) IN (SELECT name FROM queues
+                                    WHERE paused OR concurrency IS NOT NULL
+                                       OR rate_count IS NOT NULL),
+       :api_key_id, :now
+FROM json_each(:jobs) AS job
 WHERE true
 ON CONFLICT DO NOTHING
-RETURNING id, idempotency_key, status, run_at, created_at;
+RETURNING id, idempotency_key, status, run_at, created_at, held;
 
 -- name: move
 -- The one transition of a running job, by a reported outcome (as core.jobs._reported makes it): only
@@ -65,17 +71,16 @@ RETURNING job_id AS id;
 -- name: claim
 -- Start up to :limit due jobs, of every queue when :queues is null, else of the queues in
 -- that JSON array, for :worker_id (jobs_claim gives them in the order they are taken): only
--- jobs under no limit (not of the types in :limited_types, not in a paused or limited
--- queue); claim_limited takes those.
+-- jobs under no limit (not held, not in a paused or limited queue); claim_limited takes
+-- those.
 UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker_id,
                 heartbeat_at = :now, started_at = :now
 WHERE id IN (
     SELECT id FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
       AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
-      AND type NOT IN (SELECT value FROM json_each(:limited_types))
-      AND queue NOT IN (SELECT name FROM queues
-                        WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
+      AND NOT held AND queue NOT IN (SELECT name FROM queues
+                                     WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
     ORDER BY priority, run_at, id
     LIMIT :limit)
 RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
@@ -91,9 +96,8 @@ WHERE id IN (
     SELECT id FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
       AND queue = :queue
-      AND type NOT IN (SELECT value FROM json_each(:limited_types))
-      AND queue NOT IN (SELECT name FROM queues
-                        WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
+      AND NOT held AND queue NOT IN (SELECT name FROM queues
+                                     WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
     ORDER BY priority, run_at, id
     LIMIT :limit)
 RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
@@ -123,9 +127,8 @@ SELECT EXISTS (
     SELECT 1 FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
       AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
-      AND type NOT IN (SELECT value FROM json_each(:limited_types))
-      AND queue NOT IN (SELECT name FROM queues
-                        WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)) AS due;
+      AND NOT held AND queue NOT IN (SELECT name FROM queues
+                                     WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)) AS due;
 
 -- name: any_due_in_queue
 -- `any_due` for a worker of one queue, :queue (as claim_from_queue, through
@@ -134,22 +137,19 @@ SELECT EXISTS (
     SELECT 1 FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
       AND queue = :queue
-      AND type NOT IN (SELECT value FROM json_each(:limited_types))
-      AND queue NOT IN (SELECT name FROM queues
-                        WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)) AS due;
+      AND NOT held AND queue NOT IN (SELECT name FROM queues
+                                     WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)) AS due;
 
 -- name: limited_candidates
--- The due jobs a claim under limits looks at, in the order they are taken: those of a type
--- in :limited_types or of a queue with a concurrency or a rate (not paused), with the
--- queue's settings.
+-- The due jobs a claim under limits looks at, in the order they are taken: the held ones
+-- (of a type with limits, or of a queue with a concurrency or a rate; not paused), with
+-- the queue's settings.
 SELECT j.id, j.type, j.queue, j.group_key, q.concurrency AS queue_concurrency,
        q.rate_count AS queue_rate_count, q.rate_period_s AS queue_rate_period_s
 FROM jobs AS j LEFT JOIN queues AS q ON q.name = j.queue
-WHERE j.status IN ('available', 'scheduled', 'retryable') AND j.run_at <= :now
+WHERE j.status IN ('available', 'scheduled', 'retryable') AND j.held AND j.run_at <= :now
   AND (:queues IS NULL OR j.queue IN (SELECT value FROM json_each(:queues)))
   AND NOT COALESCE(q.paused, 0)
-  AND (j.type IN (SELECT value FROM json_each(:limited_types))
-       OR q.concurrency IS NOT NULL OR q.rate_count IS NOT NULL)
 ORDER BY j.priority, j.run_at, j.id
 LIMIT 1000;
 
