@@ -37,10 +37,11 @@ from core import workers as registry
 from infra import metrics
 import models
 from web import openapi
+from core import queues
 from core import schedules
 from infra.config import ConfigError, fail_fast, settings
 from core.errors import (Conflict, Invalid, InvalidJob, InvalidKey, InvalidRequest,
-                         InvalidSchedule, NotFound, Refused, TooLarge)
+                         InvalidSchedule, InvalidSetting, NotFound, Refused, TooLarge)
 from handlers import HandlerError
 from web import exposition
 from core import status as statuses
@@ -78,6 +79,7 @@ PROBLEMS = {
     InvalidRequest: (422, "Invalid request"),
     InvalidSchedule: (422, "Invalid schedule"),
     InvalidKey: (422, "Invalid key"),
+    InvalidSetting: (422, "Invalid setting"),
     NotFound: (404, "Not found"),
     Conflict: (409, "Conflict"),
     TooLarge: (413, "Payload too large"),
@@ -689,6 +691,15 @@ def _register_routes(app, rate_limits):
     def delete_schedule(name):
         schedules.remove(name)
         return no_content()
+
+    @app.get("/v1/queues")
+    def list_queues():
+        query()
+        return reply(documents.page([documents.queue(q) for q in queues.list_queues()], None))
+
+    @app.patch("/v1/queues/<name>")
+    def change_queue(name):
+        return reply(documents.queue(queues.update_queue(name, json_body())))
 
     @app.get("/v1/stats")
     def stats():

@@ -32,7 +32,7 @@ import requests
 from urllib3.exceptions import NewConnectionError
 
 __all__ = ["Conveyor", "Job", "Attempt", "Backoff", "Schedule", "ScheduleRun", "Worker",
-           "Stats", "Page", "ConveyorError", "BadRequest", "Unauthorized", "Forbidden",
+           "Stats", "Queue", "Page", "ConveyorError", "BadRequest", "Unauthorized", "Forbidden",
            "NotFound", "Conflict", "TooLarge", "Invalid", "RateLimited", "Unavailable",
            "ConnectionFailed", "ServerError", "WaitTimeout", "FINAL_STATUSES"]
 
@@ -303,6 +303,22 @@ class Stats:
         return _from(cls, document)
 
 
+@dataclass(frozen=True)
+class Queue:
+    """A queue: `counts` of its jobs by status, and its settings (`rate` as "10/second";
+    None: no limit). `updated_at` is None for a queue whose settings were never set."""
+    name: str
+    counts: dict[str, int]
+    paused: bool
+    concurrency: Optional[int]
+    rate: Optional[str]
+    updated_at: Optional[datetime]
+
+    @classmethod
+    def from_document(cls, document):
+        return _from(cls, document, updated_at=_time)
+
+
 JobRef = Union[int, Job]  # where a job is asked for, its id or the Job itself
 
 
@@ -333,6 +349,7 @@ class Conveyor:
                                      "User-Agent": "conveyor-client/1"})
         self.dlq = DeadLetterQueue(self)
         self.schedules = Schedules(self)
+        self.queues = Queues(self)
 
     def close(self):
         """Close the client's connections now. (urllib3 2 otherwise closes an idle pooled
@@ -577,6 +594,30 @@ class Schedules:
         self._client._json("DELETE", _schedule_path(name))
 
 
+class Queues:
+    """`client.queues`: pause, resume and limit queues (admin key)."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def list(self) -> list[Queue]:
+        """Every queue with jobs or settings, by name."""
+        return [Queue.from_document(q) for q in self._client._json("GET", "/v1/queues")["items"]]
+
+    def update(self, name: str, **changes: Any) -> Queue:
+        """Change any of paused, concurrency (an int; None clears it) and rate ("10/second",
+        "600/minute", "3600/hour"; None clears it); the others keep their value."""
+        return Queue.from_document(self._client._json("PATCH", _queue_path(name), body=changes))
+
+    def pause(self, name: str) -> Queue:
+        """No attempt of the queue's jobs starts until it is resumed (running ones finish)."""
+        return self.update(name, paused=True)
+
+    def resume(self, name: str) -> Queue:
+        """Let a paused queue's jobs start again."""
+        return self.update(name, paused=False)
+
+
 _CONNECTION_ERRORS = (requests.ConnectionError, requests.Timeout,
                       requests.exceptions.ChunkedEncodingError)
 
@@ -603,6 +644,10 @@ def _id(job):
 
 def _schedule_path(name):
     return f"/v1/schedules/{quote(name, safe='')}"
+
+
+def _queue_path(name):
+    return f"/v1/queues/{quote(name, safe='')}"
 
 
 def _submission(type, payload, **options):

@@ -1,5 +1,5 @@
 """The `flask` commands (the README's Command line table): db, keys, jobs, dlq, schedules,
-prune and audit, and the operator's views: `jobs wait`, `top` and `handlers`.
+queues, prune and audit, and the operator's views: `jobs wait`, `top` and `handlers`.
 
 Thin callers of the core, like the routes. Refusals print one line (`Error: ...`) and
 exit non-zero; commands that show or list take --json for one JSON document on stdout.
@@ -25,6 +25,7 @@ from core import status as statuses
 from core import submission
 from core import workers as registry
 import models
+from core import queues
 from core import schedules
 from infra.config import ConfigError, fail_fast, settings
 from core.errors import Refused
@@ -120,6 +121,7 @@ db_group = SchemaCommands("db", help="Manage the database schema.")
 jobs_group = Commands("jobs", help="Submit, show and list jobs.")
 dlq_group = Commands("dlq", help="The dead-letter queue.")
 schedules_group = Commands("schedules", help="Recurring jobs on a cron schedule.")
+queues_group = Commands("queues", help="Pause, resume and limit queues.")
 
 
 @db_group.command("upgrade")
@@ -372,6 +374,64 @@ def schedules_resume(name):
     click.echo(f"schedule {name} resumed; next run {documents.timestamp(row.next_run_at)}")
 
 
+@queues_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+def queues_list(as_json):
+    """Every known queue: its settings and its jobs by status."""
+    every = [documents.queue(queue) for queue in queues.list_queues()]
+    if as_json:
+        return emit(documents.page(every, None))
+    click.echo(f"{'queue':<16} {'paused':<6} {'concurrency':>11}  {'rate':<14}"
+               + "".join(f"{s:>10}" for s in statuses.STATUSES))
+    for queue in every:
+        click.echo(f"{queue['name']:<16} {'yes' if queue['paused'] else 'no':<6} "
+                   f"{queue['concurrency'] or '-':>11}  {queue['rate'] or '-':<14}"
+                   + "".join(f"{queue['counts'].get(s, 0):>10}" for s in statuses.STATUSES))
+    if not every:
+        click.echo("no queues: none has jobs or settings")
+
+
+@queues_group.command("pause")
+@click.argument("name")
+def queues_pause(name):
+    """Start no attempt of the queue's jobs until it is resumed (running ones finish)."""
+    queues.pause(name)
+    click.echo(f"queue {name} paused")
+
+
+@queues_group.command("resume")
+@click.argument("name")
+def queues_resume(name):
+    """Let a paused queue's jobs start again."""
+    queues.resume(name)
+    click.echo(f"queue {name} resumed")
+
+
+@queues_group.command("set")
+@click.argument("name")
+@click.option("--concurrency",
+              help="At most N attempts of the queue running at once; none clears it.")
+@click.option("--rate",
+              help="At most N attempts started per second, minute or hour (10/second, "
+                   "600/minute); none clears it.")
+def queues_set(name, concurrency, rate):
+    """Limit a queue (the options given; the others keep their value)."""
+    queue = queues.update_queue(name, queue_changes(concurrency, rate))
+    click.echo(f"queue {name}{' (paused)' if queue.paused else ''}: concurrency "
+               f"{queue.concurrency or 'none'}, rate {queue.rate or 'none'}")
+
+
+def queue_changes(concurrency, rate):
+    """The settings `flask queues set` was given, as the core takes them: `none` clears
+    one, and a concurrency that reads as an integer is one; anything else goes as typed,
+    for the core to refuse naming the setting."""
+    changes = {} if rate is None else {"rate": rate}
+    if concurrency is not None:
+        changes["concurrency"] = (int(concurrency) if re.fullmatch(r"-?[0-9]+", concurrency)
+                                  else concurrency)
+    return {setting: None if value == "none" else value for setting, value in changes.items()}
+
+
 keys_group = Commands("keys", help="Create, list and revoke API keys.")
 
 
@@ -526,6 +586,6 @@ def top_frame(lease_s):
 
 
 def register(app):
-    for command in (db_group, jobs_group, dlq_group, schedules_group, keys_group, prune,
-                    audit_command, handlers_command, top):
+    for command in (db_group, jobs_group, dlq_group, schedules_group, queues_group, keys_group,
+                    prune, audit_command, handlers_command, top):
         app.cli.add_command(command)

@@ -36,6 +36,11 @@ class InvalidKey(Invalid):
     """An API key's name, role or rate limit."""
 
 
+class InvalidSetting(Invalid):
+    """A flow-control setting (SPEC §11): a queue's paused, concurrency or rate, or a rate
+    as written (N/second, N/minute, N/hour)."""
+
+
 class NotFound(Refused):
     """No such job, schedule or key (or one the caller may not see)."""
 

@@ -78,17 +78,27 @@ def list_jobs(*, status=None, type=None, queue=None, api_key_id=None, limit=50, 
 
 def stats(lease_s):
     """Counts by queue and status, the age of the oldest available job, live workers."""
-    queues, totals = {}, {}
-    rows = (Job.select(Job.queue, Job.status, pw.fn.COUNT(Job.id).alias("n"))
-            .group_by(Job.queue, Job.status).tuples())
-    for queue, status, count in rows:
-        queues.setdefault(queue, {})[status] = count
-        totals[status] = totals.get(status, 0) + count
+    queues, totals = counts_by_queue(), {}
+    for counts in queues.values():
+        for status, count in counts.items():
+            totals[status] = totals.get(status, 0) + count
     oldest = (Job.select(pw.fn.MIN(Job.run_at)).where(Job.status.in_(S.PENDING), Job.run_at <= now())
               .scalar())
     age = max(0.0, backend().db_time() - oldest) if oldest is not None else 0.0
     return {"queues": queues, "totals": totals, "oldest_available_age_s": round(age, 3),
             "workers_alive": workers_alive(lease_s)}
+
+
+def counts_by_queue(queue=None):
+    """{queue: {status: count}} of every queue with jobs (of `queue` alone when given);
+    a status without jobs is left out."""
+    rows = Job.select(Job.queue, Job.status, pw.fn.COUNT(Job.id)).group_by(Job.queue, Job.status)
+    if queue is not None:
+        rows = rows.where(Job.queue == queue)
+    counts = {}
+    for name, status, count in rows.tuples():
+        counts.setdefault(name, {})[status] = count
+    return counts
 
 
 def oldest_available_by_queue():

@@ -203,7 +203,7 @@ def _step(worker, reports, limit, event=None):
     claimed, moved, refused = backend().step(worker, rows, limit)
     limited = []
     if len(claimed) < limit and (limits or flow.queue_limits_exist()):
-        limited = backend().claim_limited(worker, limits, flow.RATE_GUARD_S)
+        limited = backend().claim_limited(worker, limits, flow.RATE_GUARD)
     accepted, done = [], []
     for report_, row in zip(reports, rows):
         job, outcome = report_.job, report_.outcome

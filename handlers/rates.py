@@ -1,12 +1,15 @@
-"""How limits are written (SPEC §11): a rate is "N/second", "N/minute" or "N/hour", parsed
-by the `limits` library (flask-limiter's), with N a positive integer. Part of the handler
-API (`@handler(rate=...)`); the queue settings read rates the same way."""
+"""How a rate is written (SPEC §11): "N/second", "N/minute" or "N/hour", N a whole number
+from 1 to 1,000,000. Part of the handler API (`@handler(rate=...)`); a queue's `rate`
+setting is read the same way (core/queues.py), and RATE_PATTERN is its JSON Schema."""
+import re
 from typing import NamedTuple
 
-from limits import parse_many
-
-PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 MAX_COUNT = 1_000_000
+PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+# N from 1 to MAX_COUNT without a leading zero; "$(?!\n)": "$" alone matches before a final
+# newline too.
+RATE_PATTERN = r"^([1-9][0-9]{0,5}|1000000)/(second|minute|hour)$(?!\n)"
+RATE_FORMAT = f"N/second, N/minute or N/hour with N from 1 to {MAX_COUNT:,}"
 
 
 class Rate(NamedTuple):
@@ -20,17 +23,8 @@ class Rate(NamedTuple):
 
 
 def parse_rate(text):
-    """The Rate that text says; ValueError saying what is wrong otherwise."""
-    expected = f"a rate like \"10/second\" (per second, minute or hour), got {text!r}"
-    if not isinstance(text, str) or len(text) > 100:
-        raise ValueError(expected)
-    try:
-        items = parse_many(text)
-    except ValueError:
-        raise ValueError(expected) from None
-    if len(items) != 1 or items[0].multiples != 1 or items[0].GRANULARITY.name not in PERIODS:
-        raise ValueError(expected)
-    count = items[0].amount
-    if not 1 <= count <= MAX_COUNT:
-        raise ValueError(f"a rate's count must be between 1 and {MAX_COUNT:,}, got {text!r}")
-    return Rate(count, PERIODS[items[0].GRANULARITY.name])
+    """The Rate that text says; ValueError saying what a rate must be otherwise."""
+    match = re.match(RATE_PATTERN, text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{RATE_FORMAT}, not {text!r}")
+    return Rate(int(match[1]), PERIODS[match[2]])

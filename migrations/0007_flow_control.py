@@ -69,13 +69,14 @@ END $$
 #
 # p_limits: {type: {"concurrency": n, "rate": [count, period_s], "group_concurrency": n}}
 # for the types with limits; a queue's settings come from `queues`. A rate counts the
-# starts recorded in flow_starts over its period plus p_guard_s (a claimed job starts a few
-# milliseconds after its claim; the guard keeps the starts the handlers see within it).
+# starts recorded in flow_starts over its period and p_guard of it more (a claimed job
+# starts some milliseconds after its claim; the guard keeps the starts the handlers see
+# within the rate).
 # Returns the job claimed (at most one), as the claim statements do.
 CLAIM_LIMITED = """
 CREATE OR REPLACE FUNCTION conveyor_claim_limited(
     p_worker text, p_host text, p_pid integer, p_queues text[], p_limits jsonb,
-    p_guard_s double precision)
+    p_guard double precision)
 RETURNS SETOF jobs LANGUAGE plpgsql AS $$
 DECLARE
     now_s double precision := extract(epoch from clock_timestamp());
@@ -138,14 +139,14 @@ BEGIN
                 END IF;
                 IF NOT FOUND OR lim.rate_count <= (
                     SELECT count(*) FROM flow_starts
-                    WHERE key = lim.key AND started_at > now_s - lim.rate_period_s - p_guard_s)
+                    WHERE key = lim.key AND started_at > now_s - lim.rate_period_s * (1 + p_guard))
                 THEN
                     passed := passed || lim.key;  -- held by another claim, or used up
                     fits := FALSE;
                     EXIT;
                 END IF;
                 DELETE FROM flow_starts
-                WHERE key = lim.key AND started_at <= now_s - lim.rate_period_s - p_guard_s;
+                WHERE key = lim.key AND started_at <= now_s - lim.rate_period_s * (1 + p_guard);
             END IF;
         END LOOP;
         CONTINUE WHEN NOT fits;

@@ -3,7 +3,8 @@ serves (read from its URL map, so a new route is covered the day it is added) ge
 path ids and names, the filters, limits and cursors /openapi.json says it takes (cursors:
 base64 of arbitrary JSON and bytes) and unknown ones, Idempotency-Key headers, and bodies:
 jobs, batches, schedules and schedule changes whose crons range from valid to never firing
-(30 February) and whose timezones from IANA names to directories of the zone database.
+(30 February) and whose timezones from IANA names to directories of the zone database, and
+queue settings from valid to absurd.
 Every answer must be below 500, and every refusal a problem document. Schemathesis
 (test_api_openapi.py) checks the API against its document on one database; this test
 goes where the document does not, on both. Derandomized: every run sends the same requests.
@@ -87,11 +88,18 @@ schedule_bodies = st.fixed_dictionaries({"name": names, "cron": crons, "type": t
                                         optional=schedule_fields)
 schedule_changes = st.fixed_dictionaries({"cron": crons},
                                          optional={"type": types, **schedule_fields})
+queue_changes = st.fixed_dictionaries({}, optional={
+    "paused": st.one_of(st.booleans(), json_values),
+    "concurrency": st.one_of(st.none(), integers, st.floats(), json_values),
+    "rate": st.one_of(st.none(), st.sampled_from(["10/second", "1000000/hour", "1000001/hour",
+                                                  "0/minute", "1e3/second", "10/day"]),
+                      text, json_values)})
 BODIES = {("POST", "/v1/jobs"): job_bodies,
           ("POST", "/v1/jobs/batch"): st.lists(job_bodies, max_size=3).map(
               lambda items: {"jobs": items}),
           ("POST", "/v1/schedules"): schedule_bodies,
-          ("PATCH", "/v1/schedules/<name>"): schedule_changes}
+          ("PATCH", "/v1/schedules/<name>"): schedule_changes,
+          ("PATCH", "/v1/queues/<name>"): queue_changes}
 
 QUERY_VALUES = {"status": st.one_of(st.sampled_from(statuses.STATUSES), text),
                 "type": names, "queue": names, "cursor": cursors,

@@ -71,7 +71,8 @@ def most_started_within(starts, window_s):
 @pytest.mark.parametrize("option, value", [
     ("concurrency", 0), ("concurrency", -1), ("concurrency", 1.5), ("concurrency", "3"),
     ("concurrency", True), ("group_concurrency", 0), ("rate", "0/second"),
-    ("rate", "10/day"), ("rate", "ten/second"), ("rate", 10), ("rate", "10/second;1/minute")])
+    ("rate", "10/day"), ("rate", "ten/second"), ("rate", 10), ("rate", "10/second;1/minute"),
+    ("rate", "10 per second"), ("rate", "010/second")])
 def test_a_bad_limit_stops_the_handler_from_loading_with_one_line(option, value):
     with pytest.raises(handlers.HandlerError) as refused:
         handlers.handler("flow.bad", **{option: value})

@@ -1,4 +1,5 @@
-"""What jobs, attempts and workers look like to users: the JSON of the API and of `--json`."""
+"""What jobs, attempts, workers and queues look like to users: the JSON of the API and of
+`--json`."""
 from core.times import timestamp
 from core import status as statuses
 
@@ -99,6 +100,18 @@ def schedule_run(row):
         "job_status": getattr(row, "job_status", None),
         "reason": row.reason,
         "fired_at": timestamp(row.created_at),
+    }
+
+
+def queue(row):
+    """A queue (core.queues.Queue): its jobs by status and its settings."""
+    return {
+        "name": row.name,
+        "counts": row.counts,
+        "paused": row.paused,
+        "concurrency": row.concurrency,
+        "rate": row.rate,
+        "updated_at": timestamp(row.updated_at),
     }
 
 

@@ -7,7 +7,7 @@ tests/test_api_openapi.py fails while a route of the app is missing here.
 """
 import copy
 
-from core import history, schedules, submission
+from core import history, queues, schedules, submission
 from core import status as statuses
 
 MAX_ID = 2 ** 63 - 1
@@ -202,6 +202,34 @@ SCHEMAS = {
     "ScheduleChange": {**schedules.CHANGE_SCHEMA,
                        "description": "The fields to change; a new cron or timezone, or a "
                                       "resume, starts from the next slot."},
+    "Queue": {
+        "type": "object",
+        "required": ["name", "counts", "paused", "concurrency", "rate", "updated_at"],
+        "properties": {
+            "name": {"type": "string"},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"},
+                       "description": "The queue's jobs by status, as in Stats (a status "
+                                      "without jobs is left out)."},
+            "paused": {"type": "boolean",
+                       "description": "No attempt of the queue starts while it is paused."},
+            "concurrency": nullable({"type": "integer", "minimum": 1,
+                                     "description": "At most this many attempts running."}),
+            "rate": nullable({"type": "string", "pattern": queues.RATE_PATTERN,
+                              "description": "At most N attempts start in any interval "
+                                             "of that length."}),
+            "updated_at": nullable({**TIME, "description": "When its settings last "
+                                                           "changed; null if never set."}),
+        },
+    },
+    "QueuePage": {
+        "type": "object",
+        "required": ["items", "next_cursor"],
+        "properties": {"items": {"type": "array", "items": ref("Queue")},
+                       "next_cursor": {"type": "null"}},
+    },
+    "QueueChange": {**queues.CHANGE_SCHEMA,
+                    "description": "The settings to change; a setting left out keeps its "
+                                   "value. They take effect on every host at its next claim."},
     "Health": {
         "type": "object",
         "required": ["status", "rate_limit_storage"],
@@ -344,6 +372,9 @@ SCHEDULE_NAME = parameter("name", "path", {"type": "string", "pattern": schedule
 LOCATED_SCHEDULE = {"schema": {"type": "string"}, "required": True,
                     "description": "The schedule's URL."}
 
+QUEUE_NAME = parameter("name", "path", {"type": "string", "pattern": submission.NAME_PATTERN},
+                       "The queue's name.")
+
 PATHS = {
     "/v1/jobs": {
         "post": operation(
@@ -441,6 +472,25 @@ PATHS = {
             parameters=[SCHEDULE_NAME],
             ok={"204": {"description": "Deleted; jobs it enqueued stay."}},
             errors=["NotFound"]),
+    },
+    "/v1/queues": {
+        "get": operation(
+            "listQueues", "Every known queue with its jobs by status and its settings",
+            tag="queues", access="admin",
+            ok={"200": json_response("Every queue with jobs or settings, by name.",
+                                     ref("QueuePage"))},
+            errors=["Invalid"], description="422 for any query parameter: it takes none."),
+    },
+    "/v1/queues/{name}": {
+        "patch": operation(
+            "changeQueue", "Pause, resume or limit a queue", tag="queues", access="admin",
+            parameters=[QUEUE_NAME], body=ref("QueueChange"),
+            ok={"200": json_response("The queue with its new settings.", ref("Queue"))},
+            errors=["NotFound"],
+            description="A queue without jobs may be set too (its settings wait for its "
+                        "jobs). A paused queue's jobs stay available (running ones finish); "
+                        "a change takes effect on every host within 2 s. 422 for a name "
+                        "that is no queue's; 404 when the path is not one name."),
     },
     "/v1/stats": {
         "get": operation("getStats", "Job counts, queue age and live workers", tag="ops",

@@ -66,12 +66,12 @@ def claim_statement(worker, limit):
     return SQL["step"], _step_params(worker, [], limit)
 
 
-def claim_limited(worker, limits, guard_s):
+def claim_limited(worker, limits, guard):
     """Claim at most one due job under limits for `worker` (see postgres.sql)."""
     return rows(models.execute(SQL["claim_limited"], {
         "worker_id": worker.id, "host": worker.host, "pid": worker.pid,
         "queues": list(worker.queues) if worker.queues else None,
-        "limits": _compact_json.encode(limits), "guard_s": guard_s}))
+        "limits": _compact_json.encode(limits), "guard": guard}))
 
 
 def stale_claim(owner, lease_s):

@@ -98,7 +98,7 @@ SELECT id, type, queue, payload, priority, run_at, max_attempts, timeout_s, back
        backoff_max_s, attempt, attempt_base, idempotency_key, started_at, cancel_requested_at,
        lease_owner
 FROM conveyor_claim_limited(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
-                            %(limits)s::jsonb, %(guard_s)s);
+                            %(limits)s::jsonb, %(guard)s);
 
 -- name: stale_claim
 -- The running jobs of one worker whose heartbeat is older than %(lease_s)s, locked, with

@@ -82,7 +82,7 @@ def _any_due(worker, now):
     return bool(rows(due)[0]["due"])
 
 
-def claim_limited(worker, limits, guard_s):
+def claim_limited(worker, limits, guard):
     """What postgres.claim_limited does (conveyor_claim_limited, in
     migrations/0006_flow_control.py), in one transaction: under BEGIN IMMEDIATE this
     process is the only writer, so its counts are exact."""
@@ -94,7 +94,7 @@ def claim_limited(worker, limits, guard_s):
         for job in candidates:
             over = limits_over(job, limits.get(job["type"], {}))
             full = next((limit for limit in over if limit.key in passed
-                         or not _has_room(limit, job, now, guard_s)), None)
+                         or not _has_room(limit, job, now, guard)), None)
             if full is not None:
                 passed.add(full.key)
                 continue
@@ -105,7 +105,7 @@ def claim_limited(worker, limits, guard_s):
             _start_attempts(worker, claimed, now)
             for limit in over:
                 if limit.rate_period_s is not None:
-                    since = now - limit.rate_period_s - guard_s
+                    since = now - limit.rate_period_s * (1 + guard)
                     db.execute_sql(SQL["forget_starts"], {"key": limit.key, "since": since})
                     db.execute_sql(SQL["record_start"], {"key": limit.key, "now": now})
             return claimed
@@ -137,13 +137,13 @@ def limits_over(job, type_limits):
 _RUNNING = {"type": "running_of_type", "group": "running_of_group", "queue": "running_of_queue"}
 
 
-def _has_room(limit, job, now, guard_s):
+def _has_room(limit, job, now, guard):
     if limit.concurrency is not None:
         running = rows(db.execute_sql(SQL[_RUNNING[limit.kind]], job))[0]["running"]
         if running >= limit.concurrency:
             return False
     if limit.rate_count is not None:
-        since = now - limit.rate_period_s - guard_s
+        since = now - limit.rate_period_s * (1 + guard)
         started = rows(db.execute_sql(SQL["starts_since"], {"key": limit.key, "since": since}))
         if started[0]["started"] >= limit.rate_count:
             return False
