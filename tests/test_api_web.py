@@ -65,7 +65,7 @@ def curl_operation(command):
     words = shlex.split(command)
     url = next(word for word in words if "localhost:" in word)
     path = url.split("localhost:5000", 1)[1].split("?")[0]
-    path = re.sub(r"/v1/schedules/[^/]+", "/v1/schedules/{name}", re.sub(r"/\d+", "/{job_id}", path))
+    path = re.sub(r"/v1/(schedules|queues)/[^/]+", r"/v1/\1/{name}", re.sub(r"/\d+", "/{job_id}", path))
     method = words[words.index("-X") + 1] if "-X" in words else ("POST" if "-d" in words else "GET")
     return method, path
 
