@@ -45,7 +45,7 @@ def test_the_waiting_predicate_is_the_pending_statuses():
 
 
 @pytest.mark.parametrize("db, name", [
-    ("postgres", "step"), ("sqlite", "claim"), ("sqlite", "claim_from_queue"),
+    ("postgres", "step"), ("sqlite", "due"), ("sqlite", "due_in_queue"),
     ("sqlite", "claim_ids"), ("sqlite", "any_due"), ("sqlite", "any_due_in_queue"),
     ("sqlite", "limited_candidates")])
 def test_a_claim_spells_the_partial_index_predicate_word_for_word(db, name):
@@ -78,4 +78,4 @@ def test_both_databases_name_their_statements_once_each():
     for statements in STORES.values():
         assert all(sql.strip() and not sql.rstrip().endswith(";") for sql in statements.values())
     assert {"step", "insert_jobs", "stale_claim"} <= set(postgres.SQL)
-    assert {"move", "end_attempt", "fence", "claim", "insert_jobs", "stale_claim"} <= set(sqlite.SQL)
+    assert {"move", "end_attempt", "fence", "due", "insert_jobs", "stale_claim"} <= set(sqlite.SQL)

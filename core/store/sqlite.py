@@ -47,27 +47,31 @@ def step(worker, reports, limit):
             elif report["fence"] and db.execute_sql(SQL["fence"], values).fetchone():
                 refused.add(report["id"])
         if limit:
-            claimed = rows(db.execute_sql(*claim_statement(worker, limit, now)))
-            _start_attempts(worker, claimed, now)
+            due = [row["id"] for row in rows(db.execute_sql(*claim_statement(worker, limit, now)))]
+            claimed = _start(worker, due, now)
     return claimed, moved, refused
 
 
-def _start_attempts(worker, claimed, now):
-    """The attempt rows of the jobs a claim started."""
+def _start(worker, job_ids, now):
+    """Start these jobs for worker (those still waiting), with their attempt rows."""
+    if not job_ids:
+        return []
+    claimed = rows(db.execute_sql(SQL["claim_ids"], {
+        "ids": json.dumps(job_ids), "worker_id": worker.id, "now": now}))
     if claimed:
         db.execute_sql(SQL["start_attempts"], {
             "claimed": _compact_json.encode([(job["id"], job["attempt"]) for job in claimed]),
             "worker_id": worker.id, "host": worker.host, "pid": worker.pid, "now": now})
+    return claimed
 
 
 def claim_statement(worker, limit, now=None):
-    """(sql, params): the statement a claim of `limit` jobs for `worker` runs."""
+    """(sql, params): the statement through which a claim of `limit` jobs for `worker`
+    finds them (claim_ids then starts them)."""
     now = time.time() if now is None else now
     if len(worker.queues) == 1:
-        return SQL["claim_from_queue"], {"worker_id": worker.id, "now": now, "limit": limit,
-                                         "queue": worker.queues[0]}
-    return SQL["claim"], {"worker_id": worker.id, "now": now, "limit": limit,
-                          "queues": _queues(worker)}
+        return SQL["due_in_queue"], {"now": now, "limit": limit, "queue": worker.queues[0]}
+    return SQL["due"], {"now": now, "limit": limit, "queues": _queues(worker)}
 
 
 def _queues(worker):
@@ -98,11 +102,9 @@ def claim_limited(worker, limits, guard):
             if full is not None:
                 passed.add(full.key)
                 continue
-            claimed = rows(db.execute_sql(SQL["claim_ids"], {
-                "ids": json.dumps([job["id"]]), "worker_id": worker.id, "now": now}))
+            claimed = _start(worker, [job["id"]], now)
             if not claimed:
                 continue
-            _start_attempts(worker, claimed, now)
             for limit in over:
                 if limit.rate_period_s is not None:
                     since = now - limit.rate_period_s * (1 + guard)

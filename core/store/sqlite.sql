@@ -68,44 +68,31 @@ UPDATE attempts SET fenced = 1
 WHERE job_id = :id AND number = :attempt AND status <> :attempt_status
 RETURNING job_id AS id;
 
--- name: claim
--- Start up to :limit due jobs, of every queue when :queues is null, else of the queues in
--- that JSON array, for :worker_id (jobs_claim gives them in the order they are taken): only
--- jobs under no limit (not held, not in a paused or limited queue); claim_limited takes
--- those.
-UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker_id,
-                heartbeat_at = :now, started_at = :now
-WHERE id IN (
-    SELECT id FROM jobs
-    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
-      AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
-      AND NOT held AND queue NOT IN (SELECT name FROM queues
-                                     WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
-    ORDER BY priority, run_at, id
-    LIMIT :limit)
-RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
-          backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
-          cancel_requested_at, lease_owner;
+-- name: due
+-- Up to :limit due jobs under no limit (not held, not in a paused or limited queue), of
+-- every queue when :queues is null, else of the queues in that JSON array, in the order a
+-- claim takes them (jobs_claim's); claim_ids starts them. claim_limited takes held jobs.
+SELECT id FROM jobs
+WHERE status IN ('available', 'scheduled', 'retryable') AND NOT held AND run_at <= :now
+  AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+  AND queue NOT IN (SELECT name FROM queues
+                    WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
+ORDER BY priority, run_at, id
+LIMIT :limit;
 
--- name: claim_from_queue
--- `claim` for a worker of one queue, :queue, through jobs_claim_by_queue (SQLite cannot
--- tell how many queues a JSON array holds, so it would walk every queue's waiting jobs).
-UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker_id,
-                heartbeat_at = :now, started_at = :now
-WHERE id IN (
-    SELECT id FROM jobs
-    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= :now
-      AND queue = :queue
-      AND NOT held AND queue NOT IN (SELECT name FROM queues
-                                     WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
-    ORDER BY priority, run_at, id
-    LIMIT :limit)
-RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
-          backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
-          cancel_requested_at, lease_owner;
+-- name: due_in_queue
+-- `due` for a worker of one queue, :queue, through jobs_claim_by_queue (SQLite cannot tell
+-- how many queues a JSON array holds, so `due` would walk every queue's waiting jobs).
+SELECT id FROM jobs
+WHERE queue = :queue AND status IN ('available', 'scheduled', 'retryable') AND NOT held
+  AND run_at <= :now AND :queue NOT IN (
+      SELECT name FROM queues WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
+ORDER BY priority, run_at, id
+LIMIT :limit;
 
 -- name: claim_ids
--- Start the jobs (a JSON array of ids) a claim chose, for :worker_id, those still waiting.
+-- Start the jobs (a JSON array of ids) a claim chose (`due`, `due_in_queue`, or
+-- claim_limited), for :worker_id, those still waiting.
 UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker_id,
                 heartbeat_at = :now, started_at = :now
 WHERE id IN (SELECT value FROM json_each(:ids))
