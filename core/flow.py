@@ -17,6 +17,24 @@ QUEUE_LIMITS_TTL_S = 1.0
 _queue_limits = {"checked_at": float("-inf"), "any": False}
 
 
+# How long a process trusts what it found of the lanes (fair share): a worker looks again,
+# four times a second at most, whether more than one (queue, priority, API key) waits.
+LANES_TTL_S = 0.25
+_lanes = {}  # the worker's queues -> (checked at, several lanes wait)
+
+
+def several_lanes(worker, backend):
+    """Whether jobs of more than one lane (queue, priority, API key) wait for `worker`'s
+    queues: only then does its claim take them by turns, which costs a statement more."""
+    current = time.monotonic()
+    checked_at, several = _lanes.get(worker.queues, (float("-inf"), False))
+    if current - checked_at >= LANES_TTL_S:
+        found = {(row["queue"], row["priority"], row["owner"]) for row in backend.turns(worker, 1)}
+        several = len(found) > 1
+        _lanes[worker.queues] = (current, several)
+    return several
+
+
 def type_limits():
     """{type: {"concurrency", "rate": [count, period_s], "group_concurrency"}} for the job
     types with limits, as the claims read them."""

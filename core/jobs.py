@@ -200,7 +200,11 @@ def _step(worker, reports, limit, event=None):
     if not rows and not limit:
         return [], [], []
     limits = flow.type_limits()
-    claimed, moved, refused = backend().step(worker, rows, limit)
+    store = backend()
+    turns = None
+    if limit and flow.several_lanes(worker, store):  # fair share between API keys
+        turns = [row["id"] for row in store.turns(worker, limit)]
+    claimed, moved, refused = store.step(worker, rows, limit, turns)
     limited = []
     if len(claimed) < limit and (limits or flow.queue_limits_exist()):
         limited = backend().claim_limited(worker, limits, flow.RATE_GUARD)

@@ -215,3 +215,29 @@ def test_a_bad_group_is_422_naming_the_field_and_in_a_batch_the_index(api, group
     assert batch.status_code == 422
     assert any(error.startswith("1: group") for error in batch.get_json()["errors"])
     assert Job.select().count() == 0
+
+
+# ---------------------------------------------------------------------------- fair share
+
+def test_a_keys_backlog_does_not_hold_up_another_keys_jobs(flowing, effects_log):
+    """Key A submits 20,000 jobs, then key B submits 20: B's jobs start within a few job
+    durations, not after A's backlog (oldest first would make them wait for all of it)."""
+    from core import jobs, submission
+    from conftest import rules
+    supervisors(flowing)
+    job = submission.validate_submission(
+        {"type": "flow.free", "payload": {"log": effects_log, "s": 0.005}}, rules())
+    for _ in range(20):
+        jobs.enqueue([job] * 1000, api_key_id=1)
+    submitted_at = time.time()
+    late = [stored.id for stored, _ in jobs.enqueue([job] * 20, api_key_id=2)]
+    wait_for(lambda: all((job_id, 1) in runs(effects_log) for job_id in late), timeout=30,
+             message="key B's jobs to start")
+
+    spans = runs(effects_log)
+    waited = max(spans[job_id, 1][0] for job_id in late) - submitted_at
+    waiting = Job.select().where(Job.api_key_id == 1, Job.status == "available").count()
+    print(f"key B's 20 jobs all started {waited * 1000:.0f} ms after they were submitted, "
+          f"with {waiting:,} of key A's jobs still waiting")
+    # A's backlog takes 20,000 x 5 ms / 8 workers = 12.5 s at the very least.
+    assert waited < 1.5 and waiting > 10_000

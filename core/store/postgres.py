@@ -38,11 +38,12 @@ def insert_jobs(new_jobs, api_key_id, limited_types):
     return rows(cursor)
 
 
-def step(worker, reports, limit):
+def step(worker, reports, limit, turns=None):
     """Record reported outcomes (dicts, as core.jobs._reported makes them) and claim up to
-    `limit` jobs under no limit for `worker`, in one statement. Returns (claimed rows,
-    {id: moved row}, {refused ids})."""
-    cursor = models.execute(SQL["step"], _step_params(worker, reports, limit))
+    `limit` jobs under no limit for `worker`, in one statement: the oldest, or those of
+    `turns` (ids, fair share) in that order. Returns (claimed rows, {id: moved row},
+    {refused ids})."""
+    cursor = models.execute(SQL["step"], _step_params(worker, reports, limit, turns))
     claimed, moved, refused = [], {}, set()
     for kind, row in cursor.fetchall():
         if kind == "claimed":
@@ -54,8 +55,8 @@ def step(worker, reports, limit):
     return claimed, moved, refused
 
 
-def _step_params(worker, reports, limit):
-    return {"reports": _compact_json.encode(reports), "limit": limit,
+def _step_params(worker, reports, limit, turns=None):
+    return {"reports": _compact_json.encode(reports), "limit": limit, "turns": turns,
             "queues": list(worker.queues) if worker and worker.queues else None,
             "worker_id": worker and worker.id, "host": worker and worker.host,
             "pid": worker and worker.pid}
@@ -64,6 +65,13 @@ def _step_params(worker, reports, limit):
 def claim_statement(worker, limit):
     """(sql, params): the statement a claim of `limit` jobs for `worker` runs."""
     return SQL["step"], _step_params(worker, [], limit)
+
+
+def turns(worker, limit):
+    """Fair share: [{id, queue, priority, owner}] of the due jobs to claim next, every
+    lane's oldest first (see postgres.sql, turns)."""
+    return rows(models.execute(SQL["turns"], {
+        "limit": limit, "queues": list(worker.queues) if worker.queues else None}))
 
 
 def claim_limited(worker, limits, guard):

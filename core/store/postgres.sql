@@ -61,7 +61,8 @@ ORDER BY id;
 -- of a running job (migrations/0006_record_function.py). A function, so that a claim with
 -- nothing to report does not plan the statements that record (a worker's session plans
 -- every statement afresh: see models.open_database). It claims only jobs under no limit (not
--- held, not in a paused or limited queue); claim_limited takes those.
+-- held, not in a paused or limited queue); claim_limited takes those. Oldest first, or, when
+-- %(turns)s is given (fair share: the ids `turns` chose), those in that order.
 --
 -- Answers one row per claimed job, moved job and refused report: (kind, row as JSON).
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
@@ -71,7 +72,10 @@ next AS (
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
       AND NOT held AND queue NOT IN (SELECT name FROM queues
                                      WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
-    ORDER BY priority, run_at, id
+      AND (%(turns)s::bigint[] IS NULL OR id = ANY(%(turns)s::bigint[]))
+    ORDER BY CASE WHEN %(turns)s::bigint[] IS NULL THEN 0
+                  ELSE array_position(%(turns)s::bigint[], id) END,
+             priority, run_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED),
 claimed AS (
@@ -89,6 +93,48 @@ started AS (
 SELECT 'claimed' AS kind, to_json(claimed) AS row FROM claimed
 UNION ALL
 SELECT recorded.kind, recorded.row FROM conveyor_record(%(reports)s::json) AS recorded;
+
+-- name: turns
+-- Fair share (SPEC §11): the waiting jobs fall into lanes, one per (queue, priority, API
+-- key), found by a recursive skip through jobs_lanes (one probe a lane, so a key's backlog
+-- is never read through). This answers the ids (and lanes) of up to %(limit)s x 4 due
+-- jobs under no limit of the queues in %(queues)s (every queue when null), every lane's
+-- oldest first,
+-- then every lane's second..., lower priority first, and within a turn the lanes whose key
+-- has the fewest jobs running first. Read without locks; `step` then claims %(limit)s of
+-- them (those still waiting, passing over those another worker holds) in this order.
+WITH RECURSIVE clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
+lanes (queue, priority, owner) AS (
+    (SELECT queue, priority, COALESCE(api_key_id, 0) FROM jobs
+     WHERE status IN ('available', 'scheduled', 'retryable') AND NOT held
+       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+     ORDER BY queue, priority, COALESCE(api_key_id, 0)
+     LIMIT 1)
+    UNION ALL
+    SELECT later.* FROM lanes AS l CROSS JOIN LATERAL (
+        SELECT queue, priority, COALESCE(api_key_id, 0) FROM jobs
+        WHERE status IN ('available', 'scheduled', 'retryable') AND NOT held
+          AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+          AND (queue, priority, COALESCE(api_key_id, 0)) > (l.queue, l.priority, l.owner)
+        ORDER BY queue, priority, COALESCE(api_key_id, 0)
+        LIMIT 1) AS later),
+running AS (
+    SELECT queue, COALESCE(api_key_id, 0) AS owner, count(*) AS jobs FROM jobs
+    WHERE status = 'running' GROUP BY 1, 2)
+SELECT j.id, l.queue, l.priority, l.owner FROM lanes AS l
+LEFT JOIN running AS r ON r.queue = l.queue AND r.owner = l.owner
+CROSS JOIN LATERAL (
+    SELECT id, run_at, row_number() OVER (ORDER BY run_at, id) AS turn FROM (
+        SELECT id, run_at FROM jobs
+        WHERE status IN ('available', 'scheduled', 'retryable') AND NOT held
+          AND queue = l.queue AND priority = l.priority AND COALESCE(api_key_id, 0) = l.owner
+          AND run_at <= (SELECT now FROM clock)
+        ORDER BY run_at, id
+        LIMIT %(limit)s) AS oldest) AS j
+WHERE l.queue NOT IN (SELECT name FROM queues
+                      WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
+ORDER BY l.priority, j.turn, COALESCE(r.jobs, 0), j.run_at, j.id
+LIMIT %(limit)s * 4;
 
 -- name: claim_limited
 -- Claim at most one due job under limits (a type of %(limits)s, or a queue with a

@@ -29,7 +29,7 @@ def insert_jobs(new_jobs, api_key_id, limited_types):
     return sorted(rows(cursor), key=lambda row: row["id"])
 
 
-def step(worker, reports, limit):
+def step(worker, reports, limit, turns=None):
     """What postgres.step does, as several statements in one transaction (BEGIN
     IMMEDIATE: the write lock first, so no lock upgrade can fail)."""
     if not reports and not _any_due(worker, time.time()):
@@ -47,7 +47,8 @@ def step(worker, reports, limit):
             elif report["fence"] and db.execute_sql(SQL["fence"], values).fetchone():
                 refused.add(report["id"])
         if limit:
-            due = [row["id"] for row in rows(db.execute_sql(*claim_statement(worker, limit, now)))]
+            due = turns[:limit] if turns is not None else [
+                row["id"] for row in rows(db.execute_sql(*claim_statement(worker, limit, now)))]
             claimed = _start(worker, due, now)
     return claimed, moved, refused
 
@@ -84,6 +85,26 @@ def _any_due(worker, now):
     else:
         due = db.execute_sql(SQL["any_due"], {"now": now, "queues": _queues(worker)})
     return bool(rows(due)[0]["due"])
+
+
+def turns(worker, limit):
+    """What postgres.turns answers: the lanes found one seek at a time (next_lane), each
+    lane's oldest `limit` due jobs (lane_jobs), taken by turns."""
+    held = {row["name"] for row in rows(db.execute_sql(SQL["held_queues"]))}
+    lanes, lane = [], {"queue": "", "priority": -2 ** 63, "owner": -1}  # before every lane
+    while True:
+        found = rows(db.execute_sql(SQL["next_lane"], {**lane, "queues": _queues(worker)}))
+        if not found:
+            break
+        lane = found[0]
+        if lane["queue"] not in held:
+            lanes.append(lane)
+    now, waiting = time.time(), []
+    for lane in lanes:
+        due = rows(db.execute_sql(SQL["lane_jobs"], {**lane, "now": now, "limit": limit}))
+        waiting += [((lane["priority"], turn, job["running"], job["run_at"], job["id"]),
+                     {"id": job["id"], **lane}) for turn, job in enumerate(due)]
+    return [chosen for _, chosen in sorted(waiting, key=lambda pair: pair[0])[:limit * 4]]
 
 
 def claim_limited(worker, limits, guard):

@@ -90,6 +90,46 @@ WHERE queue = :queue AND status IN ('available', 'scheduled', 'retryable') AND N
 ORDER BY priority, run_at, id
 LIMIT :limit;
 
+-- name: held_queues
+-- The queues whose jobs no plain claim takes: paused, or under a concurrency or a rate.
+SELECT name FROM queues WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL;
+
+-- name: next_lane
+-- Fair share (SPEC §11): the waiting jobs fall into lanes, one per (queue, priority, API
+-- key). The lane after (:queue, :priority, :owner) among the queues in :queues (every
+-- queue when null), through jobs_lanes: the next key at the same queue and priority, else
+-- the next priority of the queue, else the next queue; each a seek, so a key's backlog is
+-- never read through.
+SELECT * FROM (
+    SELECT queue, priority, COALESCE(api_key_id, 0) AS owner FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND NOT held AND queue = :queue
+      AND priority = :priority AND COALESCE(api_key_id, 0) > :owner
+    ORDER BY COALESCE(api_key_id, 0) LIMIT 1)
+UNION ALL
+SELECT * FROM (
+    SELECT queue, priority, COALESCE(api_key_id, 0) AS owner FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND NOT held AND queue = :queue
+      AND priority > :priority
+    ORDER BY priority, COALESCE(api_key_id, 0) LIMIT 1)
+UNION ALL
+SELECT * FROM (
+    SELECT queue, priority, COALESCE(api_key_id, 0) AS owner FROM jobs
+    WHERE status IN ('available', 'scheduled', 'retryable') AND NOT held AND queue > :queue
+      AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+    ORDER BY queue, priority, COALESCE(api_key_id, 0) LIMIT 1)
+LIMIT 1;
+
+-- name: lane_jobs
+-- The oldest :limit due jobs of one lane, and how many jobs of its key run in its queue.
+SELECT id, run_at, (SELECT count(*) FROM jobs AS r
+                    WHERE r.status = 'running' AND r.queue = :queue
+                      AND COALESCE(r.api_key_id, 0) = :owner) AS running
+FROM jobs
+WHERE status IN ('available', 'scheduled', 'retryable') AND NOT held AND queue = :queue
+  AND priority = :priority AND COALESCE(api_key_id, 0) = :owner AND run_at <= :now
+ORDER BY run_at, id
+LIMIT :limit;
+
 -- name: claim_ids
 -- Start the jobs (a JSON array of ids) a claim chose (`due`, `due_in_queue`, or
 -- claim_limited), for :worker_id, those still waiting.
