@@ -35,6 +35,17 @@ def several_lanes(worker, backend):
     return several
 
 
+def starts_too_late(job, waited_s):
+    """Whether a claimed job of a rate-limited type would begin too long after its claim
+    (waited_s since the claim was asked for): a rate counts claims over its period and
+    RATE_GUARD of it more, so a handler that begins within that guard of its claim keeps
+    the starts within the rate; a later one is given back instead (its attempt released,
+    not counted) and claimed again when the rate allows."""
+    entry = handlers.get(job.type)
+    return entry is not None and entry.rate is not None \
+        and waited_s > RATE_GUARD * entry.rate.period_s
+
+
 def type_limits():
     """{type: {"concurrency", "rate": [count, period_s], "group_concurrency"}} for the job
     types with limits, as the claims read them."""

@@ -24,7 +24,7 @@ from functools import partial
 import handlers
 from core import status as states
 from core.policy import Outcome
-from core import jobs
+from core import flow, jobs
 from core import workers
 from infra import metrics
 from core.errors import LeaseLost
@@ -126,6 +126,12 @@ class WorkerProcess:
                             extra=_tags(job, self.worker))
                 with self.claim_lock:
                     self.unstarted.pop(0)
+                continue
+            if flow.starts_too_late(job, time.monotonic() - asked_m):
+                with self.claim_lock:
+                    self.unstarted.pop(0)
+                self._until_done(partial(jobs.release, self.worker.id, [job.id],
+                                         "it would start too long after its claim for its rate"))
                 continue
             with self.claim_lock:
                 self.unstarted.pop(0)  # it is begun from here on
