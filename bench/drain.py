@@ -205,8 +205,11 @@ def main():
     parser.add_argument("--rate", help='bench.rated\'s limit (default "1000/second")')
     parser.add_argument("--json-out", help="also write the figures as JSON here")
     args = parser.parse_args()
-    limits = {name: str(value) for name, value in (("BENCH_CONCURRENCY", args.concurrency),
-                                                   ("BENCH_RATE", args.rate)) if value}
+    limits = {}
+    if args.type == "capped":
+        limits["BENCH_CONCURRENCY"] = str(args.concurrency or 4)
+    if args.type == "rated":
+        limits["BENCH_RATE"] = args.rate or "1000/second"
     result = run(args.db, args.jobs, args.workers, profile=args.profile,
                  run_audit=not args.no_audit, type=args.type, limits=limits)
     common.say(report(result))
