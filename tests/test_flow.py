@@ -162,24 +162,22 @@ def test_a_queues_concurrency_holds_for_jobs_of_any_type(flowing, effects_log):
 
 # ---------------------------------------------------------------------------- under fire
 
-@pytest.mark.slow
-def test_limits_hold_while_workers_and_a_supervisor_are_killed(flowing, effects_log):
-    doomed, survivor = supervisors(flowing, LEASE_S=3)
-    ids = flowing.submit_many("flow.capped", [{"log": effects_log, "s": 0.05}] * 300)
-    chaos = random.Random(7)
-    deadline = time.monotonic() + 8
+def kill_running_workers(survivor, seconds, seed=7):
+    """kill -9, every half second, a worker of `survivor` that runs an attempt (an idle one
+    costs nothing to kill, and proves nothing)."""
+    chaos = random.Random(seed)
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         busy = {a.pid for a in Attempt.select(Attempt.pid).where(Attempt.status == "running")}
         pids = sorted(busy & set(survivor.worker_pids()))
         if pids:
             os.kill(chaos.choice(pids), signal.SIGKILL)  # its running attempt is crashed
         time.sleep(0.5)  # the pace of the chaos, not a wait for a condition
-    doomed.kill_host()
-    flowing.wait_until_final(ids, timeout=180)
 
-    assert set(flowing.statuses(ids).values()) == {"succeeded"}
-    # A run killed mid-way logged no end: it held its place until its crash was recorded,
-    # the end of its attempt (on this host's clock: the database's is the same machine's).
+
+def runs_through_crashes(effects_log, ids):
+    """runs(), a run killed mid-way ending when its crash was recorded: it held its place
+    until then (the database's clock is this machine's)."""
     spans = runs(effects_log)
     killed = {(a.job_id, a.number): a.finished_at for a in Attempt.select().where(
         Attempt.job_id.in_(ids), Attempt.status == "crashed")}
@@ -187,9 +185,44 @@ def test_limits_hold_while_workers_and_a_supervisor_are_killed(flowing, effects_
     for run, span in spans.items():
         if span[1] is None:
             span[1] = killed[run]
-    assert most_at_once(spans.values()) <= 3
+    return spans
+
+
+@pytest.mark.slow
+def test_limits_hold_while_workers_and_a_supervisor_are_killed(flowing, effects_log):
+    doomed, survivor = supervisors(flowing, LEASE_S=3)
+    ids = flowing.submit_many("flow.capped", [{"log": effects_log, "s": 0.05}] * 300)
+    kill_running_workers(survivor, 8)
+    doomed.kill_host()
+    flowing.wait_until_final(ids, timeout=180)
+
+    assert set(flowing.statuses(ids).values()) == {"succeeded"}
+    assert most_at_once(runs_through_crashes(effects_log, ids).values()) <= 3
     assert_audit_clean(flowing)
 
+
+@pytest.mark.slow
+def test_a_group_and_a_rate_hold_while_workers_are_killed(flowing, effects_log):
+    supervisors(flowing, count=1, LEASE_S=3)
+    survivor = flowing.supervisors[0]
+    groups = {}
+    for n in range(120):
+        [job_id] = flowing.submit_many("flow.serial", [{"log": effects_log, "s": 0.1}],
+                                       group=f"customer-{n % 4}")
+        groups[job_id] = n % 4
+    rated_log = effects_log + ".rated"
+    rated = flowing.submit_many("flow.rated", [{"log": rated_log, "s": 0.05}] * 80)
+    kill_running_workers(survivor, 6, seed=11)
+    flowing.wait_until_final(list(groups) + rated, timeout=180)
+
+    assert set(flowing.statuses(list(groups) + rated).values()) == {"succeeded"}
+    spans = runs_through_crashes(effects_log, list(groups))
+    for group in range(4):
+        assert most_at_once([span for (job_id, _), span in spans.items()
+                             if groups[job_id] == group]) == 1
+    starts = [start for start, _ in runs(rated_log).values()]
+    assert most_started_within(starts, 1.0) <= 20
+    assert_audit_clean(flowing)
 
 
 # ---------------------------------------------------------------------------- a job's group
