@@ -252,10 +252,10 @@ def _reported(report_):
 def _wake_for_places(done, limits):
     """A job under a limit that ended freed a place: wake idle workers (every supervisor's,
     on PostgreSQL) to take the next one, rather than leave it to their next poll."""
-    if not done or not (limits or flow.queue_limits_exist()):
+    if not done:
         return
-    freed = Counter(f.job.queue for f in done
-                    if f.job.type in limits or flow.queue_limits_exist())
+    queues_limited = flow.queue_limits_exist()
+    freed = Counter(f.job.queue for f in done if queues_limited or f.job.type in limits)
     if freed:
         backend().notify(freed)
 

@@ -1,8 +1,6 @@
 """The core's statements on PostgreSQL (postgres.sql), run prepared (models.execute)."""
-import json
-
 import models
-from core.store.queries import load, rows
+from core.store.queries import compact_json, load, rows
 
 SQL = load("postgres.sql")
 
@@ -15,9 +13,6 @@ def notify_payload(queue, count):
     """What a NOTIFY on NOTIFY_CHANNEL says: count new jobs available now in queue (the
     statements that store jobs write the same text in SQL)."""
     return f"{queue}:{count}"
-
-
-_compact_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def db_time():
@@ -33,7 +28,7 @@ def insert_jobs(new_jobs, api_key_id, limited_types):
               new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
               new.idempotency_key, new.request_hash, new.group_key) for new in new_jobs]
     cursor = models.execute(SQL["insert_jobs"], {
-        "jobs": _compact_json.encode(given), "api_key_id": api_key_id, "channel": NOTIFY_CHANNEL,
+        "jobs": compact_json.encode(given), "api_key_id": api_key_id, "channel": NOTIFY_CHANNEL,
         "limited_types": list(limited_types)})
     return rows(cursor)
 
@@ -56,8 +51,8 @@ def step(worker, reports, limit, turns=None):
 
 
 def _step_params(worker, reports, limit, turns=None):
-    return {"reports": _compact_json.encode(reports), "limit": limit, "turns": turns,
-            "queues": list(worker.queues) if worker and worker.queues else None,
+    return {"reports": compact_json.encode(reports), "limit": limit, "turns": turns,
+            "queues": _queues(worker),
             "worker_id": worker and worker.id, "host": worker and worker.host,
             "pid": worker and worker.pid}
 
@@ -71,15 +66,15 @@ def turns(worker, limit):
     """Fair share: [{id, queue, priority, owner}] of the due jobs to claim next, every
     lane's oldest first (see postgres.sql, turns)."""
     return rows(models.execute(SQL["turns"], {
-        "limit": limit, "queues": list(worker.queues) if worker.queues else None}))
+        "limit": limit, "queues": _queues(worker)}))
 
 
 def claim_limited(worker, limits, guard):
     """Claim at most one due job under limits for `worker` (see postgres.sql)."""
     return rows(models.execute(SQL["claim_limited"], {
         "worker_id": worker.id, "host": worker.host, "pid": worker.pid,
-        "queues": list(worker.queues) if worker.queues else None,
-        "limits": _compact_json.encode(limits), "guard": guard}))
+        "queues": _queues(worker),
+        "limits": compact_json.encode(limits), "guard": guard}))
 
 
 def stale_claim(owner, lease_s):
@@ -94,3 +89,8 @@ def notify(counts):
     for queue, count in counts.items():
         models.execute(SQL["notify"], {"channel": NOTIFY_CHANNEL, "queue": queue,
                                        "count": str(count)})
+
+
+def _queues(worker):
+    """The worker's queues as the statements take them: null for every queue."""
+    return list(worker.queues) if worker and worker.queues else None

@@ -1,7 +1,11 @@
 """Named statements, read from a file of SQL: each statement under a line `-- name: NAME`,
 its comment lines after that (what it does, and why) kept in the file, not sent."""
+import json
 import os
 import re
+
+# Made once: json.dumps with options makes a new encoder at every call.
+compact_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 

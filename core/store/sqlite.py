@@ -6,12 +6,9 @@ import time
 from typing import NamedTuple, Optional
 
 from models import db
-from core.store.queries import load, rows
+from core.store.queries import compact_json, load, rows
 
 SQL = load("sqlite.sql")
-
-_compact_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-
 
 def db_time():
     return time.time()
@@ -19,7 +16,7 @@ def db_time():
 
 def insert_jobs(new_jobs, api_key_id, limited_types):
     """What postgres.insert_jobs does, without NOTIFY (SQLite has none)."""
-    given = _compact_json.encode([
+    given = compact_json.encode([
         (new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
          new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
          new.idempotency_key, new.request_hash, new.group_key) for new in new_jobs])
@@ -61,7 +58,7 @@ def _start(worker, job_ids, now):
         "ids": json.dumps(job_ids), "worker_id": worker.id, "now": now}))
     if claimed:
         db.execute_sql(SQL["start_attempts"], {
-            "claimed": _compact_json.encode([(job["id"], job["attempt"]) for job in claimed]),
+            "claimed": compact_json.encode([(job["id"], job["attempt"]) for job in claimed]),
             "worker_id": worker.id, "host": worker.host, "pid": worker.pid, "now": now})
     return claimed
 
