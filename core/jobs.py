@@ -158,6 +158,7 @@ class Claimed(NamedTuple):
     started_at: float
     cancel_requested_at: Optional[float]
     lease_owner: str
+    group_key: Optional[str] = None  # its `group`
 
 
 class Report(NamedTuple):
@@ -204,10 +205,9 @@ def _step(worker, reports, limit, event=None):
     turns = None
     if limit and flow.several_lanes(worker, store):  # fair share between API keys
         turns = [row["id"] for row in store.turns(worker, limit)]
-    claimed, moved, refused = store.step(worker, rows, limit, turns)
-    limited = []
-    if len(claimed) < limit and (limits or flow.queue_limits_exist()):
-        limited = backend().claim_limited(worker, limits, flow.RATE_GUARD)
+    under_limits = limits if limit and (limits or flow.queue_limits_exist()) else None
+    claimed, limited, moved, refused = store.step(worker, rows, limit, turns, under_limits,
+                                                  flow.RATE_GUARD)
     accepted, done = [], []
     for report_, row in zip(reports, rows):
         job, outcome = report_.job, report_.outcome
@@ -222,9 +222,10 @@ def _step(worker, reports, limit, event=None):
         accepted.append(job.id not in refused)  # neither: our own earlier report committed
     for finished in done:
         events.finished(finished, event)
-    _wake_for_places(done, limits)
     # A job under limits first: its start must follow its claim (a rate counts claims).
-    jobs = [_claimed(row) for row in limited] + sorted(map(_claimed, claimed), key=run_order)
+    limited = [_claimed(row) for row in limited]
+    _wake_for_places(done, limits, retaken={_limits_of(job) for job in limited})
+    jobs = limited + sorted(map(_claimed, claimed), key=run_order)
     for job in jobs:
         events.event(logging.INFO, "started", job, f"attempt {job.attempt} on {worker.id}",
                      attempt=job.attempt, worker_id=worker.id)
@@ -249,15 +250,24 @@ def _reported(report_):
     return values
 
 
-def _wake_for_places(done, limits):
+def _wake_for_places(done, limits, retaken):
     """A job under a limit that ended freed a place: wake idle workers (every supervisor's,
-    on PostgreSQL) to take the next one, rather than leave it to their next poll."""
+    on PostgreSQL) to take the next one, rather than leave it to their next poll. A place
+    this worker's own claim took again (jobs of the same type, queue and group: `retaken`)
+    wakes nobody: waking workers only for them to find it taken would cost every one of
+    them a claim, and it the place, when they win it first."""
     if not done:
         return
     queues_limited = flow.queue_limits_exist()
-    freed = Counter(f.job.queue for f in done if queues_limited or f.job.type in limits)
+    freed = Counter(f.job.queue for f in done if (queues_limited or f.job.type in limits)
+                    and _limits_of(f.job) not in retaken)
     if freed:
         backend().notify(freed)
+
+
+def _limits_of(job):
+    """What decides the limits a job is under (SPEC §11): its type, queue and group."""
+    return job.type, job.queue, job.group_key
 
 
 def _claimed(row):
@@ -267,8 +277,8 @@ def _claimed(row):
 def claim_statement(worker, limit=1):
     """(sql, params): the statement `claim(worker, limit)` runs on the open database, as it
     runs it, for what must see it whole: the plan tests (EXPLAIN), and the fault tests that
-    pick its prepared name out of the wire (models.statement_name). Jobs under limits are
-    claimed by another (claim_limited)."""
+    pick its prepared name out of the wire (models.statement_name). With no limits given,
+    as here, it claims no job under limits."""
     return backend().claim_statement(worker, limit)
 
 

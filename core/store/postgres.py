@@ -33,28 +33,26 @@ def insert_jobs(new_jobs, api_key_id, limited_types):
     return rows(cursor)
 
 
-def step(worker, reports, limit, turns=None):
+def step(worker, reports, limit, turns=None, limits=None, guard=0.0):
     """Record reported outcomes (dicts, as core.jobs._reported makes them) and claim up to
-    `limit` jobs under no limit for `worker`, in one statement: the oldest, or those of
-    `turns` (ids, fair share) in that order. Returns (claimed rows, {id: moved row},
-    {refused ids})."""
-    cursor = models.execute(SQL["step"], _step_params(worker, reports, limit, turns))
-    claimed, moved, refused = [], {}, set()
+    `limit` jobs for `worker`, in one statement: under no limit, the oldest, or those of
+    `turns` (ids, fair share) in that order; then, when `limits` is given ({type: limits},
+    core.flow.type_limits), the rest under limits. Returns (claimed rows, rows claimed under
+    limits, {id: moved row}, {refused ids})."""
+    cursor = models.execute(SQL["step"], _step_params(worker, reports, limit, turns, limits, guard))
+    found = {"claimed": [], "limited": [], "moved": [], "refused": []}
     for kind, row in cursor.fetchall():
-        if kind == "claimed":
-            claimed.append(row)
-        elif kind == "moved":
-            moved[row["id"]] = row
-        else:
-            refused.add(row["id"])
-    return claimed, moved, refused
+        found[kind].append(row)
+    return (found["claimed"], found["limited"], {row["id"]: row for row in found["moved"]},
+            {row["id"] for row in found["refused"]})
 
 
-def _step_params(worker, reports, limit, turns=None):
+def _step_params(worker, reports, limit, turns=None, limits=None, guard=0.0):
     return {"reports": compact_json.encode(reports), "limit": limit, "turns": turns,
             "queues": _queues(worker),
             "worker_id": worker and worker.id, "host": worker and worker.host,
-            "pid": worker and worker.pid}
+            "pid": worker and worker.pid,
+            "limits": None if limits is None else compact_json.encode(limits), "guard": guard}
 
 
 def claim_statement(worker, limit):
@@ -67,14 +65,6 @@ def turns(worker, limit):
     lane's oldest first (see postgres.sql, turns)."""
     return rows(models.execute(SQL["turns"], {
         "limit": limit, "queues": _queues(worker)}))
-
-
-def claim_limited(worker, limits, guard):
-    """Claim at most one due job under limits for `worker` (see postgres.sql)."""
-    return rows(models.execute(SQL["claim_limited"], {
-        "worker_id": worker.id, "host": worker.host, "pid": worker.pid,
-        "queues": _queues(worker),
-        "limits": compact_json.encode(limits), "guard": guard}))
 
 
 def stale_claim(owner, lease_s):

@@ -60,11 +60,17 @@ ORDER BY id;
 -- objects, as core.jobs._reported makes them) through conveyor_record, the one transition
 -- of a running job (migrations/0006_record_function.py). A function, so that a claim with
 -- nothing to report does not plan the statements that record (a worker's session plans
--- every statement afresh: see models.open_database). It claims only jobs under no limit (not
--- held, not in a paused or limited queue); claim_limited takes those. Oldest first, or, when
--- %(turns)s is given (fair share: the ids `turns` chose), those in that order.
+-- every statement afresh: see models.open_database). The claim takes jobs under no limit (not
+-- held, not in a paused or limited queue): oldest first, or, when %(turns)s is given (fair
+-- share: the ids `turns` chose), those in that order. When %(limits)s is given (the types'
+-- limits, SPEC §11) and fewer than %(limit)s were found, conveyor_claim_limited then claims
+-- the rest under limits (migrations/0009_places_hold_claims.py says how): the first due job
+-- whose limits have room and those that share its limits, under one place. It runs after
+-- conveyor_record (the branches of UNION ALL run in order), in the same transaction: the
+-- places this step's reports free are this worker's to take again before another sees them.
 --
--- Answers one row per claimed job, moved job and refused report: (kind, row as JSON).
+-- Answers one row per claimed job, moved job, refused report and job claimed under limits:
+-- (kind, row as JSON).
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
 next AS (
     SELECT id FROM jobs
@@ -86,13 +92,22 @@ claimed AS (
     RETURNING jobs.id, jobs.type, jobs.queue, jobs.payload, jobs.priority, jobs.run_at,
               jobs.max_attempts, jobs.timeout_s, jobs.backoff_base_s, jobs.backoff_max_s,
               jobs.attempt, jobs.attempt_base, jobs.idempotency_key, jobs.started_at,
-              jobs.cancel_requested_at, jobs.lease_owner),
+              jobs.cancel_requested_at, jobs.lease_owner, jobs.group_key),
 started AS (
     INSERT INTO attempts (job_id, number, status, worker_id, host, pid, started_at)
     SELECT id, attempt, 'running', lease_owner, %(host)s, %(pid)s, started_at FROM claimed)
 SELECT 'claimed' AS kind, to_json(claimed) AS row FROM claimed
 UNION ALL
-SELECT recorded.kind, recorded.row FROM conveyor_record(%(reports)s::json) AS recorded;
+SELECT recorded.kind, recorded.row FROM conveyor_record(%(reports)s::json) AS recorded
+UNION ALL
+SELECT 'limited', to_json(limited)
+FROM (SELECT id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
+             backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key,
+             started_at, cancel_requested_at, lease_owner, group_key
+      FROM conveyor_claim_limited(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
+                                  %(limits)s::jsonb, %(guard)s::float8,
+                                  (%(limit)s - (SELECT count(*) FROM claimed))::int)) AS limited
+WHERE %(limits)s::jsonb IS NOT NULL AND %(limit)s > (SELECT count(*) FROM claimed);
 
 -- name: turns
 -- Fair share (SPEC §11): the waiting jobs fall into lanes, one per (queue, priority, API
@@ -135,16 +150,6 @@ WHERE l.queue NOT IN (SELECT name FROM queues
                       WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
 ORDER BY l.priority, j.turn, COALESCE(r.jobs, 0), j.run_at, j.id
 LIMIT %(limit)s * 4;
-
--- name: claim_limited
--- Claim at most one due job under limits (a type of %(limits)s, or a queue with a
--- concurrency or a rate) for %(worker_id)s: conveyor_claim_limited, made by
--- migrations/0007_flow_control.py, says how.
-SELECT id, type, queue, payload, priority, run_at, max_attempts, timeout_s, backoff_base_s,
-       backoff_max_s, attempt, attempt_base, idempotency_key, started_at, cancel_requested_at,
-       lease_owner
-FROM conveyor_claim_limited(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
-                            %(limits)s::jsonb, %(guard)s);
 
 -- name: stale_claim
 -- The running jobs of one worker whose heartbeat is older than %(lease_s)s, locked, with

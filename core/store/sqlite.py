@@ -26,12 +26,12 @@ def insert_jobs(new_jobs, api_key_id, limited_types):
     return sorted(rows(cursor), key=lambda row: row["id"])
 
 
-def step(worker, reports, limit, turns=None):
+def step(worker, reports, limit, turns=None, limits=None, guard=0.0):
     """What postgres.step does, as several statements in one transaction (BEGIN
     IMMEDIATE: the write lock first, so no lock upgrade can fail)."""
-    if not reports and not _any_due(worker, time.time()):
-        return [], {}, set()  # spare SQLite's single write lock when there is nothing to take
-    claimed, moved, refused = [], {}, set()
+    if not reports and not _any_due(worker, time.time(), limits is not None):
+        return [], [], {}, set()  # spare SQLite's single write lock when there is nothing to take
+    claimed, limited, moved, refused = [], [], {}, set()
     with db.atomic():
         now = time.time()
         for report in reports:
@@ -47,7 +47,9 @@ def step(worker, reports, limit, turns=None):
             due = turns[:limit] if turns is not None else [
                 row["id"] for row in rows(db.execute_sql(*claim_statement(worker, limit, now)))]
             claimed = _start(worker, due, now)
-    return claimed, moved, refused
+            if limits is not None and len(claimed) < limit:
+                limited = _claim_limited(worker, limits, guard, limit - len(claimed), now)
+    return claimed, limited, moved, refused
 
 
 def _start(worker, job_ids, now):
@@ -76,12 +78,16 @@ def _queues(worker):
     return json.dumps(list(worker.queues)) if worker and worker.queues else None
 
 
-def _any_due(worker, now):
+def _any_due(worker, now, limited):
+    """Whether a due job waits for worker: one under no limit, or, when `limited`, one
+    under limits (held) too."""
     if worker and len(worker.queues) == 1:
         due = db.execute_sql(SQL["any_due_in_queue"], {"now": now, "queue": worker.queues[0]})
     else:
         due = db.execute_sql(SQL["any_due"], {"now": now, "queues": _queues(worker)})
-    return bool(rows(due)[0]["due"])
+    if rows(due)[0]["due"]:
+        return True
+    return limited and bool(rows(db.execute_sql(SQL["any_held_due"], {"now": now}))[0]["due"])
 
 
 def turns(worker, limit):
@@ -104,32 +110,46 @@ def turns(worker, limit):
     return [chosen for _, chosen in sorted(waiting, key=lambda pair: pair[0])[:limit * 4]]
 
 
-def claim_limited(worker, limits, guard):
-    """What postgres.claim_limited does (conveyor_claim_limited, in
-    migrations/0006_flow_control.py), in one transaction: under BEGIN IMMEDIATE this
-    process is the only writer, so its counts are exact."""
-    with db.atomic():
-        now = time.time()
-        passed = set()  # limits found full: their other jobs wait too
-        candidates = rows(db.execute_sql(SQL["limited_candidates"], {
-            "now": now, "queues": _queues(worker)}))
-        for job in candidates:
-            over = limits_over(job, limits.get(job["type"], {}))
-            full = next((limit for limit in over if limit.key in passed
-                         or not _has_room(limit, job, now, guard)), None)
-            if full is not None:
-                passed.add(full.key)
-                continue
-            claimed = _start(worker, [job["id"]], now)
-            if not claimed:
-                continue
-            for limit in over:
-                if limit.rate_period_s is not None:
-                    since = now - limit.rate_period_s * (1 + guard)
-                    db.execute_sql(SQL["forget_starts"], {"key": limit.key, "since": since})
-                    db.execute_sql(SQL["record_start"], {"key": limit.key, "now": now})
-            return claimed
+def _claim_limited(worker, limits, guard, limit, now):
+    """What conveyor_claim_limited does on PostgreSQL (migrations/0009_places_hold_claims.py),
+    in the step's transaction: under BEGIN IMMEDIATE this process is the only writer, so
+    its counts are exact. A concurrency limit counts the claims running under it (a worker
+    runs the jobs of one claim one after another)."""
+    passed = set()  # limits found full: their other jobs wait too
+    for job in _candidates(worker, now):
+        over = limits_over(job, limits.get(job["type"], {}))
+        room = {rule: _room(rule, job, now, guard) for rule in over if rule.key not in passed}
+        full = next((rule for rule in over if room.get(rule, 0) <= 0), None)
+        if full is not None:
+            passed.add(full.key)
+            continue
+        # The jobs that share its limits, under the same places, as many as its rates
+        # allow to start now (a start is counted when it is claimed).
+        alike = [row["id"] for row in rows(db.execute_sql(SQL["alike"], {
+            "type": job["type"], "queue": job["queue"], "group_key": job["group_key"],
+            "now": now, "limit": min([limit, *room.values()])}))]
+        claimed = _start(worker, alike, now)
+        if not claimed:
+            continue
+        for rule in over:
+            if rule.rate_count is not None:
+                since = now - rule.rate_period_s * (1 + guard)
+                db.execute_sql(SQL["forget_starts"], {"key": rule.key, "since": since})
+                db.execute_sql(SQL["record_starts"], {"key": rule.key, "now": now,
+                                                      "count": len(claimed)})
+        return sorted(claimed, key=lambda row: (row["priority"], row["run_at"], row["id"]))
     return []
+
+
+def _candidates(worker, now, pages=10):
+    """The due jobs under limits, in the order they are taken, read a page at a time (the
+    first page mostly decides), as far as PostgreSQL's claim looks (1,000)."""
+    for page in range(pages):
+        found = rows(db.execute_sql(SQL["limited_candidates"], {
+            "now": now, "queues": _queues(worker), "offset": page * 100}))
+        yield from found
+        if len(found) < 100:
+            return
 
 
 class Limit(NamedTuple):
@@ -157,17 +177,20 @@ def limits_over(job, type_limits):
 _RUNNING = {"type": "running_of_type", "group": "running_of_group", "queue": "running_of_queue"}
 
 
-def _has_room(limit, job, now, guard):
+def _room(limit, job, now, guard):
+    """How many jobs a claim may take under `limit` now: a concurrency limit's claims
+    take one place whatever their size (so any number, or none when its places are all
+    taken); a rate allows as many as it has starts left."""
+    room = float("inf")
     if limit.concurrency is not None:
         running = rows(db.execute_sql(SQL[_RUNNING[limit.kind]], job))[0]["running"]
         if running >= limit.concurrency:
-            return False
+            return 0
     if limit.rate_count is not None:
         since = now - limit.rate_period_s * (1 + guard)
         started = rows(db.execute_sql(SQL["starts_since"], {"key": limit.key, "since": since}))
-        if started[0]["started"] >= limit.rate_count:
-            return False
-    return True
+        room = limit.rate_count - started[0]["started"]
+    return room
 
 
 def stale_claim(owner, lease_s):

@@ -139,7 +139,7 @@ WHERE id IN (SELECT value FROM json_each(:ids))
   AND status IN ('available', 'scheduled', 'retryable')
 RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
           backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
-          cancel_requested_at, lease_owner;
+          cancel_requested_at, lease_owner, group_key;
 
 -- name: start_attempts
 -- The attempt rows of the jobs a claim started, given as a JSON array of [job_id, number].
@@ -167,10 +167,16 @@ SELECT EXISTS (
       AND NOT held AND queue NOT IN (SELECT name FROM queues
                                      WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)) AS due;
 
+-- name: any_held_due
+-- Whether any job under limits (held) is due, through jobs_held.
+SELECT EXISTS (SELECT 1 FROM jobs
+               WHERE status IN ('available', 'scheduled', 'retryable') AND held
+                 AND run_at <= :now) AS due;
+
 -- name: limited_candidates
 -- The due jobs a claim under limits looks at, in the order they are taken: the held ones
 -- (of a type with limits, or of a queue with a concurrency or a rate; not paused), with
--- the queue's settings.
+-- the queue's settings; a page of 100 from :offset.
 SELECT j.id, j.type, j.queue, j.group_key, q.concurrency AS queue_concurrency,
        q.rate_count AS queue_rate_count, q.rate_period_s AS queue_rate_period_s
 FROM jobs AS j LEFT JOIN queues AS q ON q.name = j.queue
@@ -178,17 +184,30 @@ WHERE j.status IN ('available', 'scheduled', 'retryable') AND j.held AND j.run_a
   AND (:queues IS NULL OR j.queue IN (SELECT value FROM json_each(:queues)))
   AND NOT COALESCE(q.paused, 0)
 ORDER BY j.priority, j.run_at, j.id
-LIMIT 1000;
+LIMIT 100 OFFSET :offset;
+
+-- name: alike
+-- The first :limit due jobs that share a candidate's limits (its type, queue and group),
+-- which one claim takes under the same places, through jobs_held_alike.
+SELECT id FROM jobs
+WHERE status IN ('available', 'scheduled', 'retryable') AND held AND run_at <= :now
+  AND type = :type AND queue = :queue AND COALESCE(group_key, '') = COALESCE(:group_key, '')
+ORDER BY priority, run_at, id
+LIMIT :limit;
 
 -- name: running_of_type
-SELECT count(*) AS running FROM jobs WHERE status = 'running' AND type = :type;
+-- The claims running under a limit: a claim (a worker, a claim time) may hold several
+-- jobs, which its worker runs one after another.
+SELECT count(DISTINCT lease_owner || ' ' || started_at) AS running FROM jobs
+WHERE status = 'running' AND type = :type;
 
 -- name: running_of_group
-SELECT count(*) AS running FROM jobs
+SELECT count(DISTINCT lease_owner || ' ' || started_at) AS running FROM jobs
 WHERE status = 'running' AND type = :type AND group_key = :group_key;
 
 -- name: running_of_queue
-SELECT count(*) AS running FROM jobs WHERE status = 'running' AND queue = :queue;
+SELECT count(DISTINCT lease_owner || ' ' || started_at) AS running FROM jobs
+WHERE status = 'running' AND queue = :queue;
 
 -- name: starts_since
 -- Attempts started under a rate limit (:key) after :since.
@@ -197,8 +216,10 @@ SELECT count(*) AS started FROM flow_starts WHERE key = :key AND started_at > :s
 -- name: forget_starts
 DELETE FROM flow_starts WHERE key = :key AND started_at <= :since;
 
--- name: record_start
-INSERT INTO flow_starts (key, started_at) VALUES (:key, :now);
+-- name: record_starts
+-- :count starts under a rate limit (:key) at :now.
+WITH RECURSIVE n (i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count)
+INSERT INTO flow_starts (key, started_at) SELECT :key, :now FROM n;
 
 -- name: stale_claim
 -- The running jobs of one worker whose heartbeat is older than :lease_s (the reaper's
