@@ -18,16 +18,20 @@ import time
 from bench import common
 
 PEERS = ("pgqueuer", "procrastinate", "celery", "rq")
+CAPPED_PEER_JOBS = 2000  # pgqueuer under concurrency_limit=4 takes some 40 s for these
 
 
-def step(module, *args, timeout=3600):
-    """Run `python -m bench.<module> args --json-out F`; its figures (or an error)."""
+def step(module, *args, timeout=3600, env=None):
+    """Run `python -m bench.<module> args --json-out F` (with `env` added to the
+    environment); its figures (or an error)."""
     out = tempfile.mktemp(prefix=f"conveyor-bench-{module}-", suffix=".json")
     command = [sys.executable, "-m", f"bench.{module}", *map(str, args), "--json-out", out]
-    common.say(f"$ {' '.join(command[1:-2])}")
+    given = "".join(f"{name}={value} " for name, value in (env or {}).items())
+    common.say(f"$ {given}{' '.join(command[1:-2])}")
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(command, cwd=common.ROOT, timeout=timeout)
+        proc = subprocess.run(command, cwd=common.ROOT, timeout=timeout,
+                              env={**os.environ, **(env or {})})
         if proc.returncode != 0 or not os.path.exists(out):
             return {"error": f"exit {proc.returncode}"}
         with open(out) as f:
@@ -105,6 +109,15 @@ def summary(runs, scale, memory, versions):
                  "(lower is better)", mine,
                  *[with_ratio(mine, common.median([cpu_per_job(r) for r in peers[p]]))
                    for p in PEERS], "-", "-"])
+    capped = med(runs, "drain_capped", "jobs_per_s")
+    pgq_capped = med([peer_result(r.get("peers_capped", {}), "pgqueuer", "drain", 4) for r in runs],
+                     "jobs_per_s")
+    share = ratio(capped, drain)
+    rows.append(["drain jobs/s, concurrency limit 4 (Conveyor: @handler(concurrency=4); "
+                 "pgqueuer: concurrency_limit=4)", capped, with_ratio(capped, pgq_capped),
+                 "-", "-", "-", f"≥ 0.85 x no limit ({common.fmt(share)}) and ≥ pgqueuer",
+                 verdict(None if share is None or pgq_capped is None
+                         else share >= 0.85 and capped >= pgq_capped)])
     batch = med(runs, "enqueue_batch", "jobs_per_s")
     rows.append(["bulk enqueue jobs/s (Conveyor: POST /v1/jobs/batch x1000, 1 client)", batch,
                  *[with_ratio(batch, med(peers[p], "enqueue_jobs_per_s")) for p in PEERS],
@@ -189,6 +202,14 @@ def main():
                             "--samples", args.samples)
             run["peers"].setdefault("results", []).extend(latency8.get("results", []))
             versions = run["peers"].get("versions", versions)
+        # A concurrency limit equal to the worker count (SPEC §11), beside pgqueuer's
+        # concurrency_limit; pgqueuer drains some 50 jobs/s under it, so it gets fewer.
+        run["drain_capped"] = step("drain", "--jobs", args.jobs, "--workers", 4,
+                                   "--type", "capped", "--concurrency", 4)
+        if not args.no_peers:
+            run["peers_capped"] = step("peers", "--peer", "pgqueuer", "--what", "drain",
+                                       "--jobs", min(args.jobs, CAPPED_PEER_JOBS), "--workers", 4,
+                                       env={"BENCH_CONCURRENCY_LIMIT": "4"})
         run["drain_sqlite"] = step("drain", "--jobs", args.jobs, "--workers", 4, "--db", "sqlite")
         run["enqueue_batch"] = step("enqueue", "--mode", "batch", "--jobs", args.jobs)
         run["enqueue_single"] = step("enqueue", "--mode", "single", "--clients", 16,

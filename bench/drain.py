@@ -45,17 +45,20 @@ def verify(db, after_id, jobs):
                        "FROM jobs WHERE id > ?", (after_id,))[0]
     attempt_row = db.query(
         ("SELECT count(*), count(DISTINCT job_id), "
-         "SUM(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END), max(number) "
+         "SUM(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END), max(number), "
+         "SUM(CASE WHEN status = 'released' THEN 1 ELSE 0 END) "
          "FROM attempts WHERE job_id > %s") if db.is_postgres else
         ("SELECT count(*), count(DISTINCT job_id), "
-         "SUM(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END), max(number) "
+         "SUM(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END), max(number), "
+         "SUM(CASE WHEN status = 'released' THEN 1 ELSE 0 END) "
          "FROM attempts WHERE job_id > ?"), (after_id,))[0]
     return {"jobs_succeeded": int(job_row[0] or 0), "jobs_total": int(job_row[1]),
             "attempts": int(attempt_row[0]), "jobs_with_attempts": int(attempt_row[1]),
             "attempts_succeeded": int(attempt_row[2] or 0),
-            "max_attempt_number": attempt_row[3],
+            "max_attempt_number": attempt_row[3], "attempts_released": int(attempt_row[4] or 0),
+            # every job succeeded once; an attempt given back unstarted (released) is no run
             "history_complete": int(job_row[0] or 0) == jobs == int(attempt_row[2] or 0)
-            == int(attempt_row[0])}
+            == int(attempt_row[0]) - int(attempt_row[4] or 0)}
 
 
 def audit(env):
