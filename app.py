@@ -279,7 +279,7 @@ def query_int(name, default, minimum, maximum):
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not (len(raw) <= 9 and re.fullmatch(f"0|{ID_PATTERN}", raw)
+    if not (len(raw) <= len(str(maximum)) and re.fullmatch(f"0|{ID_PATTERN}", raw)
             and minimum <= int(raw) <= maximum):
         raise InvalidRequest(f"{name} must be an integer from {minimum} to {maximum}",
                              [f"{name}: {raw!r} is not such an integer"])
@@ -641,9 +641,10 @@ def _register_routes(app, rate_limits):
     @app.get("/v1/jobs")
     @access(SUBMIT)
     def list_jobs():
-        args = query("status", "type", "queue", "limit", "cursor")
+        args = query("status", "type", "queue", "parent_id", "limit", "cursor")
         page, cursor = history.list_jobs(status=args.get("status"), type=query_name("type"),
                                       queue=query_name("queue"), api_key_id=owner(),
+                                      parent_id=query_int("parent_id", None, 1, openapi.MAX_ID),
                                       **page_args())
         return reply(documents.page([documents.job(job) for job in page], cursor))
 

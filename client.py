@@ -219,6 +219,11 @@ class Job:
     cancel_requested_at: Optional[datetime] = None
     attempts: Optional[list[Attempt]] = None
     group: Optional[str] = None
+    parent_id: Optional[int] = None  # a follow-up's parent (ctx.enqueue)
+    unique_key: Optional[str] = None
+    unique_while: Optional[str] = None
+    expires_at: Optional[datetime] = None
+    cancel_reason: Optional[str] = None  # "expired"
 
     @property
     def finished(self):
@@ -228,7 +233,7 @@ class Job:
     @classmethod
     def from_document(cls, document):
         return _from(cls, document, run_at=_time, created_at=_time, finished_at=_time,
-                     cancel_requested_at=_time, backoff=lambda b: Backoff(**b),
+                     cancel_requested_at=_time, expires_at=_time, backoff=lambda b: Backoff(**b),
                      attempts=lambda items: [Attempt.from_document(a) for a in items])
 
 
@@ -375,16 +380,24 @@ class Conveyor:
                delay_s: Union[float, timedelta, None] = None,
                max_attempts: Optional[int] = None, timeout_s: Optional[float] = None,
                backoff: Union[Backoff, dict, None] = None,
-               idempotency_key: Optional[str] = None, group: Optional[str] = None) -> Job:
+               idempotency_key: Optional[str] = None, group: Optional[str] = None,
+               unique_key: Optional[str] = None, unique_while: Optional[str] = None,
+               ttl_s: Union[float, timedelta, None] = None,
+               expires_at: Union[datetime, str, None] = None) -> Job:
         """Submit one job; returns it. run_at: a datetime with a timezone or an RFC 3339
         string; delay_s: seconds or a timedelta; backoff: {"base_s": .., "max_s": ..};
         group: what its type's group_concurrency counts by (a customer id, say).
+        unique_key: while a job of this type holds the key ("queued", the default, or
+        "active": also while it runs), the submission returns that job instead.
+        ttl_s (or expires_at): not started by then, the job never starts (it ends
+        cancelled, cancel_reason "expired").
         Without an idempotency_key the call gets its own uuid, so its retries make one job;
         with one, a repeat of the same submission returns the first job (another body:
         Conflict)."""
         body = _submission(type, payload, queue=queue, priority=priority, run_at=run_at,
                            delay_s=delay_s, max_attempts=max_attempts, timeout_s=timeout_s,
-                           backoff=backoff, group=group)
+                           backoff=backoff, group=group, unique_key=unique_key,
+                           unique_while=unique_while, ttl_s=ttl_s, expires_at=expires_at)
         key = idempotency_key or str(uuid.uuid4())
         return Job.from_document(self._json("POST", "/v1/jobs", body=body, safe=True,
                                             headers={"Idempotency-Key": key}))
@@ -404,16 +417,20 @@ class Conveyor:
         return Job.from_document(self._json("GET", f"/v1/jobs/{_id(job_id)}"))
 
     def list(self, *, status: Optional[str] = None, type: Optional[str] = None,
-             queue: Optional[str] = None, page_size: int = 100) -> Iterator[Job]:
-        """Every job matching the filters, newest first, fetched a page at a time."""
+             queue: Optional[str] = None, parent_id: Optional[JobRef] = None,
+             page_size: int = 100) -> Iterator[Job]:
+        """Every job matching the filters, newest first, fetched a page at a time;
+        parent_id: the follow-ups of that job."""
         return self._every("/v1/jobs", Job, status=status, type=type, queue=queue,
+                           parent_id=None if parent_id is None else _id(parent_id),
                            limit=page_size)
 
     def list_page(self, *, status: Optional[str] = None, type: Optional[str] = None,
-                  queue: Optional[str] = None, limit: Optional[int] = None,
-                  cursor: Optional[str] = None) -> Page:
+                  queue: Optional[str] = None, parent_id: Optional[JobRef] = None,
+                  limit: Optional[int] = None, cursor: Optional[str] = None) -> Page:
         """One page of jobs, newest first."""
         return self._page("/v1/jobs", Job, status=status, type=type, queue=queue,
+                          parent_id=None if parent_id is None else _id(parent_id),
                           limit=limit, cursor=cursor)
 
     def wait(self, job_id: JobRef, timeout: Optional[float] = 60.0, *,
@@ -654,8 +671,11 @@ def _submission(type, payload, **options):
     body = {"type": type, "payload": payload or {}}
     if isinstance(options.get("run_at"), datetime):
         options["run_at"] = options["run_at"].isoformat()
-    if isinstance(options.get("delay_s"), timedelta):
-        options["delay_s"] = options["delay_s"].total_seconds()
+    for name in ("delay_s", "ttl_s"):
+        if isinstance(options.get(name), timedelta):
+            options[name] = options[name].total_seconds()
+    if isinstance(options.get("expires_at"), datetime):
+        options["expires_at"] = options["expires_at"].isoformat()
     if isinstance(options.get("backoff"), Backoff):
         options["backoff"] = {"base_s": options["backoff"].base_s,
                               "max_s": options["backoff"].max_s}

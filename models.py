@@ -317,6 +317,12 @@ class Job(BaseModel):
     cancel_requested_at = pw.DoubleField(null=True)
     group_key = pw.TextField(null=True)  # the job's `group` (SPEC §11)
     held = pw.BooleanField(default=False)  # under a limit, or in a paused queue (SPEC §11)
+    parent_id = pw.BigIntegerField(null=True)  # made by this job's ctx.enqueue (SPEC §12)
+    unique_key = pw.TextField(null=True)
+    unique_while = pw.TextField(null=True)  # queued | active
+    unique_hold = pw.TextField(null=True)  # unique_key while the job holds it
+    expires_at = pw.DoubleField(null=True)
+    cancel_reason = pw.TextField(null=True)  # "expired"
 
     class Meta:
         table_name = "jobs"

@@ -58,15 +58,17 @@ def check_limit(limit):
         raise InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}", ["limit: out of range"])
 
 
-def list_jobs(*, status=None, type=None, queue=None, api_key_id=None, limit=50, cursor=None):
-    """A page of jobs, newest first: (jobs, next_cursor or None)."""
+def list_jobs(*, status=None, type=None, queue=None, api_key_id=None, parent_id=None, limit=50,
+              cursor=None):
+    """A page of jobs, newest first: (jobs, next_cursor or None). parent_id: the follow-ups
+    of that job (SPEC §12)."""
     if status is not None and status not in S.STATUSES:
         raise InvalidRequest(f"unknown status {status!r}",
                              [f"status: must be one of {', '.join(S.STATUSES)}"])
     check_limit(limit)
     query = Job.select()
     for column, value in ((Job.status, status), (Job.type, type), (Job.queue, queue),
-                          (Job.api_key_id, api_key_id)):
+                          (Job.api_key_id, api_key_id), (Job.parent_id, parent_id)):
         if value is not None:
             query = query.where(column == value)
     if cursor:

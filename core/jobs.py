@@ -55,17 +55,26 @@ def enqueue(new_jobs, api_key_id=None):
     """
     if not new_jobs:
         return []
-    keyed = any(new.idempotency_key is not None for new in new_jobs)
+    keyed = any(_new_key(new) is not None for new in new_jobs)
     chunks = list(_insert_chunks(new_jobs))
-    store = backend()
     # One statement is atomic by itself; a used key takes a second one (to read the
     # job it names), and a conflict must undo the first.
     with db.atomic() if keyed or len(chunks) > 1 else contextlib.nullcontext():
-        limited = list(flow.type_limits())
-        inserted = [row for chunk in chunks
-                    for row in store.insert_jobs(chunk, api_key_id, limited)]
-        stored = _stored(new_jobs, inserted, api_key_id)
-    created = [job for job, was_created in stored if was_created]
+        stored = _insert(chunks, new_jobs, api_key_id)
+    _submitted([job for job, was_created in stored if was_created])
+    return stored
+
+
+def _insert(chunks, new_jobs, api_key_id):
+    """Store new_jobs (in these chunks) in the caller's transaction: [(job, created)]."""
+    limited = list(flow.type_limits())
+    inserted = [row for chunk in chunks
+                for row in backend().insert_jobs(chunk, api_key_id, limited)]
+    return _stored(new_jobs, inserted, api_key_id)
+
+
+def _submitted(created):
+    """Count and log jobs stored (after the commit)."""
     for (type_, queue), count in Counter((job.type, job.queue) for job in created).items():
         metrics.count("conveyor_jobs_submitted", count, type=type_, queue=queue)
     if events.log.isEnabledFor(logging.INFO):
@@ -73,7 +82,6 @@ def enqueue(new_jobs, api_key_id=None):
             events.event(logging.INFO, "submitted", job,
                          f"{job.status}, run at {job.run_at:.3f}" if job.status == S.SCHEDULED
                          else job.status)
-    return stored
 
 
 def _insert_chunks(new_jobs):
@@ -90,26 +98,33 @@ def _insert_chunks(new_jobs):
 
 def _stored(new_jobs, inserted, api_key_id):
     """[(job, created)] in the order given. The rows inserted without a key are the jobs
-    without one, in order; a key's row is the first job with that key. Any other job's key
-    was used already: it names the job it made, which must come from an equal request."""
-    plain = iter([row for row in inserted if row["idempotency_key"] is None])
-    by_key = {row["idempotency_key"]: row for row in inserted if row["idempotency_key"] is not None}
+    without one, in order; a key's row is the first job with that key (its idempotency key,
+    else its type and unique key). Any other job's key was taken already: an idempotency
+    key names the job it made, which must come from an equal request; a unique key, the job
+    that holds it (SPEC §12: the submission returns it)."""
+    plain = iter([row for row in inserted if _row_key(row) is None])
+    by_key = {_row_key(row): row for row in inserted if _row_key(row) is not None}
     stored, used = [], []
     for index, new in enumerate(new_jobs):
-        row = next(plain) if new.idempotency_key is None else by_key.pop(new.idempotency_key, None)
+        key = _new_key(new)
+        row = next(plain) if key is None else by_key.pop(key, None)
         stored.append((None, False) if row is None else (_new_job(new, row, api_key_id), True))
         if row is None:
             used.append(index)
     if used:
+        keyed = [i for i in used if new_jobs[i].idempotency_key is not None]
         existing = {job.idempotency_key: job for job in Job.select().where(
             pw.fn.COALESCE(Job.api_key_id, 0) == (api_key_id or 0),
-            Job.idempotency_key.in_(list({new_jobs[i].idempotency_key for i in used})))}
+            Job.idempotency_key.in_(list({new_jobs[i].idempotency_key for i in keyed})))} \
+            if keyed else {}
         conflicts = []
         for index in used:
-            job = existing.get(new_jobs[index].idempotency_key)
+            job = existing.get(new_jobs[index].idempotency_key) or _holder(new_jobs[index])
             if job is None:
                 raise Conflict("the job could not be stored; try again")
-            if job.request_hash != new_jobs[index].request_hash:
+            if job.idempotency_key is not None and \
+                    job.idempotency_key == new_jobs[index].idempotency_key and \
+                    job.request_hash != new_jobs[index].request_hash:
                 conflicts.append(index)
             stored[index] = (StoredJob(**job.__data__), False)
         if conflicts:
@@ -119,10 +134,35 @@ def _stored(new_jobs, inserted, api_key_id):
     return stored
 
 
+def _new_key(new):
+    """What makes a new job one of a kind: its idempotency key, else its type and unique
+    key (None: neither)."""
+    if new.idempotency_key is not None:
+        return "idempotency", new.idempotency_key
+    return None if new.unique_key is None else ("unique", new.type, new.unique_key)
+
+
+def _row_key(row):
+    """_new_key of a row the insert stored."""
+    if row["idempotency_key"] is not None:
+        return "idempotency", row["idempotency_key"]
+    return None if row["unique_hold"] is None else ("unique", row["type"], row["unique_hold"])
+
+
+def _holder(new):
+    """The job that holds new's unique key (SPEC §12), or, when it let the key go since,
+    the latest job with that key; None when there is none or new has no unique key."""
+    if new.unique_key is None:
+        return None
+    return (Job.select().where(Job.type == new.type, Job.unique_hold == new.unique_key).first()
+            or Job.select().where(Job.type == new.type, Job.unique_key == new.unique_key)
+            .order_by(Job.id.desc()).first())
+
+
 # What a new job holds in the columns the insert does not set.
 _UNSET = {"attempt": 0, "attempt_base": 0, "result": None, "last_error": None,
           "dead_reason": None, "started_at": None, "finished_at": None, "lease_owner": None,
-          "heartbeat_at": None, "cancel_requested_at": None}
+          "heartbeat_at": None, "cancel_requested_at": None, "cancel_reason": None}
 
 
 def _new_job(new, row, api_key_id):
@@ -134,7 +174,8 @@ def _new_job(new, row, api_key_id):
         backoff_max_s=new.backoff_max_s, status=row["status"],
         idempotency_key=row["idempotency_key"], request_hash=new.request_hash,
         api_key_id=api_key_id, created_at=row["created_at"], group_key=new.group_key,
-        held=bool(row["held"]))
+        held=bool(row["held"]), unique_key=new.unique_key, unique_while=new.unique_while,
+        unique_hold=row["unique_hold"], expires_at=row["expires_at"], parent_id=new.parent_id)
 
 
 # ---------------------------------------------------------------------------- the worker's step
@@ -159,6 +200,7 @@ class Claimed(NamedTuple):
     cancel_requested_at: Optional[float]
     lease_owner: str
     group_key: Optional[str] = None  # its `group`
+    api_key_id: Optional[int] = None  # the key that submitted it: its follow-ups' too
 
 
 class Report(NamedTuple):
@@ -206,8 +248,14 @@ def _step(worker, reports, limit, event=None):
     if limit and flow.several_lanes(worker, store):  # fair share between API keys
         turns = [row["id"] for row in store.turns(worker, limit)]
     under_limits = limits if limit and (limits or flow.queue_limits_exist()) else None
-    claimed, limited, moved, refused = store.step(worker, rows, limit, turns, under_limits,
-                                                  flow.RATE_GUARD)
+    # A success's follow-up jobs are stored with it or not at all (SPEC §12): in the step's
+    # transaction, for the reports whose success was recorded now (not refused, and not
+    # recorded before by this same report sent again).
+    followed = any(r.outcome.followups for r in reports)
+    with db.atomic() if followed else contextlib.nullcontext():
+        claimed, limited, moved, refused = store.step(worker, rows, limit, turns, under_limits,
+                                                      flow.RATE_GUARD)
+        followups = _store_followups(reports, moved) if followed else []
     accepted, done = [], []
     for report_, row in zip(reports, rows):
         job, outcome = report_.job, report_.outcome
@@ -222,6 +270,7 @@ def _step(worker, reports, limit, event=None):
         accepted.append(job.id not in refused)  # neither: our own earlier report committed
     for finished in done:
         events.finished(finished, event)
+    _submitted(followups)
     # A job under limits first: its start must follow its claim (a rate counts claims).
     limited = [_claimed(row) for row in limited]
     _wake_for_places(done, limits, retaken={_limits_of(job) for job in limited})
@@ -230,6 +279,18 @@ def _step(worker, reports, limit, event=None):
         events.event(logging.INFO, "started", job, f"attempt {job.attempt} on {worker.id}",
                      attempt=job.attempt, worker_id=worker.id)
     return jobs, accepted, done
+
+
+def _store_followups(reports, moved):
+    """Store the follow-up jobs of the reports whose success this step recorded, each
+    parent's with its API key; the jobs stored."""
+    created = []
+    for report_ in reports:
+        job, new_jobs = report_.job, report_.outcome.followups
+        if new_jobs and moved.get(job.id, {}).get("status") == S.SUCCEEDED:
+            stored = _insert(list(_insert_chunks(new_jobs)), new_jobs, job.api_key_id)
+            created += [new for new, was_created in stored if was_created]
+    return created
 
 
 def _reported(report_):
@@ -288,6 +349,20 @@ def stage_due():
     return (Job.update(status=S.AVAILABLE)
             .where(Job.status.in_((S.SCHEDULED, S.RETRYABLE)), Job.run_at <= now())
             .execute())
+
+
+def expire_due():
+    """End every waiting job whose expiry passed `cancelled`, cancel_reason `expired` (SPEC
+    §12): the claims already pass them over, held back by a limit or a pause or not. Returns
+    how many ended."""
+    moment = now()
+    expired = list(Job.update(status=S.CANCELLED, cancel_reason="expired", finished_at=moment)
+                   .where(Job.status.in_(S.PENDING), Job.expires_at <= moment)
+                   .returning(Job.id, Job.type, Job.queue).execute())
+    for job in expired:
+        metrics.count("conveyor_jobs_cancelled", type=job.type, queue=job.queue)
+        events.event(logging.INFO, "expired", job, "not started before it expired; cancelled")
+    return len(expired)
 
 
 def sync_held(limited_types=None):

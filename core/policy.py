@@ -23,6 +23,9 @@ class Outcome:
     traceback: Optional[str] = None
     retry_in: Optional[float] = None
     permanent: bool = False
+    # A succeeded attempt's follow-up jobs (core.submission.NewJob, SPEC §12): created with
+    # its success, in the same transaction, or never.
+    followups: tuple = ()
 
     @property
     def error(self):

@@ -19,6 +19,7 @@ from core.times import parse_time
 # newline, which would let "default\n" through as a queue name.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$(?!\n)"
 MAX_BATCH = 1000
+UNIQUE_WHILE = ("queued", "active")  # the first is the default
 
 # Made once: json.dumps with options makes a new encoder at every call.
 compact_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -63,6 +64,12 @@ SUBMISSION_SCHEMA = {
         "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 255,
                             "pattern": r"^[\x20-\x7e]+$(?!\n)"},
         "group": {"type": "string", "minLength": 1, "maxLength": 200},
+        # SPEC §12: one waiting (or active) job per type and key; a job not started in time
+        # never starts.
+        "unique_key": {"type": "string", "minLength": 1, "maxLength": 255},
+        "unique_while": {"enum": list(UNIQUE_WHILE)},
+        "ttl_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 10 * 365 * 86400},
+        "expires_at": {"type": "string", "format": "date-time", "maxLength": 64},
     },
 }
 _submission_validator = Draft202012Validator(SUBMISSION_SCHEMA)
@@ -84,6 +91,11 @@ class NewJob(NamedTuple):
     idempotency_key: Optional[str] = None
     request_hash: Optional[str] = None
     group_key: Optional[str] = None  # `group`: group_concurrency counts running jobs by it
+    unique_key: Optional[str] = None
+    unique_while: Optional[str] = None  # set when unique_key is
+    ttl_s: Optional[float] = None  # expires ttl_s after it is stored...
+    expires_at: Optional[float] = None  # ...or at this time
+    parent_id: Optional[int] = None  # a follow-up's parent (ctx.enqueue)
 
 
 class JobDefaults(NamedTuple):
@@ -134,6 +146,10 @@ def validate_submission(body, rules, idempotency_key=None):
             raise InvalidJob("the job is not valid", errors)
     if "run_at" in body and "delay_s" in body:
         raise InvalidJob("give run_at or delay_s, not both", ["run_at: not allowed with delay_s"])
+    if "ttl_s" in body and "expires_at" in body:
+        raise InvalidJob("give ttl_s or expires_at, not both", ["ttl_s: not allowed with expires_at"])
+    if "unique_while" in body and "unique_key" not in body:
+        raise InvalidJob("unique_while needs a unique_key", ["unique_while: needs unique_key"])
     handler = handlers.get(body["type"])
     if handler is None:
         raise InvalidJob(f"unknown job type {body['type']!r}",
@@ -167,6 +183,10 @@ def validate_submission(body, rules, idempotency_key=None):
         request_hash=request_fingerprint(body) if key is not None else None,
         payload_json=payload_json,
         group_key=body.get("group"),
+        unique_key=body.get("unique_key"),
+        unique_while=body.get("unique_while", UNIQUE_WHILE[0]) if "unique_key" in body else None,
+        ttl_s=float(body["ttl_s"]) if "ttl_s" in body else None,
+        expires_at=parse_time(body["expires_at"], "expires_at") if "expires_at" in body else None,
     )
 
 

@@ -78,7 +78,7 @@ class Context:
     """What a handler knows of its job: identity, attempt, a logger and `step`."""
 
     def __init__(self, *, job_id, attempt, max_attempts, queue, idempotency_key, timeout_s,
-                 step):
+                 step, enqueue=None):
         self.job_id = job_id
         self.attempt = attempt
         self.max_attempts = max_attempts
@@ -88,12 +88,24 @@ class Context:
         self.log = logging.LoggerAdapter(
             logging.getLogger("conveyor.handler"), {"job_id": job_id, "attempt": attempt})
         self._step = step
+        self._enqueue = enqueue
 
     def step(self, name, fn):
         """Run fn once per job across all attempts; later attempts get the stored result."""
         if not isinstance(name, str) or not name:
             raise ValueError("step name must be a non-empty string")
         return self._step(name, fn)
+
+    def enqueue(self, type, payload=None, **options):
+        """A follow-up job: `type` with `payload` and the options of a submission (queue,
+        priority, delay_s or run_at, max_attempts, timeout_s, backoff, group, unique_key,
+        unique_while, ttl_s or expires_at). It is created, with this job as its parent and
+        its API key, if and only if this attempt's success is recorded, in the same
+        transaction: an attempt that fails, crashes or is fenced creates none, so a retried
+        job creates each follow-up once. Checked now: a bad one raises ValueError."""
+        if self._enqueue is None:
+            raise RuntimeError("ctx.enqueue is not available here")
+        self._enqueue(type, {} if payload is None else payload, options)
 
 
 _registry: dict = {}

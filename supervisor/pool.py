@@ -97,6 +97,7 @@ class Supervisor:
             Duty("reaper", settings.heartbeat_s, lambda: jobs.reap_expired(settings.lease_s)),
             Duty("metrics", settings.heartbeat_s, metrics.flush),
             Duty("stager", 1.0, jobs.stage_due),
+            Duty("expirer", 1.0, jobs.expire_due),
             Duty("limits", 1.0, jobs.sync_held),
             Duty("scheduler", SCHEDULER_INTERVAL_S, self._fire_schedules),
             Duty("cancellations", 0.5, self._stop_cancelled),

@@ -25,9 +25,10 @@ import handlers
 from core import status as states
 from core.policy import Outcome
 from core import flow, jobs
+from core.submission import Rules, validate_submission
 from core import workers
 from infra import metrics
-from core.errors import LeaseLost
+from core.errors import LeaseLost, Refused
 from models import DB_ERRORS, reset_connection
 from supervisor import slots
 
@@ -46,6 +47,7 @@ class WorkerProcess:
         self.slot = slot
         self.pipe = pipe  # the supervisor wakes us through it when a job is announced
         self.settings = settings
+        self.rules = Rules.from_settings(settings)  # what a follow-up job is checked against
         self.parent_pid = os.getppid()
         self.stopping = threading.Event()
         self.finished = threading.Event()
@@ -137,7 +139,7 @@ class WorkerProcess:
                 self.unstarted.pop(0)  # it is begun from here on
                 started_m = time.monotonic()
                 self.slot.start(job.id, job.attempt, started_m + job.timeout_s, job.timeout_s)
-            outcome = execute(job)
+            outcome = execute(job, self.rules)
             ended_m = time.monotonic()
             with self.claim_lock:
                 reports.append(jobs.Report(job, outcome, job.started_at + (started_m - claimed_m),
@@ -219,16 +221,18 @@ class WorkerProcess:
             resident_mb() > self.settings.worker_max_memory_mb
 
 
-def execute(job):
-    """Run the job's handler and say how the attempt ended; never raises."""
+def execute(job, rules=Rules()):
+    """Run the job's handler and say how the attempt ended; never raises. The follow-up
+    jobs it asked for (ctx.enqueue, checked against `rules`) go with a success."""
     handler = handlers.get(job.type)
     if handler is None:
         return Outcome(states.FAILED, error_type="UnknownJobType",
                             error_message=f"no handler for {job.type!r} on this worker")
+    followups = []
     ctx = handlers.Context(
         job_id=job.id, attempt=job.attempt, max_attempts=job.max_attempts, queue=job.queue,
         idempotency_key=job.idempotency_key or str(job.id), timeout_s=job.timeout_s,
-        step=partial(run_step, job))
+        step=partial(run_step, job), enqueue=partial(follow_up, job, rules, followups))
     try:
         result = handler.fn(job.payload, ctx)
     except handlers.Permanent as exc:
@@ -243,7 +247,20 @@ def execute(job):
         return Outcome(states.FAILED, error_type="ResultNotJSON",
                             error_message=f"the handler returned a value that is not "
                                           f"JSON-serialisable: {exc}")
-    return Outcome(states.SUCCEEDED, result=result)
+    return Outcome(states.SUCCEEDED, result=result, followups=tuple(followups))
+
+
+def follow_up(job, rules, followups, type_, payload, options):
+    """ctx.enqueue: check a follow-up job as a submission (ValueError when it is not one)
+    and keep it for the success of this attempt."""
+    body = {**options, "type": type_, "payload": payload}
+    if "idempotency_key" in options:
+        raise ValueError("a follow-up job takes no idempotency_key: it is created once anyway")
+    try:
+        new = validate_submission(body, rules)
+    except Refused as exc:
+        raise ValueError("; ".join([f"follow-up job {type_!r}: {exc.detail}", *exc.errors])) from None
+    followups.append(new._replace(parent_id=job.id))
 
 
 def _failure(exc, **policy):

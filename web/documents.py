@@ -28,6 +28,15 @@ def job(row, attempts=None):
         document["dead_reason"] = row.dead_reason
     if row.cancel_requested_at is not None:
         document["cancel_requested_at"] = timestamp(row.cancel_requested_at)
+    if row.cancel_reason is not None:
+        document["cancel_reason"] = row.cancel_reason
+    if row.parent_id is not None:
+        document["parent_id"] = row.parent_id
+    if row.unique_key is not None:
+        document["unique_key"] = row.unique_key
+        document["unique_while"] = row.unique_while
+    if row.expires_at is not None:
+        document["expires_at"] = timestamp(row.expires_at)
     if attempts is not None:
         document["attempts"] = [attempt(a) for a in attempts]
     return document

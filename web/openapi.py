@@ -92,6 +92,14 @@ SCHEMAS = {
                                      "description": "Only on dead jobs: permanent or "
                                                     "max_attempts."}),
             "cancel_requested_at": TIME,
+            "cancel_reason": {"enum": ["expired"],
+                              "description": "Only on a job that expired before it started."},
+            "parent_id": {"type": "integer", "minimum": 1,
+                          "description": "Only on a follow-up: the job whose success made it "
+                                         "(ctx.enqueue)."},
+            "unique_key": {"type": "string"},
+            "unique_while": {"enum": list(submission.UNIQUE_WHILE)},
+            "expires_at": {**TIME, "description": "Not started by then, it never starts."},
             "attempts": {"type": "array", "items": ref("Attempt"),
                          "description": "Only when one job is fetched: oldest first."},
         },
@@ -317,6 +325,8 @@ NAME_FILTERS = [
 ]
 STATUS_FILTER = parameter("status", "query", {"enum": list(statuses.STATUSES)},
                           "Only jobs with this status.")
+PARENT_FILTER = parameter("parent_id", "query", {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                          "Only the follow-up jobs of this job.")
 IDEMPOTENCY_KEY = parameter(
     "Idempotency-Key", "header",
     submission.SUBMISSION_SCHEMA["properties"]["idempotency_key"],
@@ -386,10 +396,12 @@ PATHS = {
             errors=["Conflict"],
             description="The payload is checked against the handler's schema; an unknown "
                         "type or invalid payload is 422. 409: the Idempotency-Key was used "
-                        "with another body."),
+                        "with another body. 200 and the job that holds it: a job of the "
+                        "same type holds the `unique_key` (while queued, or with "
+                        "`unique_while: active` until it ends)."),
         "get": operation(
             "listJobs", "List jobs, newest first", tag="jobs", access="submit",
-            parameters=[STATUS_FILTER, *NAME_FILTERS, *PAGE],
+            parameters=[STATUS_FILTER, *NAME_FILTERS, PARENT_FILTER, *PAGE],
             ok={"200": json_response("A page of jobs.", ref("JobPage"))}, errors=["Invalid"],
             description="A submit key sees only its own jobs."),
     },

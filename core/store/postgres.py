@@ -1,6 +1,6 @@
 """The core's statements on PostgreSQL (postgres.sql), run prepared (models.execute)."""
 import models
-from core.store.queries import compact_json, load, rows
+from core.store.queries import compact_json, load, new_jobs_json, rows
 
 SQL = load("postgres.sql")
 
@@ -22,13 +22,11 @@ def db_time():
 
 def insert_jobs(new_jobs, api_key_id, limited_types):
     """Store new jobs (core.submission.NewJob) of one API key in one statement. Returns
-    {id, idempotency_key, status, run_at, created_at} of each row stored, by id (the order
-    given); a job whose idempotency key was used already has none."""
-    given = [(new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
-              new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
-              new.idempotency_key, new.request_hash, new.group_key) for new in new_jobs]
+    {id, idempotency_key, status, run_at, created_at, held, type, unique_hold, expires_at}
+    of each row stored, by id (the order given); a job whose idempotency key was used
+    already, or whose unique key a job of its type holds, has none."""
     cursor = models.execute(SQL["insert_jobs"], {
-        "jobs": compact_json.encode(given), "api_key_id": api_key_id, "channel": NOTIFY_CHANNEL,
+        "jobs": new_jobs_json(new_jobs), "api_key_id": api_key_id, "channel": NOTIFY_CHANNEL,
         "limited_types": list(limited_types)})
     return rows(cursor)
 

@@ -16,24 +16,29 @@ SELECT extract(epoch from clock_timestamp())::float8 AS now;
 -- name: insert_jobs
 -- Store jobs given as one JSON array of arrays (PostgreSQL reads arrays much faster than
 -- objects), in the order of core.store.postgres.insert_jobs. A key this API key used
--- already is skipped (the unique index jobs_idempotency decides) and the caller reads the
--- job it names; naming that index as the only arbiter spares the rows without a key most
--- of ON CONFLICT's cost. Announces on %(channel)s, at commit, how many jobs each queue got
+-- already is skipped (the unique index jobs_idempotency decides), and so is a unique key
+-- (SPEC §12) that a job of the same type holds (jobs_unique): the caller reads the job
+-- they name. A job expires ttl_s after this statement's clock, or at expires_at. Announces
+-- on %(channel)s, at commit, how many jobs each queue got
 -- that can run now ("queue:count", notify_payload's shape). A job of a type in
 -- %(limited_types)s or of a paused or limited queue is stored held.
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
 given AS (
-    SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::text AS payload,
-           (job->>3)::int AS priority, (job->>4)::float8 AS run_at,
-           (job->>5)::float8 AS delay_s, (job->>6)::int AS max_attempts,
-           (job->>7)::float8 AS timeout_s, (job->>8)::float8 AS backoff_base_s,
-           (job->>9)::float8 AS backoff_max_s, (job->>10)::text AS idempotency_key,
-           (job->>11)::text AS request_hash, (job->>12)::text AS group_key
+    SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::int AS priority,
+           (job->>3)::float8 AS run_at, (job->>4)::float8 AS delay_s,
+           (job->>5)::int AS max_attempts, (job->>6)::float8 AS timeout_s,
+           (job->>7)::float8 AS backoff_base_s, (job->>8)::float8 AS backoff_max_s,
+           (job->>9)::text AS idempotency_key, (job->>10)::text AS request_hash,
+           (job->>11)::text AS group_key, (job->12->>0)::text AS unique_key,
+           (job->12->>1)::text AS unique_while, (job->12->>2)::float8 AS ttl_s,
+           (job->12->>3)::float8 AS expires_at, (job->12->>4)::bigint AS parent_id,
+           (job->>13)::text AS payload
     FROM json_array_elements(%(jobs)s) AS job),
 new AS (
     INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts,
                       timeout_s, backoff_base_s, backoff_max_s, idempotency_key,
-                      request_hash, group_key, held, api_key_id, created_at)
+                      request_hash, group_key, held, api_key_id, created_at, unique_key,
+                      unique_while, unique_hold, expires_at, parent_id)
     SELECT v.type, v.queue, v.payload, v.priority, COALESCE(v.run_at, clock.now + v.delay_s),
            CASE WHEN COALESCE(v.run_at, clock.now + v.delay_s) > clock.now
                 THEN 'scheduled' ELSE 'available' END,
@@ -42,15 +47,16 @@ new AS (
            v.type = ANY(%(limited_types)s::text[]) OR v.queue IN (
                SELECT name FROM queues
                WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL),
-           %(api_key_id)s::bigint, clock.now
+           %(api_key_id)s::bigint, clock.now, v.unique_key, v.unique_while, v.unique_key,
+           COALESCE(v.expires_at, clock.now + v.ttl_s), v.parent_id
     FROM given AS v, clock
-    ON CONFLICT (COALESCE(api_key_id, 0), idempotency_key) WHERE idempotency_key IS NOT NULL
-    DO NOTHING
-    RETURNING id, idempotency_key, status, run_at, created_at, held, queue),
+    ON CONFLICT DO NOTHING
+    RETURNING id, idempotency_key, status, run_at, created_at, held, queue, type, unique_hold,
+              expires_at),
 announced AS (
     SELECT pg_notify(%(channel)s, queue || ':' || count(*)) FROM new
     WHERE status = 'available' AND NOT held GROUP BY queue)
-SELECT id, idempotency_key, status, run_at, created_at, held
+SELECT id, idempotency_key, status, run_at, created_at, held, type, unique_hold, expires_at
 FROM new, (SELECT count(*) FROM announced) AS notified
 ORDER BY id;
 
@@ -64,7 +70,7 @@ ORDER BY id;
 -- held, not in a paused or limited queue): oldest first, or, when %(turns)s is given (fair
 -- share: the ids `turns` chose), those in that order. When %(limits)s is given (the types'
 -- limits, SPEC §11) and fewer than %(limit)s were found, conveyor_claim_limited then claims
--- the rest under limits (migrations/0009_places_hold_claims.py says how): the first due job
+-- the rest under limits (migrations/0010_places_hold_claims.py says how): the first due job
 -- whose limits have room and those that share its limits, under one place. It runs after
 -- conveyor_record (the branches of UNION ALL run in order), in the same transaction: the
 -- places this step's reports free are this worker's to take again before another sees them.
@@ -75,6 +81,7 @@ WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8
 next AS (
     SELECT id FROM jobs
     WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= (SELECT now FROM clock)
+      AND (expires_at IS NULL OR expires_at > (SELECT now FROM clock))
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
       AND NOT held AND queue NOT IN (SELECT name FROM queues
                                      WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
@@ -92,7 +99,7 @@ claimed AS (
     RETURNING jobs.id, jobs.type, jobs.queue, jobs.payload, jobs.priority, jobs.run_at,
               jobs.max_attempts, jobs.timeout_s, jobs.backoff_base_s, jobs.backoff_max_s,
               jobs.attempt, jobs.attempt_base, jobs.idempotency_key, jobs.started_at,
-              jobs.cancel_requested_at, jobs.lease_owner, jobs.group_key),
+              jobs.cancel_requested_at, jobs.lease_owner, jobs.group_key, jobs.api_key_id),
 started AS (
     INSERT INTO attempts (job_id, number, status, worker_id, host, pid, started_at)
     SELECT id, attempt, 'running', lease_owner, %(host)s, %(pid)s, started_at FROM claimed)
@@ -103,7 +110,7 @@ UNION ALL
 SELECT 'limited', to_json(limited)
 FROM (SELECT id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
              backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key,
-             started_at, cancel_requested_at, lease_owner, group_key
+             started_at, cancel_requested_at, lease_owner, group_key, api_key_id
       FROM conveyor_claim_limited(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
                                   %(limits)s::jsonb, %(guard)s::float8,
                                   (%(limit)s - (SELECT count(*) FROM claimed))::int)) AS limited

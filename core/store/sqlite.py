@@ -6,7 +6,7 @@ import time
 from typing import NamedTuple, Optional
 
 from models import db
-from core.store.queries import compact_json, load, rows
+from core.store.queries import compact_json, load, new_jobs_json, rows
 
 SQL = load("sqlite.sql")
 
@@ -16,11 +16,8 @@ def db_time():
 
 def insert_jobs(new_jobs, api_key_id, limited_types):
     """What postgres.insert_jobs does, without NOTIFY (SQLite has none)."""
-    given = compact_json.encode([
-        (new.type, new.queue, new.payload_json, new.priority, new.run_at, new.delay_s,
-         new.max_attempts, new.timeout_s, new.backoff_base_s, new.backoff_max_s,
-         new.idempotency_key, new.request_hash, new.group_key) for new in new_jobs])
-    cursor = db.execute_sql(SQL["insert_jobs"], {"jobs": given, "api_key_id": api_key_id,
+    cursor = db.execute_sql(SQL["insert_jobs"], {"jobs": new_jobs_json(new_jobs),
+                                                 "api_key_id": api_key_id,
                                                  "limited_types": json.dumps(list(limited_types)),
                                                  "now": time.time()})
     return sorted(rows(cursor), key=lambda row: row["id"])
@@ -111,7 +108,7 @@ def turns(worker, limit):
 
 
 def _claim_limited(worker, limits, guard, limit, now):
-    """What conveyor_claim_limited does on PostgreSQL (migrations/0009_places_hold_claims.py),
+    """What conveyor_claim_limited does on PostgreSQL (migrations/0010_places_hold_claims.py),
     in the step's transaction: under BEGIN IMMEDIATE this process is the only writer, so
     its counts are exact. A concurrency limit counts the claims running under it (a worker
     runs the jobs of one claim one after another)."""

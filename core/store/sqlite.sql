@@ -9,28 +9,32 @@
 
 -- name: insert_jobs
 -- Store jobs given as one JSON array of arrays, in the order of core.store.sqlite.insert_jobs;
--- a used idempotency key (the unique index jobs_idempotency) is skipped and the caller reads
--- the job it names. A job of a type in :limited_types or of a paused or limited queue is
+-- a used idempotency key (the unique index jobs_idempotency) is skipped, and so is a unique
+-- key a job of the same type holds (jobs_unique): the caller reads the job they name. A job of a type in :limited_types or of a paused or limited queue is
 -- stored held. ("WHERE true": an upsert's SELECT needs a WHERE, or SQLite reads ON as the
 -- start of a join.)
 INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts, timeout_s,
                   backoff_base_s, backoff_max_s, idempotency_key, request_hash, group_key,
-                  held, api_key_id, created_at)
-SELECT job.value ->> 0, job.value ->> 1, job.value ->> 2, job.value ->> 3,
-       COALESCE(job.value ->> 4, :now + (job.value ->> 5)),
-       CASE WHEN COALESCE(job.value ->> 4, :now + (job.value ->> 5)) > :now
+                  held, api_key_id, created_at, unique_key, unique_while, unique_hold,
+                  expires_at, parent_id)
+SELECT job.value ->> 0, job.value ->> 1, job.value ->> 13, job.value ->> 2,
+       COALESCE(job.value ->> 3, :now + (job.value ->> 4)),
+       CASE WHEN COALESCE(job.value ->> 3, :now + (job.value ->> 4)) > :now
             THEN 'scheduled' ELSE 'available' END,
-       job.value ->> 6, job.value ->> 7, job.value ->> 8, job.value ->> 9, job.value ->> 10,
-       job.value ->> 11, job.value ->> 12,
+       job.value ->> 5, job.value ->> 6, job.value ->> 7, job.value ->> 8, job.value ->> 9,
+       job.value ->> 10, job.value ->> 11,
        (job.value ->> 0) IN (SELECT value FROM json_each(:limited_types))
            OR (job.value ->> 1) IN (SELECT name FROM queues
                                     WHERE paused OR concurrency IS NOT NULL
                                        OR rate_count IS NOT NULL),
-       :api_key_id, :now
+       :api_key_id, :now, job.value ->> '$[12][0]', job.value ->> '$[12][1]',
+       job.value ->> '$[12][0]',
+       COALESCE(job.value ->> '$[12][3]', :now + (job.value ->> '$[12][2]')),
+       job.value ->> '$[12][4]'
 FROM json_each(:jobs) AS job
 WHERE true
 ON CONFLICT DO NOTHING
-RETURNING id, idempotency_key, status, run_at, created_at, held;
+RETURNING id, idempotency_key, status, run_at, created_at, held, type, unique_hold, expires_at;
 
 -- name: move
 -- The one transition of a running job, by a reported outcome (as core.jobs._reported makes it): only
@@ -137,9 +141,10 @@ UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = :worker
                 heartbeat_at = :now, started_at = :now
 WHERE id IN (SELECT value FROM json_each(:ids))
   AND status IN ('available', 'scheduled', 'retryable')
+  AND (expires_at IS NULL OR expires_at > :now)
 RETURNING id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
           backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
-          cancel_requested_at, lease_owner, group_key;
+          cancel_requested_at, lease_owner, group_key, api_key_id;
 
 -- name: start_attempts
 -- The attempt rows of the jobs a claim started, given as a JSON array of [job_id, number].

@@ -98,11 +98,19 @@ def retrying(operation, timeout=120.0):
             time.sleep(0.2)
 
 
+# Every FOLLOWUPS_EVERY-th chaos job asks for FOLLOWUPS follow-up jobs (ctx.enqueue): the
+# check finds each succeeded one with exactly that many, and a dead one with none.
+FOLLOWUPS_EVERY, FOLLOWUPS = 10, 2
+
+
 def submit_chaos(conveyor, count, effects_log, batch=500):
     ids = []
     for start in range(0, count, batch):
         size = min(batch, count - start)
-        ids += conveyor.submit_many("t.chaos", [{"log": effects_log}] * size)
+        ids += conveyor.submit_many("t.chaos", [
+            {"log": effects_log, **({"followups": FOLLOWUPS, "followup_type": "t.chaos"}
+                                    if n % FOLLOWUPS_EVERY == 0 else {})}
+            for n in range(start, start + size)])
     return ids
 
 
@@ -195,6 +203,10 @@ def check(conveyor, figures, effects_log, acknowledged=()):
         figures.problems.append(f"{kind}: {text}")
 
     jobs = {job.id: job for job in retrying(lambda: list(Job.select()))}
+    children = defaultdict(list)  # follow-up jobs (SPEC §12) by parent
+    for job in jobs.values():
+        if job.parent_id is not None:
+            children[job.parent_id].append(job)
     history = defaultdict(dict)
     for attempt in retrying(lambda: list(Attempt.select())):
         if attempt.number in history[attempt.job_id]:
@@ -221,6 +233,12 @@ def check(conveyor, figures, effects_log, acknowledged=()):
             problem("misrecorded", f"job {job.id} succeeded with succeeded attempts {succeeded}")
         if job.status == "dead" and succeeded:
             problem("misrecorded", f"job {job.id} is dead after attempts {succeeded} succeeded")
+        made = children.get(job.id, [])
+        wanted = job.payload.get("followups", 0) if job.status == "succeeded" else 0
+        if len(made) != wanted or len({child.payload.get("i") for child in made}) != wanted:
+            problem("misrecorded", f"job {job.id} ({job.status}) made follow-ups "
+                                   f"{sorted(child.payload.get('i') for child in made)}, "
+                                   f"not {wanted} once each")
         ordered = [history[job.id][n] for n in sorted(history[job.id])]
         for earlier, later in zip(ordered, ordered[1:]):
             if earlier.finished_at is None or later.started_at < earlier.finished_at:

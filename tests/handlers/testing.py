@@ -23,6 +23,20 @@ def record(payload, ctx, event):
             os.close(fd)
 
 
+def follow_up(payload, ctx):
+    """Ask for the follow-up jobs payload["followups"] names: a count of jobs of type
+    payload["followup_type"] (default t.noop) logging to the same side-effect log, or a
+    list of {"type", "payload", "options"} (SPEC §12: made only if the attempt succeeds)."""
+    followups = payload.get("followups", [])
+    if isinstance(followups, int):
+        log = {"log": payload["log"]} if payload.get("log") else {}
+        followups = [{"type": payload.get("followup_type", "t.noop"),
+                      "payload": {**log, "parent": ctx.job_id, "i": i}}
+                     for i in range(followups)]
+    for child in followups:
+        ctx.enqueue(child["type"], child.get("payload", {}), **child.get("options", {}))
+
+
 @handler("t.noop")
 def noop(payload, ctx):
     record(payload, ctx, "run")
@@ -82,6 +96,7 @@ def retry_after(payload, ctx):
 def crash(payload, ctx):
     """Kill our own worker process, on every attempt or until payload["succeed_on"]."""
     record(payload, ctx, "run")
+    follow_up(payload, ctx)
     if ctx.attempt < payload.get("succeed_on", 10 ** 9):
         os.kill(os.getpid(), signal.SIGKILL)
     return {"attempt": ctx.attempt}
@@ -115,6 +130,7 @@ def chaos(payload, ctx):
     record end and return, or record fail and raise, as chaos_plan says."""
     sleep_s, fails = chaos_plan(ctx.job_id, ctx.attempt)
     record(payload, ctx, "start")
+    follow_up(payload, ctx)
     time.sleep(sleep_s)
     if fails:
         record(payload, ctx, "fail")
@@ -141,6 +157,7 @@ def gate(payload, ctx):
     "<payload["gate"]>.<attempt>" exists, fail attempts before payload["succeed_on"]
     (default 1), and say which attempt and process produced the result."""
     record(payload, ctx, "start")
+    follow_up(payload, ctx)
     if ctx.attempt in payload.get("hold", [1]):
         release = f"{payload['gate']}.{ctx.attempt}"
         deadline = time.monotonic() + payload.get("max_s", 120)

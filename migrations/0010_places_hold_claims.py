@@ -123,6 +123,7 @@ BEGIN
         FROM jobs AS j LEFT JOIN queues AS q ON q.name = j.queue
         WHERE j.status IN ('available', 'scheduled', 'retryable') AND j.held
           AND j.run_at <= now_s AND (p_queues IS NULL OR j.queue = ANY(p_queues))
+          AND (j.expires_at IS NULL OR j.expires_at > now_s)
           AND NOT COALESCE(q.paused, FALSE)
         ORDER BY j.priority, j.run_at, j.id
         LIMIT 1000
@@ -197,7 +198,7 @@ BEGIN
             WHERE status IN ('available', 'scheduled', 'retryable') AND held
               AND type = candidate.type AND queue = candidate.queue
               AND COALESCE(group_key, '') = COALESCE(candidate.group_key, '')
-              AND run_at <= now_s
+              AND run_at <= now_s AND (expires_at IS NULL OR expires_at > now_s)
             ORDER BY priority, run_at, id
             LIMIT greatest(budget, 1)
             FOR UPDATE SKIP LOCKED
