@@ -28,7 +28,7 @@ from werkzeug.routing import IntegerConverter
 from core import keys
 from infra import boot
 from cli import commands
-from web import documents
+from core import documents
 import handlers
 from core import jobs
 from core import history

@@ -1,5 +1,5 @@
-"""What jobs, attempts, workers and queues look like to users: the JSON of the API and of
-`--json`."""
+"""What jobs, attempts, workers and queues look like to users: the JSON of the API, of
+`--json` and of the job a callback sends (the supervisor sends it, and never imports web)."""
 from core.times import timestamp
 from core import status as statuses
 
