@@ -19,6 +19,7 @@ from core import events, flow, status as S
 from core.errors import Conflict, LeaseLost
 from core.events import Finished
 from core.history import get_job
+from core import callbacks
 from core.policy import Outcome, next_transition, released_outcome, run_order
 from core.store import backend
 from core.store.postgres import NOTIFY_CHANNEL, notify_payload  # noqa: F401 (for the supervisor)
@@ -56,15 +57,20 @@ def enqueue(new_jobs, api_key_id=None):
     if not new_jobs:
         return []
     keyed = any(new.idempotency_key is not None for new in new_jobs)
+    called_back = any(new.callback_url is not None for new in new_jobs)
     chunks = list(_insert_chunks(new_jobs))
     store = backend()
     # One statement is atomic by itself; a used key takes a second one (to read the
-    # job it names), and a conflict must undo the first.
-    with db.atomic() if keyed or len(chunks) > 1 else contextlib.nullcontext():
+    # job it names), and a conflict must undo the first; callbacks are stored with their jobs.
+    with db.atomic() if keyed or called_back or len(chunks) > 1 else contextlib.nullcontext():
         limited = list(flow.type_limits())
         inserted = [row for chunk in chunks
                     for row in store.insert_jobs(chunk, api_key_id, limited)]
         stored = _stored(new_jobs, inserted, api_key_id)
+        if called_back:
+            callbacks.register([(job.id, new.callback_url)
+                                for new, (job, created) in zip(new_jobs, stored)
+                                if created and new.callback_url is not None])
     created = [job for job, was_created in stored if was_created]
     for (type_, queue), count in Counter((job.type, job.queue) for job in created).items():
         metrics.count("conveyor_jobs_submitted", count, type=type_, queue=queue)

@@ -19,6 +19,10 @@ from core.times import parse_time
 # newline, which would let "default\n" through as a queue name.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$(?!\n)"
 MAX_BATCH = 1000
+# An absolute http(s) URL in printable ASCII: a host (RFC 3986's authority characters),
+# then any path, query and fragment without spaces.
+CALLBACK_URL_PATTERN = (r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9._~%!$&'()*+,;=:@\[\]-]+"
+                        r"(?:[/?#][\x21-\x7e]*)?$(?!\n)")
 
 # Made once: json.dumps with options makes a new encoder at every call.
 compact_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -63,6 +67,9 @@ SUBMISSION_SCHEMA = {
         "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 255,
                             "pattern": r"^[\x20-\x7e]+$(?!\n)"},
         "group": {"type": "string", "minLength": 1, "maxLength": 200},
+        "callback_url": {"type": "string", "maxLength": 2048, "pattern": CALLBACK_URL_PATTERN,
+                         "description": "Where the job's document is POSTed, signed, once "
+                                        "it ends (http or https)."},
     },
 }
 _submission_validator = Draft202012Validator(SUBMISSION_SCHEMA)
@@ -84,6 +91,7 @@ class NewJob(NamedTuple):
     idempotency_key: Optional[str] = None
     request_hash: Optional[str] = None
     group_key: Optional[str] = None  # `group`: group_concurrency counts running jobs by it
+    callback_url: Optional[str] = None  # told when the job ends (core/callbacks.py)
 
 
 class JobDefaults(NamedTuple):
@@ -167,6 +175,7 @@ def validate_submission(body, rules, idempotency_key=None):
         request_hash=request_fingerprint(body) if key is not None else None,
         payload_json=payload_json,
         group_key=body.get("group"),
+        callback_url=body.get("callback_url"),
     )
 
 
