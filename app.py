@@ -28,9 +28,10 @@ from werkzeug.routing import IntegerConverter
 from core import keys
 from infra import boot
 from cli import commands
-from web import documents
+from core import documents
 import handlers
 from core import jobs
+from core import callbacks
 from core import history
 from core import submission
 from core import workers as registry
@@ -111,13 +112,25 @@ def reply(document, status=200, headers=None):
                     mimetype="application/json")
 
 
-def _items_as_sent(stored):
+def _items_as_sent(stored, found_callbacks):
     """A batch's answer, {"items": [job, ...]}, encoded a job at a time while it is sent:
     it is as large as the batch, and is never held whole."""
     yield b'{"items":['
     for index, (job, _) in enumerate(stored):
-        yield (b"," if index else b"") + _document_json.encode(documents.job(job)).encode()
+        document = documents.job(job, callback=found_callbacks.get(job.id))
+        yield (b"," if index else b"") + _document_json.encode(document).encode()
     yield b"]}"
+
+
+def job_document(job, attempts=None):
+    """A job as the API shows it, with its callback when it has one."""
+    return documents.job(job, attempts, callbacks.of_job(job.id))
+
+
+def job_documents(rows):
+    """Jobs as the API lists them, each with its callback (one query for them all)."""
+    found = callbacks.of_jobs([job.id for job in rows])
+    return [documents.job(job, callback=found.get(job.id)) for job in rows]
 
 
 def no_content():
@@ -601,6 +614,12 @@ def _register_routes(app, rate_limits):
     def openapi_document():
         return Response(description, mimetype="application/json")
 
+    @app.get("/v1/me")
+    @access(SUBMIT)
+    def me():
+        query()
+        return reply(documents.me(g.api_key, conf.rate_limit))
+
     @app.get("/metrics")
     @access(PUBLIC if conf.metrics_public else ADMIN, monitoring=True)
     def prometheus_metrics():
@@ -621,22 +640,25 @@ def _register_routes(app, rate_limits):
         except Conflict as exc:  # the core numbers each conflict by its index in a batch
             raise Conflict(exc.detail,
                            [error.removeprefix("0: ") for error in exc.errors]) from None
-        return reply(documents.job(job), 201 if created else 200,
-                     {"Location": f"/v1/jobs/{job.id}"})
+        document = job_document(job) if "callback_url" in body else documents.job(job)
+        return reply(document, 201 if created else 200, {"Location": f"/v1/jobs/{job.id}"})
 
     @app.post("/v1/jobs/batch")
     @access(SUBMIT)
     def submit_batch():
-        stored = jobs.enqueue(batch_of(json_body(), rules), api_key_id=g.api_key.id)
+        new_jobs = batch_of(json_body(), rules)
+        stored = jobs.enqueue(new_jobs, api_key_id=g.api_key.id)
         created = any(was_created for _, was_created in stored)
-        return Response(_items_as_sent(stored), 201 if created else 200,
+        found = (callbacks.of_jobs([job.id for job, _ in stored])
+                 if any(new.callback_url for new in new_jobs) else {})
+        return Response(_items_as_sent(stored, found), 201 if created else 200,
                         mimetype="application/json")
 
     @app.get("/v1/jobs/<job_id:job_id>")
     @access(SUBMIT)
     def show_job(job_id):
         job = history.get_job(job_id, api_key_id=owner())
-        return reply(documents.job(job, history.attempts_of(job.id)))
+        return reply(job_document(job, history.attempts_of(job.id)))
 
     @app.get("/v1/jobs")
     @access(SUBMIT)
@@ -646,28 +668,28 @@ def _register_routes(app, rate_limits):
                                       queue=query_name("queue"), api_key_id=owner(),
                                       parent_id=query_int("parent_id", None, 1, openapi.MAX_ID),
                                       **page_args())
-        return reply(documents.page([documents.job(job) for job in page], cursor))
+        return reply(documents.page(job_documents(page), cursor))
 
     @app.post("/v1/jobs/<job_id:job_id>/cancel")
     @access(SUBMIT)
     def cancel_job(job_id):
         job, stopped = jobs.cancel(job_id, api_key_id=owner())
-        return reply(documents.job(job), 200 if stopped else 202)
+        return reply(job_document(job), 200 if stopped else 202)
 
     @app.get("/v1/dlq")
     def list_dead():
         query("type", "queue", "limit", "cursor")
         page, cursor = history.list_jobs(status=statuses.DEAD, type=query_name("type"),
                                       queue=query_name("queue"), **page_args())
-        return reply(documents.page([documents.job(job) for job in page], cursor))
+        return reply(documents.page(job_documents(page), cursor))
 
     @app.post("/v1/dlq/<job_id:job_id>/retry")
     def retry_dead(job_id):
-        return reply(documents.job(jobs.dlq_retry(job_id)))
+        return reply(job_document(jobs.dlq_retry(job_id)))
 
     @app.delete("/v1/dlq/<job_id:job_id>")
     def discard_dead(job_id):
-        return reply(documents.job(jobs.dlq_discard(job_id)))
+        return reply(job_document(jobs.dlq_discard(job_id)))
 
     @app.get("/v1/schedules")
     def list_schedules():

@@ -18,6 +18,8 @@ a Session is thread-safe, so give each thread its own client.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import random
 import time
@@ -32,6 +34,7 @@ import requests
 from urllib3.exceptions import NewConnectionError
 
 __all__ = ["Conveyor", "Job", "Attempt", "Backoff", "Schedule", "ScheduleRun", "Worker",
+           "Callback", "Me", "verify_signature", "SignatureError", "SIGNATURE_HEADER",
            "Stats", "Queue", "Page", "ConveyorError", "BadRequest", "Unauthorized", "Forbidden",
            "NotFound", "Conflict", "TooLarge", "Invalid", "RateLimited", "Unavailable",
            "ConnectionFailed", "ServerError", "WaitTimeout", "FINAL_STATUSES"]
@@ -39,6 +42,7 @@ __all__ = ["Conveyor", "Job", "Attempt", "Backoff", "Schedule", "ScheduleRun", "
 log = logging.getLogger("conveyor.client")
 
 FINAL_STATUSES = ("succeeded", "dead", "cancelled")
+SIGNATURE_HEADER = "Conveyor-Signature"
 RETRIED_STATUSES = (429, 503)
 
 
@@ -106,6 +110,11 @@ class ConnectionFailed(Unavailable):
 
 class ServerError(ConveyorError):
     """Any other 5xx."""
+
+
+class SignatureError(Exception):
+    """A callback whose Conveyor-Signature does not prove it came from Conveyor: missing
+    or malformed, signed with another secret or over another body, or too old (a replay)."""
 
 
 class WaitTimeout(ConveyorError, TimeoutError):
@@ -195,6 +204,15 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class Callback:
+    """Where a job's callback stands: `status` pending, delivered or failed; `attempts`
+    POSTs made since the job ended; `last_error` what the last failed one met."""
+    status: str
+    attempts: int
+    last_error: Optional[str]
+
+
+@dataclass(frozen=True)
 class Job:
     """A job and where it stands: `status`, and `attempt`, the number of its latest attempt.
     `attempts` is filled by get() and wait() only (oldest first); `dead_reason` only on dead
@@ -217,6 +235,8 @@ class Job:
     finished_at: Optional[datetime]
     dead_reason: Optional[str] = None
     cancel_requested_at: Optional[datetime] = None
+    callback_url: Optional[str] = None
+    callback: Optional[Callback] = None
     attempts: Optional[list[Attempt]] = None
     group: Optional[str] = None
     parent_id: Optional[int] = None  # a follow-up's parent (ctx.enqueue)
@@ -234,7 +254,18 @@ class Job:
     def from_document(cls, document):
         return _from(cls, document, run_at=_time, created_at=_time, finished_at=_time,
                      cancel_requested_at=_time, expires_at=_time, backoff=lambda b: Backoff(**b),
+                     callback=lambda c: _from(Callback, c),
                      attempts=lambda items: [Attempt.from_document(a) for a in items])
+
+
+@dataclass(frozen=True)
+class Me:
+    """The API key in use (GET /v1/me): `callback_secret` is what verify_signature checks
+    its jobs' callbacks with."""
+    name: str
+    role: str
+    rate_limit: str
+    callback_secret: str
 
 
 @dataclass(frozen=True)
@@ -383,7 +414,8 @@ class Conveyor:
                idempotency_key: Optional[str] = None, group: Optional[str] = None,
                unique_key: Optional[str] = None, unique_while: Optional[str] = None,
                ttl_s: Union[float, timedelta, None] = None,
-               expires_at: Union[datetime, str, None] = None) -> Job:
+               expires_at: Union[datetime, str, None] = None,
+               callback_url: Optional[str] = None) -> Job:
         """Submit one job; returns it. run_at: a datetime with a timezone or an RFC 3339
         string; delay_s: seconds or a timedelta; backoff: {"base_s": .., "max_s": ..};
         group: what its type's group_concurrency counts by (a customer id, say).
@@ -391,13 +423,16 @@ class Conveyor:
         "active": also while it runs), the submission returns that job instead.
         ttl_s (or expires_at): not started by then, the job never starts (it ends
         cancelled, cancel_reason "expired").
+        callback_url: an http(s) URL the job's document is POSTed to once it ends, signed
+        with this key's callback secret (check it with verify_signature).
         Without an idempotency_key the call gets its own uuid, so its retries make one job;
         with one, a repeat of the same submission returns the first job (another body:
         Conflict)."""
         body = _submission(type, payload, queue=queue, priority=priority, run_at=run_at,
                            delay_s=delay_s, max_attempts=max_attempts, timeout_s=timeout_s,
                            backoff=backoff, group=group, unique_key=unique_key,
-                           unique_while=unique_while, ttl_s=ttl_s, expires_at=expires_at)
+                           unique_while=unique_while, ttl_s=ttl_s, expires_at=expires_at,
+                           callback_url=callback_url)
         key = idempotency_key or str(uuid.uuid4())
         return Job.from_document(self._json("POST", "/v1/jobs", body=body, safe=True,
                                             headers={"Idempotency-Key": key}))
@@ -459,6 +494,10 @@ class Conveyor:
         return Job.from_document(self._json("POST", f"/v1/jobs/{_id(job_id)}/cancel"))
 
     # ------------------------------------------------------------------------ operations
+
+    def me(self) -> Me:
+        """The API key in use, with the secret its jobs' callbacks are signed with."""
+        return _from(Me, self._json("GET", "/v1/me"))
 
     def stats(self) -> Stats:
         """Job counts by queue and status, the oldest available job's age, live workers
@@ -681,3 +720,38 @@ def _submission(type, payload, **options):
                               "max_s": options["backoff"].max_s}
     body.update({name: value for name, value in options.items() if value is not None})
     return body
+
+
+# ---------------------------------------------------------------------------- callbacks
+
+def verify_signature(secret: str, body: Union[bytes, str], header: Optional[str], *,
+                     tolerance_s: float = 300.0, now: Optional[float] = None) -> int:
+    """Check a callback's Conveyor-Signature header (`t=<unix time>,v1=<hex HMAC-SHA256 of
+    "<t>.<body>">`) against the raw body as received and the key's callback_secret
+    (Conveyor.me()). Returns the signed time; raises SignatureError when the header is
+    missing or malformed, when no v1 matches (compared in constant time), or when t is more
+    than tolerance_s seconds away from now (a replayed delivery).
+
+        verify_signature(secret, request.get_data(), request.headers.get(SIGNATURE_HEADER))
+    """
+    if not header:
+        raise SignatureError(f"no {SIGNATURE_HEADER} header")
+    parts = [part.strip().partition("=") for part in header.split(",")]
+    stamps = [value for name, _, value in parts if name == "t"]
+    signatures = [value for name, _, value in parts if name == "v1"]
+    if len(stamps) != 1 or not stamps[0].isdigit() or not signatures:
+        raise SignatureError(f"malformed {SIGNATURE_HEADER} header: {header[:200]!r}")
+    timestamp = int(stamps[0])
+    payload = body.encode() if isinstance(body, str) else bytes(body)
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + payload,
+                        hashlib.sha256).hexdigest()
+    # Every v1 is compared, each in constant time: a match must not return earlier.
+    matched = [hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace"))
+               for signature in signatures]
+    if not any(matched):
+        raise SignatureError("the signature does not match this secret and body")
+    age = (time.time() if now is None else now) - timestamp
+    if abs(age) > tolerance_s:
+        raise SignatureError(f"the signature is {age:.0f}s old, outside the tolerance of "
+                             f"{tolerance_s:g}s")
+    return timestamp

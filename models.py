@@ -381,9 +381,27 @@ class ApiKey(BaseModel):
     rate_limit = pw.TextField(null=True)  # None: the RATE_LIMIT default
     created_at = pw.DoubleField()
     revoked_at = pw.DoubleField(null=True)
+    callback_secret = pw.TextField(null=True)  # signs its jobs' callbacks (every key has one)
 
     class Meta:
         table_name = "api_keys"
+
+
+class Callback(BaseModel):
+    """A job's callback (SPEC §12): due once the job ends (a trigger of migration 0011
+    sets due_at and ended_at), delivered by a supervisor under a lease."""
+    job_id = pw.BigIntegerField(primary_key=True)
+    url = pw.TextField()
+    status = pw.TextField(default="pending")  # pending, delivered, failed
+    attempts = pw.IntegerField(default=0)
+    last_error = pw.TextField(null=True)
+    due_at = pw.DoubleField(null=True)  # None until the job ends
+    ended_at = pw.DoubleField(null=True)
+    lease = pw.TextField(null=True)  # who delivers it now; due_at is then the lease's end
+    delivered_at = pw.DoubleField(null=True)
+
+    class Meta:
+        table_name = "callbacks"
 
 
 class Schedule(BaseModel):

@@ -17,7 +17,7 @@ from flask.cli import AppGroup
 from core import audit
 from core import keys
 from infra import boot
-from web import documents
+from core import documents
 import handlers
 from core import jobs
 from core import history

@@ -9,7 +9,7 @@ from core import status as S
 from core.errors import InvalidRequest, NotFound
 from core.store import backend
 from core.workers import workers_alive
-from models import Attempt, Job, Step, db, now
+from models import Attempt, Callback, Job, Step, db, now
 
 MAX_LIMIT = 500
 
@@ -113,7 +113,7 @@ def oldest_available_by_queue():
 
 def prune(older_than_s, batch=1000):
     """Delete succeeded and cancelled jobs finished more than older_than_s ago, with their
-    attempts and steps; dead jobs stay until retried or discarded. Returns the count."""
+    attempts, steps and callbacks; dead jobs stay until retried or discarded. Returns the count."""
     cutoff = backend().db_time() - older_than_s
     removed = 0
     while True:
@@ -125,4 +125,5 @@ def prune(older_than_s, batch=1000):
                 return removed
             Attempt.delete().where(Attempt.job_id.in_(ids)).execute()
             Step.delete().where(Step.job_id.in_(ids)).execute()
+            Callback.delete().where(Callback.job_id.in_(ids)).execute()
             removed += Job.delete().where(Job.id.in_(ids), Job.status.in_(S.PRUNABLE)).execute()

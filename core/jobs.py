@@ -19,6 +19,7 @@ from core import events, flow, status as S
 from core.errors import Conflict, LeaseLost
 from core.events import Finished
 from core.history import get_job
+from core import callbacks
 from core.policy import Outcome, next_transition, released_outcome, run_order
 from core.store import backend
 from core.store.postgres import NOTIFY_CHANNEL, notify_payload  # noqa: F401 (for the supervisor)
@@ -56,21 +57,28 @@ def enqueue(new_jobs, api_key_id=None):
     if not new_jobs:
         return []
     keyed = any(_new_key(new) is not None for new in new_jobs)
+    called_back = any(new.callback_url is not None for new in new_jobs)
     chunks = list(_insert_chunks(new_jobs))
     # One statement is atomic by itself; a used key takes a second one (to read the
-    # job it names), and a conflict must undo the first.
-    with db.atomic() if keyed or len(chunks) > 1 else contextlib.nullcontext():
+    # job it names), and a conflict must undo the first; callbacks are stored with their jobs.
+    with db.atomic() if keyed or called_back or len(chunks) > 1 else contextlib.nullcontext():
         stored = _insert(chunks, new_jobs, api_key_id)
     _submitted([job for job, was_created in stored if was_created])
     return stored
 
 
 def _insert(chunks, new_jobs, api_key_id):
-    """Store new_jobs (in these chunks) in the caller's transaction: [(job, created)]."""
+    """Store new_jobs (in these chunks) in the caller's transaction, with their callbacks:
+    [(job, created)]."""
     limited = list(flow.type_limits())
     inserted = [row for chunk in chunks
                 for row in backend().insert_jobs(chunk, api_key_id, limited)]
-    return _stored(new_jobs, inserted, api_key_id)
+    stored = _stored(new_jobs, inserted, api_key_id)
+    if any(new.callback_url is not None for new in new_jobs):
+        callbacks.register([(job.id, new.callback_url)
+                            for new, (job, created) in zip(new_jobs, stored)
+                            if created and new.callback_url is not None])
+    return stored
 
 
 def _submitted(created):

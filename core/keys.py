@@ -49,7 +49,8 @@ def create(name, role="submit", rate_limit=None):
     try:
         with db.atomic():
             [row] = (ApiKey.insert(name=name, key_hash=digest(secret), role=role,
-                                   rate_limit=rate_limit, created_at=now())
+                                   rate_limit=rate_limit, created_at=now(),
+                                   callback_secret=secrets.token_hex(32))
                      .returning(ApiKey).execute())
     except pw.IntegrityError:
         raise Conflict(f"there is already an active key named {name!r}; revoke it first "

@@ -29,3 +29,9 @@ RELEASED = "released"
 
 ATTEMPT_STATUSES = (RUNNING, SUCCEEDED, FAILED, TIMED_OUT, CRASHED, INTERRUPTED, CANCELLED,
                     RELEASED)
+
+# Callback statuses (SPEC §12): pending until delivered (a 2xx) or failed (given up)
+CALLBACK_PENDING = "pending"
+CALLBACK_DELIVERED = "delivered"
+CALLBACK_FAILED = "failed"
+CALLBACK_STATUSES = (CALLBACK_PENDING, CALLBACK_DELIVERED, CALLBACK_FAILED)

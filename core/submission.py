@@ -20,6 +20,10 @@ from core.times import parse_time
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$(?!\n)"
 MAX_BATCH = 1000
 UNIQUE_WHILE = ("queued", "active")  # the first is the default
+# An absolute http(s) URL in printable ASCII: a host (RFC 3986's authority characters),
+# then any path, query and fragment without spaces.
+CALLBACK_URL_PATTERN = (r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9._~%!$&'()*+,;=:@\[\]-]+"
+                        r"(?:[/?#][\x21-\x7e]*)?$(?!\n)")
 
 # Made once: json.dumps with options makes a new encoder at every call.
 compact_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -70,6 +74,9 @@ SUBMISSION_SCHEMA = {
         "unique_while": {"enum": list(UNIQUE_WHILE)},
         "ttl_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 10 * 365 * 86400},
         "expires_at": {"type": "string", "format": "date-time", "maxLength": 64},
+        "callback_url": {"type": "string", "maxLength": 2048, "pattern": CALLBACK_URL_PATTERN,
+                         "description": "Where the job's document is POSTed, signed, once "
+                                        "it ends (http or https)."},
     },
 }
 _submission_validator = Draft202012Validator(SUBMISSION_SCHEMA)
@@ -96,6 +103,7 @@ class NewJob(NamedTuple):
     ttl_s: Optional[float] = None  # expires ttl_s after it is stored...
     expires_at: Optional[float] = None  # ...or at this time
     parent_id: Optional[int] = None  # a follow-up's parent (ctx.enqueue)
+    callback_url: Optional[str] = None  # told when the job ends (core/callbacks.py)
 
 
 class JobDefaults(NamedTuple):
@@ -187,6 +195,7 @@ def validate_submission(body, rules, idempotency_key=None):
         unique_while=body.get("unique_while", UNIQUE_WHILE[0]) if "unique_key" in body else None,
         ttl_s=float(body["ttl_s"]) if "ttl_s" in body else None,
         expires_at=parse_time(body["expires_at"], "expires_at") if "expires_at" in body else None,
+        callback_url=body.get("callback_url"),
     )
 
 

@@ -148,6 +148,9 @@ class Settings:
     default_timeout_s: float = 300.0
     backoff_base_s: float = 1.0
     backoff_max_s: float = 3600.0
+    callback_backoff_base_s: float = 10.0
+    callback_backoff_max_s: float = 3600.0
+    callback_timeout_s: float = 10.0
     handler_paths: tuple = ()
     retention_days: float = 14.0
     log_format: str = "text"
@@ -186,6 +189,9 @@ class Settings:
             default_timeout_s=_number(env, "DEFAULT_TIMEOUT_S", 300.0, above=True),
             backoff_base_s=_number(env, "BACKOFF_BASE_S", 1.0),
             backoff_max_s=_number(env, "BACKOFF_MAX_S", 3600.0),
+            callback_backoff_base_s=_number(env, "CALLBACK_BACKOFF_BASE_S", 10.0),
+            callback_backoff_max_s=_number(env, "CALLBACK_BACKOFF_MAX_S", 3600.0),
+            callback_timeout_s=_number(env, "CALLBACK_TIMEOUT_S", 10.0, above=True),
             handler_paths=tuple(p for p in env.get("HANDLER_PATHS", "").split(":") if p.strip()),
             retention_days=_number(env, "RETENTION_DAYS", 14.0),
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
@@ -199,6 +205,8 @@ class Settings:
                 f"got {settings.lease_s:g}")
         if settings.backoff_max_s < settings.backoff_base_s:
             raise ConfigError("BACKOFF_MAX_S must be at least BACKOFF_BASE_S")
+        if settings.callback_backoff_max_s < settings.callback_backoff_base_s:
+            raise ConfigError("CALLBACK_BACKOFF_MAX_S must be at least CALLBACK_BACKOFF_BASE_S")
         for path in settings.handler_paths:
             if not os.path.isdir(path):
                 raise ConfigError(f"HANDLER_PATHS names {path!r}, which is not a directory")

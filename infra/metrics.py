@@ -34,6 +34,10 @@ COUNTERS = {
                                  ("type", "queue")),
     "conveyor_attempts_released": ("Claimed attempts given back unstarted (their worker died "
                                    "or left first); they do not count.", ("type", "queue")),
+    "conveyor_callbacks_delivered": ("Job callbacks delivered (the receiver answered 2xx), "
+                                     "by job type.", ("type",)),
+    "conveyor_callbacks_failed": ("Job callbacks given up (a refused address, or no 2xx "
+                                  "within 24 h of the job's end), by job type.", ("type",)),
     "conveyor_rate_limited": ("Requests refused with 429, by which limit.", ("limit",)),
     "conveyor_rate_limit_storage_errors": (
         "Requests that found the rate-limit storage unreachable, by what became of them "

@@ -5,7 +5,8 @@ children and records what they held at once, without waiting for the lease (the 
 whose handler was running `crashed`, the claimed jobs it had not begun released),
 kills an attempt past its timeout or whose job was cancelled, respawns workers (backing
 off when one keeps dying) and runs its duties: reap expired leases, stage due jobs,
-fire due schedules, flush metrics, forget dead workers, prune old history. On SIGTERM
+fire due schedules, deliver callbacks (in a child: supervisor/callbacks.py), flush
+metrics, forget dead workers, prune old history. On SIGTERM
 it stops claiming, lets running attempts finish within SHUTDOWN_GRACE_S, then kills the
 rest and records them `interrupted`.
 """
@@ -23,10 +24,12 @@ from typing import Callable, Optional
 from core import status as states
 from core.policy import Outcome
 from core import history, jobs, schedules, submission, times, workers
+from core import callbacks
 from infra import metrics
 from models import DB_ERRORS, reset_connection
 from models import is_postgres
 from supervisor import slots
+from supervisor.callbacks import CallbackSender
 from supervisor.wakeups import LISTEN_ERRORS, Listener, WakePipe, wake_for
 from supervisor.worker import WorkerProcess
 
@@ -38,6 +41,7 @@ TICK_S = 0.1
 CRASH_WINDOW_S = 30.0
 MAX_RESPAWN_DELAY_S = 30.0
 SCHEDULER_INTERVAL_S = 0.5  # well under a second, so even per-second schedules miss no slot
+CALLBACKS_INTERVAL_S = 0.5  # how soon a due callback gets a sender
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Supervisor:
         self.children: dict[int, Child] = {}
         self.stopping = False
         self.hurry = False
+        self.sender_pid = None  # the child delivering callbacks, while one runs
         self.listener = Listener(jobs.NOTIFY_CHANNEL) if is_postgres() else None
         self.duties = [
             Duty("reaper", settings.heartbeat_s, lambda: jobs.reap_expired(settings.lease_s)),
@@ -101,6 +106,7 @@ class Supervisor:
             Duty("limits", 1.0, jobs.sync_held),
             Duty("scheduler", SCHEDULER_INTERVAL_S, self._fire_schedules),
             Duty("cancellations", 0.5, self._stop_cancelled),
+            Duty("callbacks", CALLBACKS_INTERVAL_S, self._send_callbacks),
             Duty("worker registry", settings.lease_s,
                  lambda: workers.forget_stale_workers(settings.lease_s)),
         ]
@@ -248,6 +254,8 @@ class Supervisor:
             child = self.children.pop(pid, None)
             if child is not None:
                 self._on_exit(child, status)
+            elif pid == self.sender_pid:
+                self._on_sender_exit(status)
 
     def _on_exit(self, child, status):
         state = self.slots[child.slot_index]
@@ -341,6 +349,31 @@ class Supervisor:
                      extra={"job_id": job.id})
             self._kill(busy[job.lease_owner], "cancel")
 
+    def _send_callbacks(self):
+        """Fork a sender (supervisor/callbacks.py) when callbacks are due and none runs: a
+        slow receiver then holds the sender, never this loop."""
+        if self.sender_pid is not None or self.stopping or not callbacks.any_due():
+            return
+        reset_connection()  # a child must never share the parent's database connection
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._become_child()
+                code = CallbackSender(self.settings, self.id).run()
+            except BaseException:
+                log.exception("callback sender failed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.sender_pid = pid
+        log.debug("callback sender started (pid %d)", pid)
+
+    def _on_sender_exit(self, status):
+        self.sender_pid = None
+        if status != 0:  # what it held is due again when its lease is over
+            log.warning("callback sender %s", describe_exit(status))
+
     def _prune(self):
         removed = history.prune(self.settings.retention_days * 86400)
         schedules.prune_runs(self.settings.retention_days * 86400)
@@ -358,6 +391,8 @@ class Supervisor:
                  len(self.children), grace)
         for child in self.children.values():
             _signal(child.pid, signal.SIGTERM)
+        if self.sender_pid is not None:
+            _signal(self.sender_pid, signal.SIGTERM)  # it ends the batch under way, then leaves
         deadline = time.monotonic() + grace
         while self.children and time.monotonic() < deadline and not self.hurry:
             self._wait(TICK_S)

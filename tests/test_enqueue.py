@@ -7,7 +7,7 @@ import psycopg2
 import pytest
 from jsonschema import Draft202012Validator
 
-from web import documents
+from core import documents
 from core import jobs
 from core import history
 from core import submission

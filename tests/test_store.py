@@ -37,7 +37,7 @@ def test_every_status_word_in_the_sql_is_one_the_core_names(db, name, sql):
     words = {word for text in compared for word in re.findall(r"'(\w+)'", text)}
     assigned = set(re.findall(r"THEN '(\w+)'|ELSE '(\w+)'|status = '(\w+)'", sql))
     words |= {word for group in assigned for word in group if word}
-    assert words <= set(S.STATUSES) | set(S.ATTEMPT_STATUSES), (db, name)
+    assert words <= set(S.STATUSES) | set(S.ATTEMPT_STATUSES) | set(S.CALLBACK_STATUSES), (db, name)
 
 
 def test_the_waiting_predicate_is_the_pending_statuses():

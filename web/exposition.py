@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from core import history
+from core import callbacks
 
 from core import status as statuses
 from infra import metrics
@@ -71,6 +72,17 @@ class JobsCollector:
             value=stats["workers_alive"])
 
 
+class CallbacksCollector:
+    """Callbacks whose job ended and that wait for a 2xx (their counts delivered and failed
+    are counters), read at scrape."""
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "conveyor_callbacks_pending",
+            "Job callbacks due or being retried: their job ended, no 2xx yet, not given up.",
+            value=callbacks.pending_count())
+
+
 class RateLimitStorageCollector:
     """Whether this web process reaches its rate-limit storage, asked at each scrape."""
 
@@ -88,6 +100,7 @@ def registry(lease_s, rate_limit_storage_reachable):
     collectors = CollectorRegistry(auto_describe=False)
     collectors.register(JobsCollector(lease_s))
     collectors.register(CountersCollector())
+    collectors.register(CallbacksCollector())
     collectors.register(RateLimitStorageCollector(rate_limit_storage_reachable))
     return collectors
 

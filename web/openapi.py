@@ -86,6 +86,9 @@ SCHEMAS = {
             "idempotency_key": nullable({"type": "string"}),
             "result": {"description": "What the handler returned (JSON), once succeeded."},
             "last_error": nullable({"type": "string"}),
+            "callback_url": {"type": "string",
+                             "description": "Only on jobs submitted with one."},
+            "callback": ref("Callback"),
             "created_at": TIME,
             "finished_at": nullable(TIME),
             "dead_reason": nullable({"type": "string",
@@ -102,6 +105,34 @@ SCHEMAS = {
             "expires_at": {**TIME, "description": "Not started by then, it never starts."},
             "attempts": {"type": "array", "items": ref("Attempt"),
                          "description": "Only when one job is fetched: oldest first."},
+        },
+    },
+    "Callback": {
+        "type": "object",
+        "description": "Only on jobs submitted with a callback_url. Once the job ends its "
+                       "document is POSTed there, signed `Conveyor-Signature: t=<unix time>,"
+                       "v1=<hex HMAC-SHA256 of \"<t>.<body>\">` with the key's callback "
+                       "secret (GET /v1/me), and retried with backoff until a 2xx or 24 h "
+                       "after the job ended.",
+        "required": ["status", "attempts", "last_error"],
+        "properties": {
+            "status": {"enum": list(statuses.CALLBACK_STATUSES),
+                       "description": "pending until a 2xx (delivered) or until it is given "
+                                      "up (failed: a refused address, or 24 h)."},
+            "attempts": {"type": "integer", "minimum": 0,
+                         "description": "POSTs made since the job last ended."},
+            "last_error": nullable({"type": "string"}),
+        },
+    },
+    "Me": {
+        "type": "object",
+        "required": ["name", "role", "rate_limit", "callback_secret"],
+        "properties": {
+            "name": {"type": "string"},
+            "role": {"enum": ["submit", "admin"]},
+            "rate_limit": {"type": "string", "description": "Its own, else RATE_LIMIT."},
+            "callback_secret": {"type": "string",
+                                "description": "Signs the callbacks of this key's jobs."},
         },
     },
     "JobPage": {
@@ -520,6 +551,11 @@ PATHS = {
                                                   "RATE_LIMIT_ON_STORAGE_ERROR=open.",
                                                   ref("Health"))},
                          errors=["Unavailable"]),
+    },
+    "/v1/me": {
+        "get": operation("me", "The calling key and its callback secret", tag="ops",
+                         access="submit", ok={"200": json_response("The key.", ref("Me"))},
+                         errors=["Invalid"]),
     },
     "/openapi.json": {
         "get": operation("openapi", "This document", tag="ops", access="public",

@@ -20,6 +20,13 @@ def db_time():
     return models.execute(SQL["clock"]).fetchone()[0]
 
 
+def take_callbacks(lease, limit, lease_s):
+    """[{job_id, url, attempts, ended_at}] of up to `limit` due callbacks, now held under
+    `lease` for lease_s seconds (see postgres.sql)."""
+    return rows(models.execute(SQL["take_callbacks"], {"lease": lease, "limit": limit,
+                                                       "lease_s": lease_s}))
+
+
 def insert_jobs(new_jobs, api_key_id, limited_types):
     """Store new jobs (core.submission.NewJob) of one API key in one statement. Returns
     {id, idempotency_key, status, run_at, created_at, held, type, unique_hold, expires_at}

@@ -13,6 +13,24 @@
 -- The database's clock, in epoch seconds.
 SELECT extract(epoch from clock_timestamp())::float8 AS now;
 
+-- name: take_callbacks
+-- Up to %(limit)s due callbacks (their job ended, migrations/0011_callbacks.py), the earliest
+-- first, taken under %(lease)s: due_at moves %(lease_s)s ahead, so that one taken by a
+-- supervisor killed while it delivers is due again once that lease is over, and the
+-- attempt is counted before the POST. SKIP LOCKED: two supervisors never take the same one.
+WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
+due AS (
+    SELECT job_id FROM callbacks
+    WHERE status = 'pending' AND due_at IS NOT NULL AND due_at <= (SELECT now FROM clock)
+    ORDER BY due_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED)
+UPDATE callbacks SET attempts = callbacks.attempts + 1, lease = %(lease)s,
+                     due_at = clock.now + %(lease_s)s
+FROM due, clock
+WHERE callbacks.job_id = due.job_id
+RETURNING callbacks.job_id, callbacks.url, callbacks.attempts, callbacks.ended_at;
+
 -- name: insert_jobs
 -- Store jobs given as one JSON array of arrays (PostgreSQL reads arrays much faster than
 -- objects), in the order of core.store.postgres.insert_jobs. A key this API key used

@@ -14,6 +14,12 @@ def db_time():
     return time.time()
 
 
+def take_callbacks(lease, limit, lease_s):
+    """What postgres.take_callbacks does (the caller's transaction holds the write lock)."""
+    return rows(db.execute_sql(SQL["take_callbacks"], {"lease": lease, "limit": limit,
+                                                       "lease_s": lease_s, "now": time.time()}))
+
+
 def insert_jobs(new_jobs, api_key_id, limited_types):
     """What postgres.insert_jobs does, without NOTIFY (SQLite has none)."""
     cursor = db.execute_sql(SQL["insert_jobs"], {"jobs": new_jobs_json(new_jobs),

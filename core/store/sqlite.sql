@@ -36,6 +36,16 @@ WHERE true
 ON CONFLICT DO NOTHING
 RETURNING id, idempotency_key, status, run_at, created_at, held, type, unique_hold, expires_at;
 
+-- name: take_callbacks
+-- What postgres.sql's take_callbacks does: under BEGIN IMMEDIATE this process is the only
+-- writer, so no other takes the same callbacks.
+UPDATE callbacks SET attempts = attempts + 1, lease = :lease, due_at = :now + :lease_s
+WHERE job_id IN (SELECT job_id FROM callbacks
+                 WHERE status = 'pending' AND due_at IS NOT NULL AND due_at <= :now
+                 ORDER BY due_at
+                 LIMIT :limit)
+RETURNING job_id, url, attempts, ended_at;
+
 -- name: move
 -- The one transition of a running job, by a reported outcome (as core.jobs._reported makes it): only
 -- while the job still runs that attempt under that lease (the ownership guard). A

@@ -1,10 +1,12 @@
-"""What jobs, attempts, workers and queues look like to users: the JSON of the API and of
-`--json`."""
+"""What jobs, attempts, workers and queues look like to users: the JSON of the API, of
+`--json` and of the job a callback sends (the supervisor sends it, and never imports web)."""
 from core.times import timestamp
 from core import status as statuses
 
 
-def job(row, attempts=None):
+def job(row, attempts=None, callback=None):
+    """A job; with its attempts when given, and with its callback (a models.Callback) when
+    it was submitted with a callback_url."""
     document = {
         "id": row.id,
         "type": row.type,
@@ -39,6 +41,10 @@ def job(row, attempts=None):
         document["expires_at"] = timestamp(row.expires_at)
     if attempts is not None:
         document["attempts"] = [attempt(a) for a in attempts]
+    if callback is not None:
+        document["callback_url"] = callback.url
+        document["callback"] = {"status": callback.status, "attempts": callback.attempts,
+                                "last_error": callback.last_error}
     return document
 
 
@@ -121,6 +127,16 @@ def queue(row):
         "concurrency": row.concurrency,
         "rate": row.rate,
         "updated_at": timestamp(row.updated_at),
+    }
+
+
+def me(row, default_rate_limit):
+    """The calling key as GET /v1/me shows it: its callback secret, never its own secret."""
+    return {
+        "name": row.name,
+        "role": row.role,
+        "rate_limit": row.rate_limit or default_rate_limit,
+        "callback_secret": row.callback_secret,
     }
 
 
