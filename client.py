@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 from urllib.parse import quote
 
 import requests
@@ -198,7 +198,7 @@ class Attempt:
 class Job:
     """A job and where it stands: `status`, and `attempt`, the number of its latest attempt.
     `attempts` is filled by get() and wait() only (oldest first); `dead_reason` only on dead
-    jobs."""
+    jobs; `progress` is what its handler last passed ctx.progress (None until it does)."""
     id: int
     type: str
     queue: str
@@ -219,6 +219,7 @@ class Job:
     cancel_requested_at: Optional[datetime] = None
     attempts: Optional[list[Attempt]] = None
     group: Optional[str] = None
+    progress: Any = None
 
     @property
     def finished(self):
@@ -417,16 +418,25 @@ class Conveyor:
                           limit=limit, cursor=cursor)
 
     def wait(self, job_id: JobRef, timeout: Optional[float] = 60.0, *,
-             poll_interval: float = 0.1, max_poll_interval: float = 2.0) -> Job:
+             poll_interval: float = 0.1, max_poll_interval: float = 2.0,
+             on_progress: Optional[Callable[[Job], Any]] = None) -> Job:
         """Poll a job until it is succeeded, dead or cancelled and return it (with its
         attempts; check `status`). Polls start every poll_interval seconds and slow down
-        to max_poll_interval. Raises WaitTimeout (with the job as last seen) after timeout
-        seconds; timeout=None waits as long as it takes."""
+        to max_poll_interval. Each new `progress` seen is logged (INFO, logger
+        conveyor.client) and passed to on_progress with the job, e.g.
+        ``on_progress=lambda job: print(job.progress)``. Raises WaitTimeout (with the job
+        as last seen) after timeout seconds; timeout=None waits as long as it takes."""
         job_id = _id(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = poll_interval
+        progress = None
         while True:
             job = self.get(job_id)
+            if job.progress != progress:
+                progress = job.progress
+                log.info("job %d progress: %s", job_id, progress)
+                if on_progress is not None:
+                    on_progress(job)
             if job.finished:
                 return job
             remaining = None if deadline is None else deadline - time.monotonic()

@@ -317,6 +317,7 @@ class Job(BaseModel):
     cancel_requested_at = pw.DoubleField(null=True)
     group_key = pw.TextField(null=True)  # the job's `group` (SPEC §11)
     held = pw.BooleanField(default=False)  # under a limit, or in a paused queue (SPEC §11)
+    progress = JSONField(null=True)  # the handler's latest ctx.progress (SPEC §12)
 
     class Meta:
         table_name = "jobs"

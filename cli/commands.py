@@ -217,11 +217,14 @@ STATUS_COLOURS = {statuses.SUCCEEDED: "green", statuses.DEAD: "red", statuses.CA
 
 
 def describe_progress(job):
-    """One line for where a job is now: its status, its attempt, its last error."""
+    """One line for where a job is now: its status, its attempt, its progress (what its
+    handler last passed ctx.progress), its last error."""
     status = click.style(job.status, fg=STATUS_COLOURS.get(job.status), bold=True)
     if job.attempt == 0:
         return status
     line = f"{status}, attempt {job.attempt}"
+    if job.progress is not None:
+        line += f", progress {json.dumps(job.progress)[:120]}"
     if job.status in (*statuses.PENDING, statuses.DEAD) and job.last_error:
         line += f": {job.last_error.splitlines()[0][:120]}"
     return line
@@ -234,8 +237,8 @@ def describe_progress(job):
                    "(default: as long as it takes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final job as one JSON document.")
 def jobs_wait(job_id, limit, as_json):
-    """Wait for a job to be succeeded, dead or cancelled, showing its status and attempt on
-    stderr as they change.
+    """Wait for a job to be succeeded, dead or cancelled, showing its status, attempt and
+    progress on stderr as they change.
 
     Exit status: 0 succeeded, 3 dead, 4 cancelled, 5 unfinished at --timeout, 1 when there
     is no such job.
@@ -245,7 +248,7 @@ def jobs_wait(job_id, limit, as_json):
     shown, shown_at, outage = None, 0.0, False
     while True:
         elapsed = time.monotonic() - started
-        state = (job.status, job.attempt)
+        state = (job.status, job.attempt, job.progress)
         if state != shown or elapsed - shown_at >= WAIT_REMINDER_S:
             still = "still " if state == shown else ""
             click.echo(f"{elapsed:7.1f}s  job {job.id} {still}{describe_progress(job)}", err=True)

@@ -122,7 +122,7 @@ def _stored(new_jobs, inserted, api_key_id):
 # What a new job holds in the columns the insert does not set.
 _UNSET = {"attempt": 0, "attempt_base": 0, "result": None, "last_error": None,
           "dead_reason": None, "started_at": None, "finished_at": None, "lease_owner": None,
-          "heartbeat_at": None, "cancel_requested_at": None}
+          "heartbeat_at": None, "cancel_requested_at": None, "progress": None}
 
 
 def _new_job(new, row, api_key_id):
@@ -433,6 +433,19 @@ def save_step(job, name, result):
     if not found or not lease_held(job):
         raise LeaseLost(f"job {job.id} attempt {job.attempt} lost its lease")
     return existing
+
+
+# ---------------------------------------------------------------------------- progress
+
+def save_progress(job, progress_json):
+    """Store an attempt's latest progress (JSON text), only while it holds the job's lease;
+    False when it does not (the value is dropped: the job may be another attempt's now).
+    The worker coalesces a handler's reports, so that this runs about once a second."""
+    written = (Job.update({Job.progress: pw.Value(progress_json, converter=False)})
+               .where(_holds(job)).execute())
+    if written:
+        metrics.count("conveyor_progress_writes", type=job.type, queue=job.queue)
+    return bool(written)
 
 
 # ---------------------------------------------------------------------------- cancel, DLQ

@@ -34,6 +34,9 @@ COUNTERS = {
                                  ("type", "queue")),
     "conveyor_attempts_released": ("Claimed attempts given back unstarted (their worker died "
                                    "or left first); they do not count.", ("type", "queue")),
+    "conveyor_progress_writes": ("Progress values (ctx.progress) written to the database; a "
+                                 "handler's reports are coalesced to about one a second.",
+                                 ("type", "queue")),
     "conveyor_rate_limited": ("Requests refused with 429, by which limit.", ("limit",)),
     "conveyor_rate_limit_storage_errors": (
         "Requests that found the rate-limit storage unreachable, by what became of them "

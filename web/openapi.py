@@ -85,6 +85,9 @@ SCHEMAS = {
                         "description": "Attempts started so far."},
             "idempotency_key": nullable({"type": "string"}),
             "result": {"description": "What the handler returned (JSON), once succeeded."},
+            "progress": {"description": "The latest value the handler passed ctx.progress "
+                                        "(any JSON; null until it reports), stored about "
+                                        "once a second while it runs, and kept after."},
             "last_error": nullable({"type": "string"}),
             "created_at": TIME,
             "finished_at": nullable(TIME),
