@@ -349,6 +349,7 @@ class Conveyor:
         self.session.headers.update({"Authorization": f"Bearer {key}",
                                      "User-Agent": "conveyor-client/1"})
         self.dlq = DeadLetterQueue(self)
+        self.jobs = Jobs(self)
         self.schedules = Schedules(self)
         self.queues = Queues(self)
 
@@ -564,6 +565,30 @@ class DeadLetterQueue:
         """Discard a dead job: it becomes cancelled (its history is kept)."""
         return Job.from_document(self._client._json("DELETE", f"/v1/dlq/{_id(job_id)}"))
 
+    def retry_all(self, *, type: Optional[str] = None, queue: Optional[str] = None,
+                  group: Optional[str] = None,
+                  created_before: Union[datetime, str, None] = None) -> int:
+        """Run every dead job matching all the filters given again, as retry() does one
+        (no filter: every dead job); returns how many went back to the queue."""
+        return self._client._json("POST", "/v1/dlq/retry", body=_selection(
+            type=type, queue=queue, group=group, created_before=created_before))["count"]
+
+
+class Jobs:
+    """`client.jobs`: jobs in bulk (admin key); one job's calls are the client's own."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def cancel_all(self, *, type: Optional[str] = None, queue: Optional[str] = None,
+                   group: Optional[str] = None,
+                   created_before: Union[datetime, str, None] = None) -> int:
+        """Cancel every job not yet ended that matches all the filters given, as cancel()
+        does one (no filter: every such job): waiting ones at once, running ones are
+        stopped within seconds. Returns how many."""
+        return self._client._json("POST", "/v1/jobs/cancel", body=_selection(
+            type=type, queue=queue, group=group, created_before=created_before))["count"]
+
 
 class Schedules:
     """`client.schedules`: recurring jobs (admin key)."""
@@ -658,6 +683,13 @@ def _schedule_path(name):
 
 def _queue_path(name):
     return f"/v1/queues/{quote(name, safe='')}"
+
+
+def _selection(**filters):
+    """The body of a bulk call: the filters given, times as RFC 3339."""
+    if isinstance(filters.get("created_before"), datetime):
+        filters["created_before"] = filters["created_before"].isoformat()
+    return {name: value for name, value in filters.items() if value is not None}
 
 
 def _submission(type, payload, **options):
