@@ -1,8 +1,8 @@
 """The job operations: the one owner of every job state change.
 
-Enqueue, claim, heartbeat, finish (succeed, retry, dead-letter), reap, cancel and the
-dead-letter queue live here; routes, CLI commands, the supervisor and its workers only call
-them. Where an ended attempt sends its job is decided by the pure core/policy.py; every
+Enqueue, claim, heartbeat, finish (succeed, retry, dead-letter), reap, progress, cancel and
+the dead-letter queue (one job or in bulk) live here; routes, CLI commands, the supervisor
+and its workers only call them. Where an ended attempt sends its job is decided by the pure core/policy.py; every
 move of a running job (a worker's report, the reaper, the supervisor, a worker giving back
 what it never began) goes through one statement, `step` of core/store, which moves a job
 only while it still runs the attempt under the lease the mover knew: the fencing of SPEC §4.
