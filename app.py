@@ -40,6 +40,7 @@ import models
 from web import openapi
 from core import queues
 from core import schedules
+from core import selection
 from infra.config import ConfigError, fail_fast, settings
 from core.errors import (Conflict, Invalid, InvalidJob, InvalidKey, InvalidRequest,
                          InvalidSchedule, InvalidSetting, NotFound, Refused, TooLarge)
@@ -332,6 +333,16 @@ def batch_of(body, rules):
     if errors:
         raise InvalidJob("some jobs are not valid; none was stored", errors)
     return new_jobs
+
+
+def selection_body():
+    """The filters a bulk route was sent (core.selection): its JSON body, or {} (every job
+    the route applies to) when nothing at all was sent. Filters in the query string are
+    refused, not ignored: ignoring one would act on every job."""
+    query()
+    sent = (request.content_length or request.mimetype
+            or "chunked" in request.headers.get("Transfer-Encoding", "").lower())
+    return selection.read(json_body() if sent else {})
 
 
 def schedule_page(schedule):
@@ -676,12 +687,20 @@ def _register_routes(app, rate_limits):
         job, stopped = jobs.cancel(job_id, api_key_id=owner())
         return reply(job_document(job), 200 if stopped else 202)
 
+    @app.post("/v1/jobs/cancel")
+    def cancel_matching_jobs():
+        return reply({"count": jobs.cancel_all(selection_body())})
+
     @app.get("/v1/dlq")
     def list_dead():
         query("type", "queue", "limit", "cursor")
         page, cursor = history.list_jobs(status=statuses.DEAD, type=query_name("type"),
                                       queue=query_name("queue"), **page_args())
         return reply(documents.page(job_documents(page), cursor))
+
+    @app.post("/v1/dlq/retry")
+    def retry_matching_dead():
+        return reply({"count": jobs.dlq_retry_all(selection_body())})
 
     @app.post("/v1/dlq/<job_id:job_id>/retry")
     def retry_dead(job_id):

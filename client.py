@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 from urllib.parse import quote
 
 import requests
@@ -216,7 +216,7 @@ class Callback:
 class Job:
     """A job and where it stands: `status`, and `attempt`, the number of its latest attempt.
     `attempts` is filled by get() and wait() only (oldest first); `dead_reason` only on dead
-    jobs."""
+    jobs; `progress` is what its handler last passed ctx.progress (None until it does)."""
     id: int
     type: str
     queue: str
@@ -244,6 +244,7 @@ class Job:
     unique_while: Optional[str] = None
     expires_at: Optional[datetime] = None
     cancel_reason: Optional[str] = None  # "expired"
+    progress: Any = None
 
     @property
     def finished(self):
@@ -384,6 +385,7 @@ class Conveyor:
         self.session.headers.update({"Authorization": f"Bearer {key}",
                                      "User-Agent": "conveyor-client/1"})
         self.dlq = DeadLetterQueue(self)
+        self.jobs = Jobs(self)
         self.schedules = Schedules(self)
         self.queues = Queues(self)
 
@@ -469,16 +471,25 @@ class Conveyor:
                           limit=limit, cursor=cursor)
 
     def wait(self, job_id: JobRef, timeout: Optional[float] = 60.0, *,
-             poll_interval: float = 0.1, max_poll_interval: float = 2.0) -> Job:
+             poll_interval: float = 0.1, max_poll_interval: float = 2.0,
+             on_progress: Optional[Callable[[Job], Any]] = None) -> Job:
         """Poll a job until it is succeeded, dead or cancelled and return it (with its
         attempts; check `status`). Polls start every poll_interval seconds and slow down
-        to max_poll_interval. Raises WaitTimeout (with the job as last seen) after timeout
-        seconds; timeout=None waits as long as it takes."""
+        to max_poll_interval. Each new `progress` seen is logged (INFO, logger
+        conveyor.client) and passed to on_progress with the job, e.g.
+        ``on_progress=lambda job: print(job.progress)``. Raises WaitTimeout (with the job
+        as last seen) after timeout seconds; timeout=None waits as long as it takes."""
         job_id = _id(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = poll_interval
+        progress = None
         while True:
             job = self.get(job_id)
+            if job.progress != progress:
+                progress = job.progress
+                log.info("job %d progress: %s", job_id, progress)
+                if on_progress is not None:
+                    on_progress(job)
             if job.finished:
                 return job
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -610,6 +621,30 @@ class DeadLetterQueue:
         """Discard a dead job: it becomes cancelled (its history is kept)."""
         return Job.from_document(self._client._json("DELETE", f"/v1/dlq/{_id(job_id)}"))
 
+    def retry_all(self, *, type: Optional[str] = None, queue: Optional[str] = None,
+                  group: Optional[str] = None,
+                  created_before: Union[datetime, str, None] = None) -> int:
+        """Run every dead job matching all the filters given again, as retry() does one
+        (no filter: every dead job); returns how many went back to the queue."""
+        return self._client._json("POST", "/v1/dlq/retry", body=_selection(
+            type=type, queue=queue, group=group, created_before=created_before))["count"]
+
+
+class Jobs:
+    """`client.jobs`: jobs in bulk (admin key); one job's calls are the client's own."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def cancel_all(self, *, type: Optional[str] = None, queue: Optional[str] = None,
+                   group: Optional[str] = None,
+                   created_before: Union[datetime, str, None] = None) -> int:
+        """Cancel every job not yet ended that matches all the filters given, as cancel()
+        does one (no filter: every such job): waiting ones at once, running ones are
+        stopped within seconds. Returns how many."""
+        return self._client._json("POST", "/v1/jobs/cancel", body=_selection(
+            type=type, queue=queue, group=group, created_before=created_before))["count"]
+
 
 class Schedules:
     """`client.schedules`: recurring jobs (admin key)."""
@@ -704,6 +739,13 @@ def _schedule_path(name):
 
 def _queue_path(name):
     return f"/v1/queues/{quote(name, safe='')}"
+
+
+def _selection(**filters):
+    """The body of a bulk call: the filters given, times as RFC 3339."""
+    if isinstance(filters.get("created_before"), datetime):
+        filters["created_before"] = filters["created_before"].isoformat()
+    return {name: value for name, value in filters.items() if value is not None}
 
 
 def _submission(type, payload, **options):

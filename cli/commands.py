@@ -27,6 +27,7 @@ from core import workers as registry
 import models
 from core import queues
 from core import schedules
+from core import selection
 from infra.config import ConfigError, fail_fast, settings
 from core.errors import Refused
 
@@ -200,11 +201,49 @@ def jobs_list(as_json, **filters):
     _list(as_json, **filters)
 
 
+def selection_options(command):
+    """`--all` and the filters of a command that acts on one job or on every matching job
+    (core.selection), with --json; the command gets them as `every` and `filters`."""
+    options = [
+        click.option("--all", "every", is_flag=True,
+                     help="Every matching job (filtered by the options below), not one."),
+        click.option("--type", help="With --all: only jobs of this type."),
+        click.option("--queue", help="With --all: only jobs in this queue."),
+        click.option("--group", help="With --all: only jobs of this group."),
+        click.option("--created-before",
+                     help="With --all: only jobs created before this RFC 3339 time."),
+        click.option("--json", "as_json", is_flag=True, help="One JSON document."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def chosen(job_id, every, filters):
+    """The core.selection.Selection of `--all` and its filters, or None for the one job
+    named; a usage error unless exactly one of the two is given."""
+    given = {name: value for name, value in filters.items() if value is not None}
+    if (job_id is None) == (not every):
+        raise click.UsageError("give a job id, or --all (with filters) for every matching job")
+    if given and not every:
+        raise click.UsageError(f"--{next(iter(given)).replace('_', '-')} filters --all")
+    return selection.read(given) if every else None
+
+
 @jobs_group.command("cancel")
-@click.argument("job_id", type=int)
-def jobs_cancel(job_id):
-    """Cancel a job (a running one is stopped by its supervisor)."""
+@click.argument("job_id", type=int, required=False)
+@selection_options
+def jobs_cancel(job_id, every, as_json, **filters):
+    """Cancel a job, or with --all every matching job not yet ended (running ones are
+    stopped by their supervisors). --all alone cancels every such job."""
+    matching = chosen(job_id, every, filters)
+    if matching is not None:
+        count = jobs.cancel_all(matching)
+        return emit({"count": count}) if as_json else click.echo(
+            f"{count} jobs cancelled (running ones are stopped by their supervisors)")
     job, stopped = jobs.cancel(job_id)
+    if as_json:
+        return emit(documents.job(job))
     click.echo(f"job {job.id} cancelled" if stopped else
                f"job {job.id} is running; its worker will be stopped")
 
@@ -217,11 +256,14 @@ STATUS_COLOURS = {statuses.SUCCEEDED: "green", statuses.DEAD: "red", statuses.CA
 
 
 def describe_progress(job):
-    """One line for where a job is now: its status, its attempt, its last error."""
+    """One line for where a job is now: its status, its attempt, its progress (what its
+    handler last passed ctx.progress), its last error."""
     status = click.style(job.status, fg=STATUS_COLOURS.get(job.status), bold=True)
     if job.attempt == 0:
         return status
     line = f"{status}, attempt {job.attempt}"
+    if job.progress is not None:
+        line += f", progress {json.dumps(job.progress)[:120]}"
     if job.status in (*statuses.PENDING, statuses.DEAD) and job.last_error:
         line += f": {job.last_error.splitlines()[0][:120]}"
     return line
@@ -234,8 +276,8 @@ def describe_progress(job):
                    "(default: as long as it takes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final job as one JSON document.")
 def jobs_wait(job_id, limit, as_json):
-    """Wait for a job to be succeeded, dead or cancelled, showing its status and attempt on
-    stderr as they change.
+    """Wait for a job to be succeeded, dead or cancelled, showing its status, attempt and
+    progress on stderr as they change.
 
     Exit status: 0 succeeded, 3 dead, 4 cancelled, 5 unfinished at --timeout, 1 when there
     is no such job.
@@ -245,7 +287,7 @@ def jobs_wait(job_id, limit, as_json):
     shown, shown_at, outage = None, 0.0, False
     while True:
         elapsed = time.monotonic() - started
-        state = (job.status, job.attempt)
+        state = (job.status, job.attempt, job.progress)
         if state != shown or elapsed - shown_at >= WAIT_REMINDER_S:
             still = "still " if state == shown else ""
             click.echo(f"{elapsed:7.1f}s  job {job.id} {still}{describe_progress(job)}", err=True)
@@ -282,10 +324,19 @@ def dlq_list(limit, cursor, as_json):
 
 
 @dlq_group.command("retry")
-@click.argument("job_id", type=int)
-def dlq_retry(job_id):
-    """Run a dead job again, with a fresh attempt budget."""
-    jobs.dlq_retry(job_id)
+@click.argument("job_id", type=int, required=False)
+@selection_options
+def dlq_retry(job_id, every, as_json, **filters):
+    """Run a dead job again, with a fresh attempt budget; with --all, every matching dead
+    job (--all alone: every dead job)."""
+    matching = chosen(job_id, every, filters)
+    if matching is not None:
+        count = jobs.dlq_retry_all(matching)
+        return emit({"count": count}) if as_json else click.echo(
+            f"{count} dead jobs are available again")
+    job = jobs.dlq_retry(job_id)
+    if as_json:
+        return emit(documents.job(job))
     click.echo(f"job {job_id} is available again")
 
 

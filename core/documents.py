@@ -22,6 +22,7 @@ def job(row, attempts=None, callback=None):
         "idempotency_key": row.idempotency_key,
         "group": row.group_key,
         "result": row.result,
+        "progress": row.progress,
         "last_error": row.last_error,
         "created_at": timestamp(row.created_at),
         "finished_at": timestamp(row.finished_at),

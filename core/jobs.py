@@ -1,8 +1,8 @@
 """The job operations: the one owner of every job state change.
 
-Enqueue, claim, heartbeat, finish (succeed, retry, dead-letter), reap, cancel and the
-dead-letter queue live here; routes, CLI commands, the supervisor and its workers only call
-them. Where an ended attempt sends its job is decided by the pure core/policy.py; every
+Enqueue, claim, heartbeat, finish (succeed, retry, dead-letter), reap, progress, cancel and
+the dead-letter queue (one job or in bulk) live here; routes, CLI commands, the supervisor
+and its workers only call them. Where an ended attempt sends its job is decided by the pure core/policy.py; every
 move of a running job (a worker's report, the reaper, the supervisor, a worker giving back
 what it never began) goes through one statement, `step` of core/store, which moves a job
 only while it still runs the attempt under the lease the mover knew: the fencing of SPEC §4.
@@ -170,7 +170,8 @@ def _holder(new):
 # What a new job holds in the columns the insert does not set.
 _UNSET = {"attempt": 0, "attempt_base": 0, "result": None, "last_error": None,
           "dead_reason": None, "started_at": None, "finished_at": None, "lease_owner": None,
-          "heartbeat_at": None, "cancel_requested_at": None, "cancel_reason": None}
+          "heartbeat_at": None, "cancel_requested_at": None, "cancel_reason": None,
+          "progress": None}
 
 
 def _new_job(new, row, api_key_id):
@@ -518,6 +519,19 @@ def save_step(job, name, result):
     return existing
 
 
+# ---------------------------------------------------------------------------- progress
+
+def save_progress(job, progress_json):
+    """Store an attempt's latest progress (JSON text), only while it holds the job's lease;
+    False when it does not (the value is dropped: the job may be another attempt's now).
+    The worker coalesces a handler's reports, so that this runs about once a second."""
+    written = (Job.update({Job.progress: pw.Value(progress_json, converter=False)})
+               .where(_holds(job)).execute())
+    if written:
+        metrics.count("conveyor_progress_writes", type=job.type, queue=job.queue)
+    return bool(written)
+
+
 # ---------------------------------------------------------------------------- cancel, DLQ
 
 def cancel(job_id, api_key_id=None):
@@ -543,6 +557,34 @@ def cancel(job_id, api_key_id=None):
     raise Conflict(f"job {job_id} is {job.status} and cannot be cancelled")
 
 
+def cancel_all(selection):
+    """cancel for every job the selection (core.selection.Selection) matches, in two
+    statements: the waiting ones are cancelled at once, the running ones flagged for their
+    supervisors to stop. Returns how many of both."""
+    matching = selection.conditions()
+    with db.atomic():
+        stopped = list(Job.update(status=S.CANCELLED, finished_at=now())
+                       .where(Job.status.in_(S.PENDING), *matching)
+                       .returning(Job.id, Job.type, Job.queue).execute())
+        flagged = list(Job.update(cancel_requested_at=pw.fn.COALESCE(Job.cancel_requested_at,
+                                                                     now()))
+                       .where(Job.status == S.RUNNING, *matching)
+                       .returning(Job.id, Job.type, Job.queue).execute())
+    for (type_, queue), count in Counter((job.type, job.queue) for job in stopped).items():
+        metrics.count("conveyor_jobs_cancelled", count, type=type_, queue=queue)
+    events.log.info("cancelled %d waiting jobs and asked %d running ones to stop (%s)",
+                    len(stopped), len(flagged), selection.describe(),
+                    extra={"event": "cancelled_all", "count": len(stopped) + len(flagged)})
+    if events.log.isEnabledFor(logging.INFO):
+        for job in stopped:
+            events.event(logging.INFO, "cancelled", job, "cancelled before it ran",
+                         status=S.CANCELLED)
+        for job in flagged:
+            events.event(logging.INFO, "cancelling", job, "running; its supervisor stops "
+                         "the worker")
+    return len(stopped) + len(flagged)
+
+
 def cancellations(worker_ids):
     """Running jobs of these workers whose cancellation was requested."""
     if not worker_ids:
@@ -552,11 +594,17 @@ def cancellations(worker_ids):
                        Job.cancel_requested_at.is_null(False)))
 
 
+def _back_from_the_dead():
+    """What a DLQ retry writes: available now, with a fresh attempt budget (the attempts
+    spent so far become the base); the attempts' history is kept."""
+    return {Job.status: S.AVAILABLE, Job.run_at: now(), Job.attempt_base: Job.attempt,
+            Job.finished_at: None, Job.dead_reason: None}
+
+
 def dlq_retry(job_id):
     """Send a dead job back to `available` with a fresh attempt budget; history is kept."""
     with db.atomic():
-        moved = list(Job.update(status=S.AVAILABLE, run_at=now(), attempt_base=Job.attempt,
-                                finished_at=None, dead_reason=None)
+        moved = list(Job.update(_back_from_the_dead())
                      .where(Job.id == job_id, Job.status == S.DEAD).returning(Job)
                      .execute())
         if moved:
@@ -566,6 +614,24 @@ def dlq_retry(job_id):
     events.event(logging.INFO, "requeued", job, "back from the dead-letter queue with "
                  f"{job.max_attempts} fresh attempts", status=job.status)
     return job
+
+
+def dlq_retry_all(selection):
+    """dlq_retry for every dead job the selection (core.selection.Selection) matches, in
+    one statement; returns how many went back to the queue."""
+    with db.atomic():
+        moved = list(Job.update(_back_from_the_dead())
+                     .where(Job.status == S.DEAD, *selection.conditions())
+                     .returning(Job.id, Job.type, Job.queue).execute())
+        if moved:
+            backend().notify(Counter(job.queue for job in moved))
+    events.log.info("requeued %d jobs from the dead-letter queue (%s)", len(moved),
+                    selection.describe(), extra={"event": "requeued_all", "count": len(moved)})
+    if events.log.isEnabledFor(logging.INFO):
+        for job in moved:
+            events.event(logging.INFO, "requeued", job, "back from the dead-letter queue "
+                         "with a fresh attempt budget", status=S.AVAILABLE)
+    return len(moved)
 
 
 def dlq_discard(job_id):

@@ -9,6 +9,7 @@ backed by whatever the worker hands the context.
 """
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -75,10 +76,10 @@ def _describe(error):
 
 
 class Context:
-    """What a handler knows of its job: identity, attempt, a logger and `step`."""
+    """What a handler knows of its job: identity, attempt, a logger, `step` and `progress`."""
 
     def __init__(self, *, job_id, attempt, max_attempts, queue, idempotency_key, timeout_s,
-                 step, enqueue=None):
+                 step, progress, enqueue=None):
         self.job_id = job_id
         self.attempt = attempt
         self.max_attempts = max_attempts
@@ -88,6 +89,7 @@ class Context:
         self.log = logging.LoggerAdapter(
             logging.getLogger("conveyor.handler"), {"job_id": job_id, "attempt": attempt})
         self._step = step
+        self._progress = progress
         self._enqueue = enqueue
 
     def step(self, name, fn):
@@ -95,6 +97,17 @@ class Context:
         if not isinstance(name, str) or not name:
             raise ValueError("step name must be a non-empty string")
         return self._step(name, fn)
+
+    def progress(self, value):
+        """Say how far the job has got: any JSON value (a number, {"done": 40, "total":
+        100}...), shown as the job's `progress` while it runs and after. Call it as often as
+        you like: the latest value is stored about once a second, and when the attempt
+        ends. A value that is not JSON-serialisable raises TypeError."""
+        try:
+            progress_json = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"ctx.progress takes a JSON-serialisable value: {exc}") from None
+        self._progress(progress_json)
 
     def enqueue(self, type, payload=None, **options):
         """A follow-up job: `type` with `payload` and the options of a submission (queue,

@@ -38,6 +38,9 @@ COUNTERS = {
                                      "by job type.", ("type",)),
     "conveyor_callbacks_failed": ("Job callbacks given up (a refused address, or no 2xx "
                                   "within 24 h of the job's end), by job type.", ("type",)),
+    "conveyor_progress_writes": ("Progress values (ctx.progress) written to the database; a "
+                                 "handler's reports are coalesced to about one a second.",
+                                 ("type", "queue")),
     "conveyor_rate_limited": ("Requests refused with 429, by which limit.", ("limit",)),
     "conveyor_rate_limit_storage_errors": (
         "Requests that found the rate-limit storage unreachable, by what became of them "

@@ -31,6 +31,7 @@ from infra import metrics
 from core.errors import LeaseLost, Refused
 from models import DB_ERRORS, reset_connection
 from supervisor import slots
+from supervisor.progress import Progress
 
 log = logging.getLogger("conveyor.worker")
 
@@ -60,6 +61,7 @@ class WorkerProcess:
         self.claim_lock = threading.Lock()
         self.unstarted = []
         self.finished_reports = []
+        self.progress = None  # the running attempt's ctx.progress, flushed by the heartbeat too
 
     def run(self):
         """The child's main: returns the exit code."""
@@ -139,8 +141,11 @@ class WorkerProcess:
                 self.unstarted.pop(0)  # it is begun from here on
                 started_m = time.monotonic()
                 self.slot.start(job.id, job.attempt, started_m + job.timeout_s, job.timeout_s)
-            outcome = execute(job, self.rules)
+            self.progress = Progress(job)
+            outcome = execute(job, self.progress.report, self.rules)
             ended_m = time.monotonic()
+            self._until_done(self.progress.flush)  # its last value, before its outcome
+            self.progress = None
             with self.claim_lock:
                 reports.append(jobs.Report(job, outcome, job.started_at + (started_m - claimed_m),
                                            job.started_at + (ended_m - claimed_m)))
@@ -167,6 +172,9 @@ class WorkerProcess:
                 for job_id in lost:
                     log.warning("lease of job %d lost while it was held", job_id,
                                 extra={"job_id": job_id, "worker_id": self.worker.id})
+                progress = self.progress
+                if progress is not None:
+                    progress.flush(due_only=True)
                 metrics.flush()
             except DB_ERRORS as exc:
                 log.warning("heartbeat failed: %s", _first_line(exc))
@@ -221,9 +229,10 @@ class WorkerProcess:
             resident_mb() > self.settings.worker_max_memory_mb
 
 
-def execute(job, rules=Rules()):
-    """Run the job's handler and say how the attempt ended; never raises. The follow-up
-    jobs it asked for (ctx.enqueue, checked against `rules`) go with a success."""
+def execute(job, report_progress, rules=Rules()):
+    """Run the job's handler and say how the attempt ended; never raises. report_progress
+    takes what the handler passes ctx.progress, as JSON text. The follow-up jobs it asked
+    for (ctx.enqueue, checked against `rules`) go with a success."""
     handler = handlers.get(job.type)
     if handler is None:
         return Outcome(states.FAILED, error_type="UnknownJobType",
@@ -232,7 +241,8 @@ def execute(job, rules=Rules()):
     ctx = handlers.Context(
         job_id=job.id, attempt=job.attempt, max_attempts=job.max_attempts, queue=job.queue,
         idempotency_key=job.idempotency_key or str(job.id), timeout_s=job.timeout_s,
-        step=partial(run_step, job), enqueue=partial(follow_up, job, rules, followups))
+        step=partial(run_step, job), progress=report_progress,
+        enqueue=partial(follow_up, job, rules, followups))
     try:
         result = handler.fn(job.payload, ctx)
     except handlers.Permanent as exc:

@@ -7,7 +7,7 @@ tests/test_api_openapi.py fails while a route of the app is missing here.
 """
 import copy
 
-from core import history, queues, schedules, submission
+from core import history, queues, schedules, selection, submission
 from core import status as statuses
 
 MAX_ID = 2 ** 63 - 1
@@ -85,6 +85,9 @@ SCHEMAS = {
                         "description": "Attempts started so far."},
             "idempotency_key": nullable({"type": "string"}),
             "result": {"description": "What the handler returned (JSON), once succeeded."},
+            "progress": {"description": "The latest value the handler passed ctx.progress "
+                                        "(any JSON; null until it reports), stored about "
+                                        "once a second while it runs, and kept after."},
             "last_error": nullable({"type": "string"}),
             "callback_url": {"type": "string",
                              "description": "Only on jobs submitted with one."},
@@ -269,6 +272,13 @@ SCHEMAS = {
     "QueueChange": {**queues.CHANGE_SCHEMA,
                     "description": "The settings to change; a setting left out keeps its "
                                    "value. They take effect on every host at its next claim."},
+    "JobSelection": selection.SELECTION_SCHEMA,
+    "Count": {
+        "type": "object",
+        "required": ["count"],
+        "properties": {"count": {"type": "integer", "minimum": 0,
+                                 "description": "How many jobs the operation acted on."}},
+    },
     "Health": {
         "type": "object",
         "required": ["status", "rate_limit_storage"],
@@ -462,6 +472,19 @@ PATHS = {
             errors=["NotFound", "Conflict"],
             description="409 when the job is already succeeded, dead or cancelled."),
     },
+    "/v1/jobs/cancel": {
+        "post": operation(
+            "cancelJobs", "Cancel every matching job", tag="jobs", access="admin",
+            body=ref("JobSelection"),
+            ok={"200": json_response("How many jobs were cancelled or are being stopped.",
+                                     ref("Count"))},
+            description="What POST /v1/jobs/{job_id}/cancel does, for every job matching all "
+                        "the filters given: waiting jobs are cancelled at once, running ones "
+                        "are stopped by their supervisors within 5 s (their attempt recorded "
+                        "cancelled); ended jobs are left as they are. `{}` (or no body) "
+                        "cancels every job not yet ended. 422 names an unknown or bad "
+                        "filter."),
+    },
     "/v1/dlq": {
         "get": operation(
             "listDeadJobs", "Dead-lettered jobs, newest first", tag="dlq", access="admin",
@@ -469,6 +492,17 @@ PATHS = {
             ok={"200": json_response("A page of dead jobs (with dead_reason and last_error).",
                                      ref("JobPage"))},
             errors=["Invalid"]),
+    },
+    "/v1/dlq/retry": {
+        "post": operation(
+            "retryDeadJobs", "Run every matching dead job again", tag="dlq", access="admin",
+            body=ref("JobSelection"),
+            ok={"200": json_response("How many dead jobs went back to the queue.",
+                                     ref("Count"))},
+            description="What POST /v1/dlq/{job_id}/retry does, for every dead job matching "
+                        "all the filters given, in one statement: available again with a "
+                        "fresh attempt budget, history kept. `{}` (or no body) retries every "
+                        "dead job. 422 names an unknown or bad filter."),
     },
     "/v1/dlq/{job_id}/retry": {
         "post": operation(
