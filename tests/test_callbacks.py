@@ -212,7 +212,7 @@ def test_keys_made_before_the_callbacks_migration_get_a_secret(tmp_path):
         database = models.open_database(f"sqlite:///{tmp_path / 'old.db'}")
         with database.connection_context():
             runner = Runner(database, models.MIGRATIONS_DIR)
-            runner.up(target="0009_places_hold_claims")
+            runner.up(target="0010_places_hold_claims")
             for name in ("old-1", "old-2"):
                 database.execute_sql("INSERT INTO api_keys (name, key_hash, role, created_at) "
                                      "VALUES (?, ?, 'submit', 0)", (name, f"hash-{name}"))
