@@ -323,6 +323,7 @@ class Job(BaseModel):
     unique_hold = pw.TextField(null=True)  # unique_key while the job holds it
     expires_at = pw.DoubleField(null=True)
     cancel_reason = pw.TextField(null=True)  # "expired"
+    has_callback = pw.BooleanField(default=False)  # a callbacks row waits for its end
     progress = JSONField(null=True)  # the handler's latest ctx.progress (SPEC §12)
 
     class Meta:

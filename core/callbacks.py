@@ -49,6 +49,7 @@ def register(callbacks):
     """Store the callbacks of new jobs, [(job_id, url)], in the caller's transaction."""
     if callbacks:
         Callback.insert_many([{"job_id": job_id, "url": url} for job_id, url in callbacks]).execute()
+        Job.update(has_callback=True).where(Job.id.in_([job_id for job_id, _ in callbacks])).execute()
 
 
 def of_jobs(job_ids):

@@ -171,7 +171,7 @@ def _holder(new):
 _UNSET = {"attempt": 0, "attempt_base": 0, "result": None, "last_error": None,
           "dead_reason": None, "started_at": None, "finished_at": None, "lease_owner": None,
           "heartbeat_at": None, "cancel_requested_at": None, "cancel_reason": None,
-          "progress": None}
+          "progress": None, "has_callback": False}
 
 
 def _new_job(new, row, api_key_id):

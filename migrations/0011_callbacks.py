@@ -5,7 +5,9 @@ end is marked by a trigger on `jobs`, in the database, so that every way a job e
 worker's report, the reaper, a cancel, a DLQ discard, and any added later) makes its
 callback due without each of them having to remember it: the trigger sets `due_at` and
 `ended_at` and starts the count of attempts afresh (a job retried from the dead-letter
-queue that ends again is told again). It only writes `callbacks`, never a job.
+queue that ends again is told again). It only writes `callbacks`, never a job; it is
+called only for jobs marked `has_callback` (set with their callback), so the others end
+at no cost.
 The supervisor's delivery duty (core/callbacks.py) takes due callbacks under a lease.
 """
 import secrets
@@ -25,13 +27,13 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE TRIGGER jobs_callback_due AFTER UPDATE OF status ON jobs FOR EACH ROW
-WHEN (NEW.status IN {ENDED} AND OLD.status IS DISTINCT FROM NEW.status)
+WHEN (NEW.has_callback AND NEW.status IN {ENDED} AND OLD.status IS DISTINCT FROM NEW.status)
 EXECUTE FUNCTION conveyor_callback_due();
 """
 
 SQLITE_TRIGGER = f"""
 CREATE TRIGGER jobs_callback_due AFTER UPDATE OF status ON jobs FOR EACH ROW
-WHEN NEW.status IN {ENDED} AND OLD.status IS NOT NEW.status
+WHEN NEW.has_callback AND NEW.status IN {ENDED} AND OLD.status IS NOT NEW.status
 BEGIN
     UPDATE callbacks
     SET status = 'pending', attempts = 0, last_error = NULL, lease = NULL,
@@ -45,6 +47,9 @@ END
 def up(migrator, db):
     postgres = isinstance(db, pw.PostgresqlDatabase)
     db.execute_sql("ALTER TABLE api_keys ADD COLUMN callback_secret TEXT")
+    # Whether a job has a callback: the trigger's own condition, so that the jobs without
+    # one (nearly all) end without calling it.
+    db.execute_sql("ALTER TABLE jobs ADD COLUMN has_callback BOOLEAN NOT NULL DEFAULT FALSE")
     # Every key has a secret, those made before this migration too.
     for (key_id,) in db.execute_sql("SELECT id FROM api_keys").fetchall():
         db.execute_sql(f"UPDATE api_keys SET callback_secret = {db.param} WHERE id = {db.param}",
