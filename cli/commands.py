@@ -145,6 +145,14 @@ def db_upgrade():
 @click.option("--timeout", "timeout_s", type=Duration(),
               help="How long an attempt may run: seconds, or 90s, 15m, 12h.")
 @click.option("--idempotency-key")
+@click.option("--group", help="What the type's group_concurrency counts by (a customer id, say).")
+@click.option("--unique-key", help="While a job of this type holds the key, print its id instead.")
+@click.option("--unique-while", type=click.Choice(submission.UNIQUE_WHILE),
+              help="How long the key is held: while the job waits (queued, the default) or "
+                   "until it ends (active).")
+@click.option("--ttl", "ttl_s", type=Duration(),
+              help="Not started within this (seconds, or 90s, 15m, 12h), it never starts.")
+@click.option("--callback-url", help="Where the job's document is POSTed, signed, once it ends.")
 def jobs_submit(type, payload, **options):
     """Submit a job; prints its id."""
     body = {"type": type, "payload": json_object(payload)}

@@ -233,3 +233,14 @@ def test_parent_id_filter_must_be_an_id(conveyor, api):
     key = api.key("reader")
     assert api.call("GET", "/v1/jobs?parent_id=abc", key).status_code == 422
     assert api.call("GET", "/v1/jobs?parent_id=0", key).status_code == 422
+
+
+def test_flask_jobs_submit_takes_a_unique_key_and_a_ttl(conveyor):
+    first = conveyor.flask("jobs", "submit", "t.noop", "--unique-key", "nightly", "--ttl", "1h")
+    again = conveyor.flask("jobs", "submit", "t.noop", "--unique-key", "nightly")
+    assert first.stdout.strip() == again.stdout.strip()
+    job = conveyor.job(int(first.stdout))
+    assert job.unique_key == "nightly" and 3590 < job.expires_at - job.created_at <= 3600
+    refused = conveyor.flask("jobs", "submit", "t.noop", "--ttl", "0", check=False)
+    assert refused.returncode != 0 and "ttl_s" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
