@@ -110,11 +110,14 @@ def _stored(new_jobs, inserted, api_key_id):
     else its type and unique key). Any other job's key was taken already: an idempotency
     key names the job it made, which must come from an equal request; a unique key, the job
     that holds it (SPEC §12: the submission returns it)."""
-    plain = iter([row for row in inserted if _row_key(row) is None])
-    by_key = {_row_key(row): row for row in inserted if _row_key(row) is not None}
+    keys = [_new_key(new) for new in new_jobs]
+    if not any(keys):  # the usual case: every job stored, in order
+        return [(_new_job(new, row, api_key_id), True) for new, row in zip(new_jobs, inserted)]
+    row_keys = [_row_key(row) for row in inserted]
+    plain = iter([row for row, key in zip(inserted, row_keys) if key is None])
+    by_key = {key: row for row, key in zip(inserted, row_keys) if key is not None}
     stored, used = [], []
-    for index, new in enumerate(new_jobs):
-        key = _new_key(new)
+    for index, (new, key) in enumerate(zip(new_jobs, keys)):
         row = next(plain) if key is None else by_key.pop(key, None)
         stored.append((None, False) if row is None else (_new_job(new, row, api_key_id), True))
         if row is None:

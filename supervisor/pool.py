@@ -215,23 +215,30 @@ class Supervisor:
                                  host=self.host, pid=0, queues=self.queues)
         state = self.slots[index]
         state.slot.clear()
+        pid = self._fork(lambda: WorkerProcess(replace(worker, pid=os.getpid()), state.slot,
+                                               state.pipe, self.settings).run(),
+                         f"worker {worker.id}")
+        state.pid = pid
+        self.children[pid] = Child(pid, replace(worker, pid=pid), index, time.monotonic(),
+                                   state.slot.writes())
+        log.debug("worker %s started (pid %d)", worker.id, pid)
+
+    def _fork(self, main, name):
+        """Fork a child that runs main() and exits with what it returns (1 if it raises);
+        the child's pid."""
         reset_connection()  # a child must never share the parent's database connection
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 self._become_child()
-                code = WorkerProcess(replace(worker, pid=os.getpid()), state.slot,
-                                     state.pipe, self.settings).run()
+                code = main()
             except BaseException:
-                log.exception("worker %s failed", worker.id)
+                log.exception("%s failed", name)
             finally:
                 logging.shutdown()
                 os._exit(code)
-        state.pid = pid
-        self.children[pid] = Child(pid, replace(worker, pid=pid), index, time.monotonic(),
-                                   state.slot.writes())
-        log.debug("worker %s started (pid %d)", worker.id, pid)
+        return pid
 
     def _become_child(self):
         metrics.reset()
@@ -354,20 +361,9 @@ class Supervisor:
         slow receiver then holds the sender, never this loop."""
         if self.sender_pid is not None or self.stopping or not callbacks.any_due():
             return
-        reset_connection()  # a child must never share the parent's database connection
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                self._become_child()
-                code = CallbackSender(self.settings, self.id).run()
-            except BaseException:
-                log.exception("callback sender failed")
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        self.sender_pid = pid
-        log.debug("callback sender started (pid %d)", pid)
+        self.sender_pid = self._fork(lambda: CallbackSender(self.settings, self.id).run(),
+                                     "callback sender")
+        log.debug("callback sender started (pid %d)", self.sender_pid)
 
     def _on_sender_exit(self, status):
         self.sender_pid = None

@@ -47,11 +47,9 @@ given AS (
            (job->>5)::int AS max_attempts, (job->>6)::float8 AS timeout_s,
            (job->>7)::float8 AS backoff_base_s, (job->>8)::float8 AS backoff_max_s,
            (job->>9)::text AS idempotency_key, (job->>10)::text AS request_hash,
-           (job->>11)::text AS group_key, (job->12->>0)::text AS unique_key,
-           (job->12->>1)::text AS unique_while, (job->12->>2)::float8 AS ttl_s,
-           (job->12->>3)::float8 AS expires_at, (job->12->>4)::bigint AS parent_id,
-           (job->>13)::text AS payload
-    FROM json_array_elements(%(jobs)s) AS job),
+           (job->>11)::text AS group_key, job->12 AS options, (job->>13)::text AS payload
+    FROM json_array_elements(%(jobs)s) AS job
+    OFFSET 0),  -- each row's fields read once (not once per use of the options)
 new AS (
     INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts,
                       timeout_s, backoff_base_s, backoff_max_s, idempotency_key,
@@ -65,8 +63,9 @@ new AS (
            v.type = ANY(%(limited_types)s::text[]) OR v.queue IN (
                SELECT name FROM queues
                WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL),
-           %(api_key_id)s::bigint, clock.now, v.unique_key, v.unique_while, v.unique_key,
-           COALESCE(v.expires_at, clock.now + v.ttl_s), v.parent_id
+           %(api_key_id)s::bigint, clock.now, v.options->>0, v.options->>1, v.options->>0,
+           COALESCE((v.options->>3)::float8, clock.now + (v.options->>2)::float8),
+           (v.options->>4)::bigint
     FROM given AS v, clock
     ON CONFLICT DO NOTHING
     RETURNING id, idempotency_key, status, run_at, created_at, held, queue, type, unique_hold,
