@@ -87,3 +87,26 @@ def test_a_workers_claim_on_sqlite_reads_the_index_of_waiting_jobs_not_the_histo
     assert not [line for line in plan if "TEMP B-TREE" in line], plan  # the index gives the order
     expected = ["mail"] * 3 if queues else ["default"] * 3 + ["mail"] * 3
     assert [job.queue for job in jobs.claim(worker, limit=20)] == expected  # what it plans
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("status, index", [("running", "jobs_running"), ("dead", "jobs_status"),
+                                           ("available", "jobs_status")])
+def test_a_list_by_status_reads_an_index_not_the_history(pg_conveyor, status, index):
+    """GET /v1/jobs?status=...: running jobs have no entry in jobs_status (a claim would
+    pay for it on every job) and are found through jobs_running; the others through
+    jobs_status. Never a scan of 200,000 finished jobs."""
+    from core import history
+    from models import Job
+    with psycopg2.connect(pg_conveyor.database_url) as other, other.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO jobs (type, queue, payload, priority, run_at, max_attempts, timeout_s,"
+            " backoff_base_s, backoff_max_s, status, attempt, created_at, finished_at)"
+            " SELECT 't.noop', 'default', '{}', 0, 0, 5, 300, 1, 3600, 'succeeded', 1, 0, 1"
+            " FROM generate_series(1, 200000)")
+        cursor.execute("ANALYZE jobs")
+    query = Job.select().where(Job.status == status).order_by(Job.id.desc()).limit(51)
+    sql, params = query.sql()
+    plan = "\n".join(row[0] for row in models.db.execute_sql(f"EXPLAIN {sql}", params))
+    assert "Seq Scan on jobs" not in plan and index in plan, plan
+    assert history.list_jobs(status=status) == ([], None)
