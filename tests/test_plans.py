@@ -23,6 +23,18 @@ def plan_of(sql, params):
     return "\n".join(row[0] for row in rows)
 
 
+def fill_history(database_url, jobs=200000, analyze=False):
+    """Add `jobs` succeeded jobs, from another session, as a long history would."""
+    with psycopg2.connect(database_url) as other, other.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO jobs (type, queue, payload, priority, run_at, max_attempts, timeout_s,"
+            " backoff_base_s, backoff_max_s, status, attempt, created_at, finished_at)"
+            " SELECT 't.noop', 'default', '{}', 0, 0, 5, 300, 1, 3600, 'succeeded', 1, 0, 1"
+            " FROM generate_series(1, %s)", (jobs,))
+        if analyze:
+            cursor.execute("ANALYZE jobs")
+
+
 @pytest.mark.postgres
 def test_a_workers_claim_is_planned_for_the_table_as_it_is_now(pg_conveyor):
     """Prepared on a small table and run many times there, the worker's claim must
@@ -39,12 +51,7 @@ def test_a_workers_claim_is_planned_for_the_table_as_it_is_now(pg_conveyor):
             models.execute(sql, params)
             transaction.rollback()
 
-    with psycopg2.connect(pg_conveyor.database_url) as other, other.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO jobs (type, queue, payload, priority, run_at, max_attempts, timeout_s,"
-            " backoff_base_s, backoff_max_s, status, attempt, created_at, finished_at)"
-            " SELECT 't.noop', 'default', '{}', 0, 0, 5, 300, 1, 3600, 'succeeded', 1, 0, 1"
-            " FROM generate_series(1, 200000)")
+    fill_history(pg_conveyor.database_url)
     plan = plan_of(sql, params)
     assert "Seq Scan on jobs" not in plan, plan
     assert "jobs_pkey" in plan and "jobs_claim" in plan, plan
@@ -98,13 +105,7 @@ def test_a_list_by_status_reads_an_index_not_the_history(pg_conveyor, status, in
     jobs_status. Never a scan of 200,000 finished jobs."""
     from core import history
     from models import Job
-    with psycopg2.connect(pg_conveyor.database_url) as other, other.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO jobs (type, queue, payload, priority, run_at, max_attempts, timeout_s,"
-            " backoff_base_s, backoff_max_s, status, attempt, created_at, finished_at)"
-            " SELECT 't.noop', 'default', '{}', 0, 0, 5, 300, 1, 3600, 'succeeded', 1, 0, 1"
-            " FROM generate_series(1, 200000)")
-        cursor.execute("ANALYZE jobs")
+    fill_history(pg_conveyor.database_url, analyze=True)
     query = Job.select().where(Job.status == status).order_by(Job.id.desc()).limit(51)
     sql, params = query.sql()
     plan = "\n".join(row[0] for row in models.db.execute_sql(f"EXPLAIN {sql}", params))
