@@ -125,12 +125,12 @@ def _items_as_sent(stored, found_callbacks):
 
 def job_document(job, attempts=None):
     """A job as the API shows it, with its callback when it has one."""
-    return documents.job(job, attempts, callbacks.of_job(job.id))
+    return documents.job(job, attempts, callbacks.of_job(job.id) if job.has_callback else None)
 
 
 def job_documents(rows):
     """Jobs as the API lists them, each with its callback (one query for them all)."""
-    found = callbacks.of_jobs([job.id for job in rows])
+    found = callbacks.of_jobs([job.id for job in rows if job.has_callback])
     return [documents.job(job, callback=found.get(job.id)) for job in rows]
 
 
@@ -651,7 +651,7 @@ def _register_routes(app, rate_limits):
         except Conflict as exc:  # the core numbers each conflict by its index in a batch
             raise Conflict(exc.detail,
                            [error.removeprefix("0: ") for error in exc.errors]) from None
-        document = job_document(job) if "callback_url" in body else documents.job(job)
+        document = job_document(job)
         return reply(document, 201 if created else 200, {"Location": f"/v1/jobs/{job.id}"})
 
     @app.post("/v1/jobs/batch")
@@ -660,8 +660,7 @@ def _register_routes(app, rate_limits):
         new_jobs = batch_of(json_body(), rules)
         stored = jobs.enqueue(new_jobs, api_key_id=g.api_key.id)
         created = any(was_created for _, was_created in stored)
-        found = (callbacks.of_jobs([job.id for job, _ in stored])
-                 if any(new.callback_url for new in new_jobs) else {})
+        found = callbacks.of_jobs([job.id for job, _ in stored if job.has_callback])
         return Response(_items_as_sent(stored, found), 201 if created else 200,
                         mimetype="application/json")
 

@@ -53,7 +53,7 @@ def register(callbacks):
 
 
 def of_jobs(job_ids):
-    """{job_id: Callback} of these jobs that have one."""
+    """{job_id: Callback} of these jobs that have one (no query for none)."""
     if not job_ids:
         return {}
     return {row.job_id: row for row in Callback.select().where(Callback.job_id.in_(list(job_ids)))}

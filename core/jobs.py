@@ -174,7 +174,7 @@ def _holder(new):
 _UNSET = {"attempt": 0, "attempt_base": 0, "result": None, "last_error": None,
           "dead_reason": None, "started_at": None, "finished_at": None, "lease_owner": None,
           "heartbeat_at": None, "cancel_requested_at": None, "cancel_reason": None,
-          "progress": None, "has_callback": False}
+          "progress": None}
 
 
 def _new_job(new, row, api_key_id):
@@ -187,7 +187,8 @@ def _new_job(new, row, api_key_id):
         idempotency_key=row["idempotency_key"], request_hash=new.request_hash,
         api_key_id=api_key_id, created_at=row["created_at"], group_key=new.group_key,
         held=bool(row["held"]), unique_key=new.unique_key, unique_while=new.unique_while,
-        unique_hold=row["unique_hold"], expires_at=row["expires_at"], parent_id=new.parent_id)
+        unique_hold=row["unique_hold"], expires_at=row["expires_at"], parent_id=new.parent_id,
+        has_callback=new.callback_url is not None)
 
 
 # ---------------------------------------------------------------------------- the worker's step
