@@ -206,6 +206,8 @@ def test_job_claimed_by_a_lost_answer_is_reaped_though_its_worker_heartbeats(con
     from models import Job
     os.kill(pid, signal.SIGSTOP)  # so that the worker cannot take the job first
     try:
+        # kill() returns before the worker has stopped: until it has, it may still poll.
+        wait_for(lambda: stopped(pid), message=f"worker {pid} to stop")
         Job.update(run_at=jobs.db_time()).where(Job.id == job_id).execute()
         # The answer the worker never got: the job claimed under its lease, in its name.
         [lost] = jobs.claim(workers.WorkerInfo(id=worker.id, supervisor_id=worker.supervisor_id,
