@@ -42,6 +42,16 @@ class Api:
         headers = {**(bearer(key) if key else {}), **(headers or {})}
         return self.client.open(path, method=method, headers=headers, **kwargs)
 
+    def refused(self, key, fields, good=None):
+        """POST a t.noop job with `fields` alone, then in a batch after a valid one (with
+        `good`): both must be 422; their error lists (the batch's numbered by index)."""
+        single = self.call("POST", "/v1/jobs", key, json={"type": "t.noop", **fields})
+        assert single.status_code == 422, single.get_json()
+        batch = self.call("POST", "/v1/jobs/batch", key, json={"jobs": [
+            {"type": "t.noop", **(good or {})}, {"type": "t.noop", **fields}]})
+        assert batch.status_code == 422, batch.get_json()
+        return single.get_json()["errors"], batch.get_json()["errors"]
+
     def submit(self, key, body, headers=None):
         response = self.call("POST", "/v1/jobs", key, headers=headers, json=body)
         assert response.status_code in (200, 201), response.get_json()
