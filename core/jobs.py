@@ -348,6 +348,12 @@ def _claimed(row):
     return Claimed(**row)._replace(payload=json.loads(row["payload"]))
 
 
+def step_statement(worker, reports=(), limit=1):
+    """(sql, params): on PostgreSQL, the one statement `step(worker, reports, limit)` runs,
+    as it runs it (for the plan tests)."""
+    return backend().step_statement(worker, [_reported(r) for r in reports], limit)
+
+
 def claim_statement(worker, limit=1):
     """(sql, params): the statement `claim(worker, limit)` runs on the open database, as it
     runs it, for what must see it whole: the plan tests (EXPLAIN), and the fault tests that

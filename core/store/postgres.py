@@ -62,7 +62,12 @@ def _step_params(worker, reports, limit, turns=None, limits=None, guard=0.0):
 
 def claim_statement(worker, limit):
     """(sql, params): the statement a claim of `limit` jobs for `worker` runs."""
-    return SQL["step"], _step_params(worker, [], limit)
+    return step_statement(worker, [], limit)
+
+
+def step_statement(worker, reports, limit):
+    """(sql, params): the statement `step` runs for these reports and this claim."""
+    return SQL["step"], _step_params(worker, reports, limit)
 
 
 def turns(worker, limit):

@@ -94,32 +94,12 @@ ORDER BY id;
 --
 -- Answers one row per claimed job, moved job, refused report and job claimed under limits:
 -- (kind, row as JSON).
-WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
-next AS (
-    SELECT id FROM jobs
-    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= (SELECT now FROM clock)
-      AND (expires_at IS NULL OR expires_at > (SELECT now FROM clock))
-      AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
-      AND NOT held AND queue NOT IN (SELECT name FROM queues
-                                     WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
-      AND (%(turns)s::bigint[] IS NULL OR id = ANY(%(turns)s::bigint[]))
-    ORDER BY CASE WHEN %(turns)s::bigint[] IS NULL THEN 0
-                  ELSE array_position(%(turns)s::bigint[], id) END,
-             priority, run_at, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED),
-claimed AS (
-    UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, lease_owner = %(worker_id)s,
-                    heartbeat_at = clock.now, started_at = clock.now
-    FROM next, clock
-    WHERE jobs.id = next.id
-    RETURNING jobs.id, jobs.type, jobs.queue, jobs.payload, jobs.priority, jobs.run_at,
-              jobs.max_attempts, jobs.timeout_s, jobs.backoff_base_s, jobs.backoff_max_s,
-              jobs.attempt, jobs.attempt_base, jobs.idempotency_key, jobs.started_at,
-              jobs.cancel_requested_at, jobs.lease_owner, jobs.group_key, jobs.api_key_id),
-started AS (
-    INSERT INTO attempts (job_id, number, status, worker_id, host, pid, started_at)
-    SELECT id, attempt, 'running', lease_owner, %(host)s, %(pid)s, started_at FROM claimed)
+WITH claimed AS MATERIALIZED (
+    SELECT id, type, queue, payload, priority, run_at, max_attempts, timeout_s, backoff_base_s,
+           backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
+           cancel_requested_at, lease_owner, group_key, api_key_id
+    FROM conveyor_claim(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
+                        %(turns)s::bigint[], %(limit)s::int))
 SELECT 'claimed' AS kind, to_json(claimed) AS row FROM claimed
 UNION ALL
 SELECT recorded.kind, recorded.row FROM conveyor_record(%(reports)s::json) AS recorded
