@@ -80,13 +80,19 @@ END $$
 """
 
 # Start up to p_limit jobs (conveyor_next chose them) for worker p_worker: each `running`
-# under the worker's lease, its attempt begun. Answers the jobs as they are now.
+# under the worker's lease, its attempt begun. Answers what a worker reads of each job.
 CLAIM = """
 CREATE OR REPLACE FUNCTION conveyor_claim(p_worker text, p_host text, p_pid integer,
                                           p_queues text[], p_turns bigint[], p_limit integer)
-RETURNS SETOF jobs LANGUAGE plpgsql ROWS 10
+RETURNS TABLE (id bigint, type text, queue text, payload text, priority integer,
+               run_at float8, max_attempts integer, timeout_s float8, backoff_base_s float8,
+               backoff_max_s float8, attempt integer, attempt_base integer,
+               idempotency_key text, started_at float8, cancel_requested_at float8,
+               lease_owner text, group_key text, api_key_id bigint)
+LANGUAGE plpgsql ROWS 10
 SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off AS $$
+#variable_conflict use_column
 BEGIN
     IF p_limit <= 0 THEN
         RETURN;
@@ -98,10 +104,16 @@ BEGIN
                             heartbeat_at = clock.now, started_at = clock.now
             FROM clock, conveyor_next(p_queues, p_turns, p_limit, clock.now) AS next(id)
             WHERE jobs.id = next.id
-            RETURNING jobs.*),
+            RETURNING jobs.id, jobs.type, jobs.queue, jobs.payload, jobs.priority, jobs.run_at,
+                      jobs.max_attempts, jobs.timeout_s, jobs.backoff_base_s,
+                      jobs.backoff_max_s, jobs.attempt, jobs.attempt_base,
+                      jobs.idempotency_key, jobs.started_at, jobs.cancel_requested_at,
+                      jobs.lease_owner, jobs.group_key, jobs.api_key_id),
         started AS (
             INSERT INTO attempts (job_id, number, status, worker_id, host, pid, started_at)
-            SELECT id, attempt, 'running', lease_owner, p_host, p_pid, started_at FROM claimed)
+            SELECT claimed.id, claimed.attempt, 'running', claimed.lease_owner, p_host, p_pid,
+                   claimed.started_at
+            FROM claimed)
         SELECT * FROM claimed;
 END $$
 """

@@ -81,11 +81,12 @@ ORDER BY id;
 -- A worker's round trip: claim up to %(limit)s due jobs of %(queues)s (every queue when
 -- null) for %(worker_id)s, and record the outcomes in %(reports)s (a JSON array of
 -- objects, as core.jobs._reported makes them) through conveyor_record, the one transition
--- of a running job (migrations/0006_record_function.py). A function, so that a claim with
--- nothing to report does not plan the statements that record (a worker's session plans
--- every statement afresh: see models.open_database). The claim takes jobs under no limit (not
--- held, not in a paused or limited queue): oldest first, or, when %(turns)s is given (fair
--- share: the ids `turns` chose), those in that order. When %(limits)s is given (the types'
+-- of a running job. The claim is conveyor_claim: jobs under no limit (not held, not in a
+-- paused or limited queue), oldest first, or, when %(turns)s is given (fair share: the ids
+-- `turns` chose), those in that order. Both are functions whose plans are kept for the
+-- session and read indexes whatever the tables' sizes (migrations/0014_generic_claim_plans.py);
+-- a worker's session plans every other statement afresh (models.open_database), and this
+-- one is only function scans. When %(limits)s is given (the types'
 -- limits, SPEC §11) and fewer than %(limit)s were found, conveyor_claim_limited then claims
 -- the rest under limits (migrations/0010_places_hold_claims.py says how): the first due job
 -- whose limits have room and those that share its limits, under one place. It runs after
@@ -95,10 +96,7 @@ ORDER BY id;
 -- Answers one row per claimed job, moved job, refused report and job claimed under limits:
 -- (kind, row as JSON).
 WITH claimed AS MATERIALIZED (
-    SELECT id, type, queue, payload, priority, run_at, max_attempts, timeout_s, backoff_base_s,
-           backoff_max_s, attempt, attempt_base, idempotency_key, started_at,
-           cancel_requested_at, lease_owner, group_key, api_key_id
-    FROM conveyor_claim(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
+    SELECT * FROM conveyor_claim(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
                         %(turns)s::bigint[], %(limit)s::int))
 SELECT 'claimed' AS kind, to_json(claimed) AS row FROM claimed
 UNION ALL
