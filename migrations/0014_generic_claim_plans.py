@@ -7,15 +7,15 @@ drain (perf: standard_planner 34 %): the step statement itself (0.7 ms, half its
 execution for 20 jobs), the statements of conveyor_record, and, once per claimed job, the
 foreign-key check of its new attempt (19 %).
 
-Now the claim is conveyor_claim and the record conveyor_record, each a function whose
-statements are planned once per session (force_generic_plan) and can only be planned one
-way whatever the tables' sizes: no sequential scan, no hash or merge join (the enable_*
-settings), so each is a nested loop from the jobs in hand to the rows they name by key,
-through an index. (A table with no index for a query, such as `queues`, is still scanned,
-at a cost these settings make huge: so JIT compilation, which that cost would set off on
-every call, is off there too.) A claim's choice of jobs, conveyor_next, is a query per way of choosing
-(fair share's turns, every queue, some queues), each read in the order of one index. The
-step statement around them is only function scans, cheap to plan.
+Now the step is one function, conveyor_step, and the claim and the record are
+conveyor_claim and conveyor_record, each planned once per session (force_generic_plan).
+The claim's and the record's statements can only be planned one way whatever the tables'
+sizes: no sequential scan, no hash or merge join (the enable_* settings), so each is a
+nested loop from the jobs in hand to the rows they name by key, through an index. (A table
+with no index for a query, such as `queues`, is still scanned, at a cost these settings
+make huge: so JIT compilation, which that cost would set off on every call, is off there
+too.) A claim's choice of jobs, conveyor_next, is a query per way of choosing (fair
+share's turns, every queue, some queues), each read in the order of one index.
 
 conveyor_record also marked refused outcomes in the same statement that recorded the
 others, a join that walked `attempts` on every step however few reports it carried.
@@ -189,9 +189,45 @@ BEGIN
 END $$
 """
 
+# The worker's step (core/store/postgres.sql `step`): first the claim (conveyor_claim), then
+# the outcomes reported (conveyor_record, the one transition of a running job), then, when
+# the types have limits (p_limits) and the claim found fewer than p_limit jobs, the rest
+# under limits (conveyor_claim_limited, migrations/0010_places_hold_claims.py): the places
+# this step's reports free are this worker's to take again, in the same transaction, before
+# another sees them.
+STEP = """
+CREATE OR REPLACE FUNCTION conveyor_step(p_reports json, p_worker text, p_host text,
+                                         p_pid integer, p_queues text[], p_turns bigint[],
+                                         p_limit integer, p_limits jsonb, p_guard float8)
+RETURNS TABLE (kind text, "row" json) LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+DECLARE
+    claimed_count integer := 0;
+BEGIN
+    IF p_limit > 0 THEN
+        RETURN QUERY
+            SELECT 'claimed'::text, to_json(claimed)
+            FROM conveyor_claim(p_worker, p_host, p_pid, p_queues, p_turns, p_limit) AS claimed;
+        GET DIAGNOSTICS claimed_count = ROW_COUNT;
+    END IF;
+    RETURN QUERY SELECT recorded.kind, recorded."row" FROM conveyor_record(p_reports) AS recorded;
+    IF p_limits IS NOT NULL AND p_limit > claimed_count THEN
+        RETURN QUERY
+            SELECT 'limited'::text, to_json(limited)
+            FROM (SELECT id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
+                         backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key,
+                         started_at, cancel_requested_at, lease_owner, group_key, api_key_id
+                  FROM conveyor_claim_limited(p_worker, p_host, p_pid, p_queues, p_limits,
+                                              p_guard, p_limit - claimed_count)) AS limited;
+    END IF;
+END $$
+"""
+
 
 def up(migrator, db):
     if isinstance(db, pw.PostgresqlDatabase):
         db.execute_sql(NEXT)
         db.execute_sql(CLAIM)
         db.execute_sql(RECORD)
+        db.execute_sql(STEP)

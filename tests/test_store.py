@@ -24,7 +24,8 @@ def migration(name):
 # On PostgreSQL the claim and the transition of a running job are functions that
 # migrations define (the latest definition of each).
 STEP_FUNCTIONS = migration("0014_generic_claim_plans")
-STORES = {"postgres": {**postgres.SQL, "conveyor_next": STEP_FUNCTIONS.NEXT,
+STORES = {"postgres": {**postgres.SQL, "conveyor_step": STEP_FUNCTIONS.STEP,
+                       "conveyor_next": STEP_FUNCTIONS.NEXT,
                        "conveyor_claim": STEP_FUNCTIONS.CLAIM,
                        "conveyor_record": STEP_FUNCTIONS.RECORD},
           "sqlite": sqlite.SQL}
@@ -74,7 +75,8 @@ def test_no_other_statement_moves_a_running_job():
     move (SQLite) end a lease."""
     moving = {(db, name) for db, name, sql in STATEMENTS if moves_of_a_running_job(sql)}
     assert moving == {("postgres", "conveyor_record"), ("sqlite", "move")}
-    assert "conveyor_record(" in postgres.SQL["step"] and "conveyor_claim(" in postgres.SQL["step"]
+    assert "conveyor_step(" in postgres.SQL["step"]
+    assert "conveyor_record(" in STEP_FUNCTIONS.STEP and "conveyor_claim(" in STEP_FUNCTIONS.STEP
 
 
 def test_both_databases_name_their_statements_once_each():

@@ -80,36 +80,17 @@ ORDER BY id;
 -- name: step
 -- A worker's round trip: claim up to %(limit)s due jobs of %(queues)s (every queue when
 -- null) for %(worker_id)s, and record the outcomes in %(reports)s (a JSON array of
--- objects, as core.jobs._reported makes them) through conveyor_record, the one transition
--- of a running job. The claim is conveyor_claim: jobs under no limit (not held, not in a
--- paused or limited queue), oldest first, or, when %(turns)s is given (fair share: the ids
--- `turns` chose), those in that order. Both are functions whose plans are kept for the
--- session and read indexes whatever the tables' sizes (migrations/0014_generic_claim_plans.py);
--- a worker's session plans every other statement afresh (models.open_database), and this
--- one is only function scans. When %(limits)s is given (the types'
--- limits, SPEC §11) and fewer than %(limit)s were found, conveyor_claim_limited then claims
--- the rest under limits (migrations/0010_places_hold_claims.py says how): the first due job
--- whose limits have room and those that share its limits, under one place. It runs after
--- conveyor_record (the branches of UNION ALL run in order), in the same transaction: the
--- places this step's reports free are this worker's to take again before another sees them.
+-- objects, as core.jobs._reported makes them); when %(limits)s is given (the types'
+-- limits, SPEC §11) and fewer than %(limit)s were found, claim the rest under limits.
+-- %(turns)s: fair share's choice of ids. One function, conveyor_step
+-- (migrations/0014_generic_claim_plans.py says how), whose plans are kept for the session:
+-- a worker's session plans every other statement afresh (models.open_database).
 --
 -- Answers one row per claimed job, moved job, refused report and job claimed under limits:
 -- (kind, row as JSON).
-WITH claimed AS MATERIALIZED (
-    SELECT * FROM conveyor_claim(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
-                        %(turns)s::bigint[], %(limit)s::int))
-SELECT 'claimed' AS kind, to_json(claimed) AS row FROM claimed
-UNION ALL
-SELECT recorded.kind, recorded.row FROM conveyor_record(%(reports)s::json) AS recorded
-UNION ALL
-SELECT 'limited', to_json(limited)
-FROM (SELECT id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
-             backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key,
-             started_at, cancel_requested_at, lease_owner, group_key, api_key_id
-      FROM conveyor_claim_limited(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
-                                  %(limits)s::jsonb, %(guard)s::float8,
-                                  (%(limit)s - (SELECT count(*) FROM claimed))::int)) AS limited
-WHERE %(limits)s::jsonb IS NOT NULL AND %(limit)s > (SELECT count(*) FROM claimed);
+SELECT kind, "row"
+FROM conveyor_step(%(reports)s::json, %(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
+                   %(turns)s::bigint[], %(limit)s::int, %(limits)s::jsonb, %(guard)s::float8);
 
 -- name: turns
 -- Fair share (SPEC §11): the waiting jobs fall into lanes, one per (queue, priority, API
