@@ -16,6 +16,7 @@ import re
 import time
 from functools import lru_cache
 
+import orjson
 from flask import Flask, Response, after_this_request, g, request
 from jsonschema import Draft202012Validator
 from limits import parse_many
@@ -113,13 +114,23 @@ def reply(document, status=200, headers=None):
                     mimetype="application/json")
 
 
+def _encoded(document):
+    """document as JSON bytes: by orjson, several times faster than _document_json, unless
+    it holds what orjson does not write (an integer beyond 64 bits, a lone surrogate; a
+    payload read by _json_decoder can), which _document_json does."""
+    try:
+        return orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        return _document_json.encode(document).encode()
+
+
 def _items_as_sent(stored, found_callbacks):
     """A batch's answer, {"items": [job, ...]}, encoded a job at a time while it is sent:
     it is as large as the batch, and is never held whole."""
     yield b'{"items":['
     for index, (job, _) in enumerate(stored):
         document = documents.job(job, callback=found_callbacks.get(job.id))
-        yield (b"," if index else b"") + _document_json.encode(document).encode()
+        yield (b"," if index else b"") + _encoded(document)
     yield b"]}"
 
 
@@ -180,19 +191,23 @@ def json_body():
                        f"send JSON with Content-Type: application/json, not "
                        f"{request.mimetype or 'no content type'!r}")
     raw = request_body()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(400, "Bad request", "the body is not valid UTF-8") from None
-    del raw
-    try:
-        body = _json_decoder.decode(text)
-    except RecursionError:
-        raise ApiError(400, "Bad request", "the body is nested too deeply") from None
-    except ValueError as exc:
-        raise ApiError(400, "Bad request", f"the body is not valid JSON: {exc}") from None
-    finally:
-        del text
+    body = _read_fast(raw)
+    if body is _UNREAD:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "Bad request", "the body is not valid UTF-8") from None
+        del raw
+        try:
+            body = _json_decoder.decode(text)
+        except RecursionError:
+            raise ApiError(400, "Bad request", "the body is nested too deeply") from None
+        except ValueError as exc:
+            raise ApiError(400, "Bad request", f"the body is not valid JSON: {exc}") from None
+        finally:
+            del text
+    else:
+        del raw
     if _deeper_than(body, MAX_JSON_DEPTH):
         raise ApiError(400, "Bad request",
                        f"the body is nested more than {MAX_JSON_DEPTH} levels deep")
@@ -256,6 +271,24 @@ def _finite_float(text):
 
 
 _json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+# orjson reads a body several times faster than _json_decoder, straight from its bytes (no
+# copy as text), and reads every JSON text it accepts as _json_decoder does (floats
+# correctly rounded, NaN, Infinity and numbers out of range refused), but one: an integer
+# beyond 64 bits becomes a float. So a body with 19 digits in a row, or one orjson refuses,
+# is read by _json_decoder, whose value or error is the answer.
+_UNREAD = object()
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _read_fast(raw):
+    """raw read by orjson, or _UNREAD when _json_decoder must read it."""
+    if _LONG_DIGITS.search(raw):
+        return _UNREAD
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _UNREAD
 
 
 def _deeper_than(value, limit):
