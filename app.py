@@ -55,6 +55,7 @@ PUBLIC, SUBMIT, ADMIN = "public", "submit", "admin"
 MAX_JSON_DEPTH = 64
 MAX_ERROR_CHARS = 500  # one line of a problem's detail or errors; inputs can be huge
 READ_STEP = 64 * 1024  # a request body is read in steps of this many bytes
+SEND_STEP = 64 * 1024  # a batch's answer is sent in steps of about this many bytes
 RELEASE_AFTER_BYTES = 1024 * 1024  # a body this large gives its memory back afterwards
 # glibc's malloc_trim (None with another C library): see _release_memory_once_sent.
 _libc = ctypes.CDLL(None)
@@ -126,12 +127,18 @@ def _encoded(document):
 
 def _items_as_sent(stored, found_callbacks):
     """A batch's answer, {"items": [job, ...]}, encoded a job at a time while it is sent:
-    it is as large as the batch, and is never held whole."""
-    yield b'{"items":['
+    it is as large as the batch, and is never held whole. The server writes each part
+    yielded with a call of its own, so jobs go out SEND_STEP bytes at a time."""
+    part, size = [b'{"items":['], 0
     for index, (job, _) in enumerate(stored):
-        document = documents.job(job, callback=found_callbacks.get(job.id))
-        yield (b"," if index else b"") + _encoded(document)
-    yield b"]}"
+        encoded = _encoded(documents.job(job, callback=found_callbacks.get(job.id)))
+        part.append(b"," + encoded if index else encoded)
+        size += len(encoded)
+        if size >= SEND_STEP:
+            yield b"".join(part)
+            part, size = [], 0
+    part.append(b"]}")
+    yield b"".join(part)
 
 
 def job_document(job, attempts=None):
