@@ -167,9 +167,9 @@ def _new_key(new):
 
 def _row_key(row):
     """_new_key of a row the insert stored."""
-    if row["idempotency_key"] is not None:
-        return "idempotency", row["idempotency_key"]
-    return None if row["unique_hold"] is None else ("unique", row["type"], row["unique_hold"])
+    if row.idempotency_key is not None:
+        return "idempotency", row.idempotency_key
+    return None if row.unique_hold is None else ("unique", row.type, row.unique_hold)
 
 
 def _holder(new):
@@ -189,8 +189,8 @@ _UNSET = (0, 0) + (None,) * 10
 def _new_job(new, row, api_key_id):
     """The job as stored, from what was sent and what the insert returned (no read-back)."""
     return StoredJob._make((
-        row["id"], row["status"], row["run_at"], row["created_at"], bool(row["held"]),
-        row["idempotency_key"], row["unique_hold"], row["expires_at"],
+        row.id, row.status, row.run_at, row.created_at, bool(row.held), row.idempotency_key,
+        row.unique_hold, row.expires_at,
         new.type, new.queue, new.payload, new.priority, new.max_attempts, new.timeout_s,
         new.backoff_base_s, new.backoff_max_s, new.request_hash, new.group_key,
         new.parent_id, new.unique_key, new.unique_while, new.callback_url is not None,

@@ -133,16 +133,14 @@ def request_fingerprint(body):
 def validate_submission(body, rules, idempotency_key=None):
     """Check one submission and resolve its defaults; raise InvalidJob or TooLarge."""
     options = _options_of(body, rules, idempotency_key)
-    resolved = _resolved.get(options) if options is not None else None
+    resolved = _resolved_before(options)
     if resolved is not None:
         new = _with_payload(resolved, body.get("payload", {}), rules)
         if new is not None:
             return new
     new = _checked_in_full(body, rules, idempotency_key)
-    if options is not None and new.idempotency_key is None:
-        if len(_resolved) >= _MAX_RESOLVED:
-            _resolved.clear()
-        _resolved[options] = (handlers.get(new.type), new[_AFTER_PAYLOAD:])
+    if new.idempotency_key is None:
+        _remember(options, new)
     return new
 
 
@@ -226,17 +224,30 @@ _AFTER_PAYLOAD = NewJob._fields.index("payload_json") + 1
 
 
 def _options_of(body, rules, idempotency_key):
-    """The key of body's options in _resolved; None when one of them cannot be a key (an
-    object or a list) or body is not an object."""
+    """The key of body's options in _resolved (None when body is not an object)."""
     if not isinstance(body, dict):
         return None
-    options = (rules, idempotency_key, *[(name, value.__class__, value)
-                                         for name, value in body.items() if name != "payload"])
+    return (rules, idempotency_key, *[(name, value.__class__, value)
+                                      for name, value in body.items() if name != "payload"])
+
+
+def _resolved_before(options):
+    """What _resolved holds for these options; None when nothing, or when one of them
+    cannot be a key (an object or a list)."""
     try:
-        hash(options)
+        return _resolved.get(options)
     except TypeError:
         return None
-    return options
+
+
+def _remember(options, new):
+    """Keep what new's options resolved to (not when one of them is an object or a list)."""
+    if len(_resolved) >= _MAX_RESOLVED:
+        _resolved.clear()
+    try:
+        _resolved[options] = (handlers.get(new.type), new[_AFTER_PAYLOAD:])
+    except TypeError:
+        pass
 
 
 def _with_payload(resolved, payload, rules):

@@ -3,6 +3,8 @@ its comment lines after that (what it does, and why) kept in the file, not sent.
 import json
 import os
 import re
+from collections import namedtuple
+from functools import lru_cache
 
 import orjson
 
@@ -52,6 +54,18 @@ def _options(new):
 
 
 _NO_OPTIONS = (None,) * 5
+
+
+def named_rows(cursor):
+    """A cursor's rows as named tuples, a field per column: for the statements that answer
+    a row per job of a batch (a dict per row cost more than the rest of reading them)."""
+    return list(map(_row_type(tuple(column[0] for column in cursor.description))._make,
+                    cursor.fetchall()))
+
+
+@lru_cache(maxsize=None)  # a class per statement's columns (making one costs more than a batch)
+def _row_type(names):
+    return namedtuple("Row", names)
 
 
 def rows(cursor):
