@@ -299,15 +299,18 @@ def _read_fast(raw):
 
 
 def _deeper_than(value, limit):
-    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
-    while stack:  # of containers only: a batch holds many more values than containers
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        for child in item.values() if isinstance(item, dict) else item:
-            if isinstance(child, (dict, list)):
-                stack.append((child, depth + 1))
-    return False
+    """Whether a parsed body nests containers more than `limit` deep. A level at a time:
+    a batch holds thousands of containers, and many more values than containers. (json and
+    orjson make dicts and lists, never a subclass.)"""
+    level = [value] if value.__class__ is dict or value.__class__ is list else []
+    for _ in range(limit):
+        deeper = []
+        for item in level:
+            for child in item.values() if item.__class__ is dict else item:
+                if child.__class__ is dict or child.__class__ is list:
+                    deeper.append(child)
+        level = deeper
+    return bool(level)
 
 
 def idempotency_key_header():
