@@ -283,14 +283,17 @@ _json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_f
 # copy as text), and reads every JSON text it accepts as _json_decoder does (floats
 # correctly rounded, NaN, Infinity and numbers out of range refused), but one: an integer
 # beyond 64 bits becomes a float. So a body with 19 digits in a row, or one orjson refuses,
-# is read by _json_decoder, whose value or error is the answer.
+# is read by _json_decoder, whose value or error is the answer. (The digits are found by
+# making each one "0" and anything else " ": a regular expression took longer than orjson.)
 _UNREAD = object()
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_DIGITS_AS_ZEROS = bytes(ord("0") if ord("0") <= byte <= ord("9") else ord(" ")
+                         for byte in range(256))
+_LONG_DIGITS = b"0" * 19
 
 
 def _read_fast(raw):
     """raw read by orjson, or _UNREAD when _json_decoder must read it."""
-    if _LONG_DIGITS.search(raw):
+    if _LONG_DIGITS in raw.translate(_DIGITS_AS_ZEROS):
         return _UNREAD
     try:
         return orjson.loads(raw)
