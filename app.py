@@ -283,8 +283,7 @@ _json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_f
 # copy as text), and reads every JSON text it accepts as _json_decoder does (floats
 # correctly rounded, NaN, Infinity and numbers out of range refused), but one: an integer
 # beyond 64 bits becomes a float. So a body with 19 digits in a row, or one orjson refuses,
-# is read by _json_decoder, whose value or error is the answer. (The digits are found by
-# making each one "0" and anything else " ": a regular expression took longer than orjson.)
+# is read by _json_decoder, whose value or error is the answer.
 _UNREAD = object()
 _DIGITS_AS_ZEROS = bytes(ord("0") if ord("0") <= byte <= ord("9") else ord(" ")
                          for byte in range(256))
@@ -293,12 +292,21 @@ _LONG_DIGITS = b"0" * 19
 
 def _read_fast(raw):
     """raw read by orjson, or _UNREAD when _json_decoder must read it."""
-    if _LONG_DIGITS in raw.translate(_DIGITS_AS_ZEROS):
+    if _has_long_digits(raw):
         return _UNREAD
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _UNREAD
+
+
+def _has_long_digits(raw):
+    """Whether raw holds len(_LONG_DIGITS) digits in a row: each digit made "0" and anything
+    else " " (a regular expression took longer than orjson's parse), READ_STEP bytes at a
+    time, so that a large body is not copied whole."""
+    overlap = len(_LONG_DIGITS) - 1  # a run across two steps is in the second
+    return any(_LONG_DIGITS in raw[start:start + READ_STEP + overlap].translate(_DIGITS_AS_ZEROS)
+               for start in range(0, len(raw), READ_STEP))
 
 
 def _deeper_than(value, limit):

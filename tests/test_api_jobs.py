@@ -215,6 +215,23 @@ def test_a_batch_answers_and_stores_every_json_value_as_sent(api):
                 {name: type(value) for name, value in payload.items()}
 
 
+def test_a_long_integer_across_the_steps_a_body_is_read_in_stays_exact(api):
+    """The body is searched for long runs of digits READ_STEP bytes at a time: a run that
+    starts in one step and ends in the next is found too."""
+    import app
+    key = api.key("me")
+    big = 123456789012345678901234567890
+    head = '{"jobs": [{"type": "t.noop", "payload": {"big": '
+    for start in (app.READ_STEP - 10, app.READ_STEP - 18, app.READ_STEP + 1):
+        padding = start - len(head) - len('"pad": "", ')
+        body = head.replace('{"big": ', '{"pad": "' + "x" * padding + '", "big": ') + f"{big}}}}}]}}"
+        assert body.index(str(big)) == start
+        response = api.call("POST", "/v1/jobs/batch", key, data=body,
+                            content_type="application/json")
+        assert response.status_code == 201
+        assert response.get_json()["items"][0]["payload"]["big"] == big
+
+
 def test_batch_with_bad_items_names_each_index_and_stores_none(api):
     key = api.key("me")
     items = [{"type": "t.noop"}, {"type": "nope"}, {"type": "t.noop"},
