@@ -116,6 +116,20 @@ def test_jobs_stored_in_a_callers_transaction_are_announced_at_its_durable_commi
     assert listener() == [jobs.notify_payload("inside", 1)]
 
 
+@pytest.mark.postgres
+def test_jobs_whose_announcement_fails_are_stored_and_answered(pg_conveyor, monkeypatch, caplog):
+    """The announcement follows the jobs' commit: its failure loses a wake-up (workers
+    poll), so the caller is answered with the stored jobs, not an error that would make
+    it store them again."""
+    monkeypatch.setitem(postgres.SQL, "announce", "SELECT %(channel)s::text, "
+                        "%(queues)s::text[], %(counts)s::int[], 1 / 0")
+    [(job, created)] = jobs.enqueue([new_job()])
+    assert created and history.get_job(job.id).status == "available"
+    assert "not announced" in caplog.text
+    [(second, _)] = jobs.enqueue([new_job()])
+    assert second.id > job.id
+
+
 def test_what_enqueue_answers_is_what_it_stored(conveyor):
     new = [new_job(payload={"n": 1, "s": "Stra\u00dfe \U0001f4a5", "big": 10 ** 30}),
            new_job(queue="q", priority=-5, delay_s=3600, max_attempts=2, timeout_s=1.5,

@@ -1,6 +1,10 @@
 """The core's statements on PostgreSQL (postgres.sql), run prepared (models.execute)."""
+import logging
+
 import models
 from core.store.queries import compact_json, load, new_jobs_json, rows
+
+log = logging.getLogger("conveyor.store")
 
 SQL = load("postgres.sql")
 
@@ -84,8 +88,10 @@ def notify(counts):
     Inside a transaction, at its commit; outside one, in one statement (announce) whose
     own commit waits for no WAL flush: PostgreSQL serialises notifying commits on one lock
     held through the commit, so one that waited for its flush made every other wait too
-    (single POST /v1/jobs, bench/RESULTS.md). A notification lost with an unflushed
-    commit costs a wake-up, never a job: workers poll."""
+    (single POST /v1/jobs, bench/RESULTS.md). A notification lost, with an unflushed
+    commit or because the statement failed after the jobs' commit, costs a wake-up, never
+    a job (workers poll); so that failure is logged, not raised: the jobs are stored, and a
+    caller told otherwise would store them again."""
     if not counts:
         return
     if models.in_transaction():
@@ -93,8 +99,13 @@ def notify(counts):
             models.execute(SQL["notify"], {"channel": NOTIFY_CHANNEL, "queue": queue,
                                            "count": str(count)})
         return
-    models.execute(SQL["announce"], {"channel": NOTIFY_CHANNEL, "queues": list(counts),
-                                     "counts": list(counts.values())}).fetchall()
+    try:
+        models.execute(SQL["announce"], {"channel": NOTIFY_CHANNEL, "queues": list(counts),
+                                         "counts": list(counts.values())}).fetchall()
+    except models.DB_ERRORS as exc:
+        log.warning("jobs stored but not announced (workers find them when they poll): %s",
+                    str(exc).strip()[:200])
+        models.reset_connection()
 
 
 def _queues(worker):
