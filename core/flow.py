@@ -55,10 +55,12 @@ def type_limits():
             for entry in handlers.registered().values() if entry.limited}
 
 
-def queue_limits_exist():
-    """Whether any queue has a concurrency or a rate (read at most once a second)."""
+def queue_limits_exist(ahead_s=0.0):
+    """Whether any queue has a concurrency or a rate (read at most once a second). With
+    ahead_s, read again now if what was read would be too old within ahead_s: a worker
+    about to sleep reads it then, so that its claim when it wakes need not."""
     current = time.monotonic()
-    if current - _queue_limits["checked_at"] >= QUEUE_LIMITS_TTL_S:
+    if current + ahead_s - _queue_limits["checked_at"] >= QUEUE_LIMITS_TTL_S:
         _queue_limits["any"] = QueueSetting.select().where(
             QueueSetting.concurrency.is_null(False) | QueueSetting.rate_count.is_null(False)
         ).exists()

@@ -132,6 +132,19 @@ def request_fingerprint(body):
 
 def validate_submission(body, rules, idempotency_key=None):
     """Check one submission and resolve its defaults; raise InvalidJob or TooLarge."""
+    options = _options_of(body, rules, idempotency_key)
+    resolved = _resolved_before(options)
+    if resolved is not None:
+        new = _with_payload(resolved, body.get("payload", {}), rules)
+        if new is not None:
+            return new
+    new = _checked_in_full(body, rules, idempotency_key)
+    if new.idempotency_key is None:
+        _remember(options, new)
+    return new
+
+
+def _checked_in_full(body, rules, idempotency_key):
     if not isinstance(body, dict):
         raise InvalidJob("a job must be a JSON object", ["(job): must be an object"])
     payload = body.get("payload", {})
@@ -199,6 +212,59 @@ def validate_submission(body, rules, idempotency_key=None):
     )
 
 
+# A batch repeats its options (type, queue, priority...) with another payload in each job.
+# The options of a job without an idempotency key, once checked and resolved, are kept with
+# the handler they were resolved by; a job with the same options (the same values of the
+# same classes, in the same order) and the same rules takes them as they are, while that
+# handler is still the one registered. Its payload is checked as every payload is: when any
+# check refuses it, the job is checked in full, which says why.
+_resolved = {}  # (rules, idempotency_key, (name, class, value)...) -> (handler, NewJob tail)
+_MAX_RESOLVED = 10_000
+_AFTER_PAYLOAD = NewJob._fields.index("payload_json") + 1
+
+
+def _options_of(body, rules, idempotency_key):
+    """The key of body's options in _resolved (None when body is not an object)."""
+    if not isinstance(body, dict):
+        return None
+    return (rules, idempotency_key, *[(name, value.__class__, value)
+                                      for name, value in body.items() if name != "payload"])
+
+
+def _resolved_before(options):
+    """What _resolved holds for these options; None when nothing, or when one of them
+    cannot be a key (an object or a list)."""
+    try:
+        return _resolved.get(options)
+    except TypeError:
+        return None
+
+
+def _remember(options, new):
+    """Keep what new's options resolved to (not when one of them is an object or a list)."""
+    if len(_resolved) >= _MAX_RESOLVED:
+        _resolved.clear()
+    try:
+        _resolved[options] = (handlers.get(new.type), new[_AFTER_PAYLOAD:])
+    except TypeError:
+        pass
+
+
+def _with_payload(resolved, payload, rules):
+    """The job of options resolved before with this payload; None when the payload does not
+    pass (or the handler changed)."""
+    handler, tail = resolved
+    if handlers.get(handler.name) is not handler or not isinstance(payload, dict):
+        return None
+    try:
+        payload_json = compact_json.encode(payload)
+    except ValueError:
+        return None
+    if len(payload_json) > rules.max_payload_bytes or handler.payload_errors(payload):
+        return None
+    return NewJob._make((handler.name, payload, payload_json, *tail))
+
+
 # SUBMISSION_SCHEMA checks each property on its own, so a submission fits it when it has a
 # type and each of its properties fits; a value found valid once (hashable: not an object or
 # a list) need not be checked again, and a batch repeats its types and queues.
@@ -245,9 +311,11 @@ def _fits_schema(unproven):
 
 
 def forget_valid_values():
-    """Forget the values found valid before: the next submissions are checked in full (the
-    cache empties itself when full; a test starts from it empty)."""
+    """Forget the values found valid and the options resolved before: the next submissions
+    are checked in full (each cache empties itself when full; a test starts from them
+    empty)."""
     _valid_values.clear()
+    _resolved.clear()
 
 
 def _first(*values):

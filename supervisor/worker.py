@@ -70,16 +70,17 @@ class WorkerProcess:
         self._until_done(partial(workers.register_worker, self.worker))
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
-        reports, limit = [], 1
+        reports, limit, idle = [], 1, False
         while True:
             leaving = self.stopping.is_set() or self._orphaned() or self._worn_out()
             self.slot.state = slots.CLAIMING
             asked_m = time.monotonic()
-            claimed = self._step(reports, 0 if leaving else limit)
+            claimed = self._step(reports, 0 if leaving else limit, idle)
             reports = []
             if leaving:
                 break
-            if not claimed:
+            idle = not claimed
+            if idle:
                 limit = 1  # what comes next after a lull may be slow: no hoarding it
                 self._sleep()
                 continue
@@ -97,18 +98,25 @@ class WorkerProcess:
 
     def _sleep(self):
         """Until the supervisor wakes us for an announced job, or the poll interval passes
-        (the fallback when announcements are lost, and the only way on SQLite)."""
+        (the fallback when announcements are lost, and the only way on SQLite). What the
+        claim reads of the queues' limits is read first if it would be stale by then, so
+        that the claim that follows a wake-up goes to the database once."""
+        try:
+            flow.queue_limits_exist(ahead_s=self.settings.poll_interval_s)
+        except DB_ERRORS:
+            reset_connection()  # the claim will find the outage and wait it out
         self.slot.state = slots.WAITING
         if not self.stopping.is_set():
             select.select([self.pipe.read_fd], [], [],
                           self.settings.poll_interval_s * random.uniform(0.5, 1.0))
         self.pipe.drain()
 
-    def _step(self, reports, limit):
+    def _step(self, reports, limit, after_idle):
         """Report the finished attempts and claim the next ones, retrying through outages;
         reports are never given up (the supervisor ends us after the grace period)."""
         self.steps += 1
-        claimed, _ = self._until_done(partial(jobs.step, self.worker, reports, limit),
+        claimed, _ = self._until_done(partial(jobs.step, self.worker, reports, limit,
+                                              after_idle),
                                       give_up_when_stopping=not reports) or ([], [])
         with self.claim_lock:
             self.held = frozenset(job.id for job in claimed)

@@ -161,6 +161,20 @@ def test_data_that_looks_dangerous_is_stored_and_returned_exactly(api_with):
     assert replay.status_code == 200 and Job.select().count() == 1
 
 
+def test_a_batch_nested_to_the_depth_limit_is_taken_and_one_level_more_is_400(api_with):
+    """MAX_JSON_DEPTH counts every level, the body's own included: the body, its jobs
+    list, a job and its payload are four; the payload's value takes the rest."""
+    api = api_with()
+    key = api.key("admin", "admin")
+    for depth, status in [(64, 201), (65, 400)]:
+        value = nested(depth - 4)
+        body = '{"jobs": [{"type": "t.noop", "payload": {"n": 1}}, {"type": "t.noop", ' \
+               '"payload": {"a": ' + value + '}}]}'
+        response = api.call("POST", "/v1/jobs/batch", key, **raw(body))
+        assert response.status_code == status, (depth, response.get_json())
+    assert Job.select().count() == 2
+
+
 def test_malformed_http_to_gunicorn_gets_no_500_and_no_traceback(conveyor, gunicorn):
     server = gunicorn(MAX_REQUEST_BYTES=100_000)
     key = admin_key(conveyor)

@@ -195,6 +195,43 @@ def test_batch_stores_all_in_order_in_one_go(api):
     assert replay.status_code == 200 and replay.get_json()["items"] == stored[3:]
 
 
+def test_a_batch_answers_and_stores_every_json_value_as_sent(api):
+    """orjson reads and writes the batch when it can; what it cannot hold as sent (an
+    integer beyond 64 bits becomes a float when read; a lone surrogate or such an integer
+    is not written) goes through the standard library, so nothing changes on the way."""
+    key = api.key("me")
+    for payload in [{"big": 123456789012345678901234567890, "small": -9223372036854775809},
+                    {"surrogate": "\ud800", "text": "é€😀"},
+                    {"u64": 18446744073709551615, "float": 1e-05, "zero": -0.0,
+                     "max": 1.7976931348623157e308, "text": "é€😀"}]:
+        response = api.call("POST", "/v1/jobs/batch", key,
+                            json={"jobs": [{"type": "t.noop", "payload": payload}]})
+        assert response.status_code == 201
+        [job] = response.get_json()["items"]
+        shown = api.call("GET", f"/v1/jobs/{job['id']}", key).get_json()
+        for answered in (job["payload"], shown["payload"]):
+            assert answered == payload
+            assert {name: type(value) for name, value in answered.items()} == \
+                {name: type(value) for name, value in payload.items()}
+
+
+def test_a_long_integer_across_the_steps_a_body_is_read_in_stays_exact(api):
+    """The body is searched for long runs of digits READ_STEP bytes at a time: a run that
+    starts in one step and ends in the next is found too."""
+    import app
+    key = api.key("me")
+    big = 123456789012345678901234567890
+    head = '{"jobs": [{"type": "t.noop", "payload": {"big": '
+    for start in (app.READ_STEP - 10, app.READ_STEP - 18, app.READ_STEP + 1):
+        padding = start - len(head) - len('"pad": "", ')
+        body = head.replace('{"big": ', '{"pad": "' + "x" * padding + '", "big": ') + f"{big}}}}}]}}"
+        assert body.index(str(big)) == start
+        response = api.call("POST", "/v1/jobs/batch", key, data=body,
+                            content_type="application/json")
+        assert response.status_code == 201
+        assert response.get_json()["items"][0]["payload"]["big"] == big
+
+
 def test_batch_with_bad_items_names_each_index_and_stores_none(api):
     key = api.key("me")
     items = [{"type": "t.noop"}, {"type": "nope"}, {"type": "t.noop"},

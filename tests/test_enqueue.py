@@ -13,9 +13,10 @@ from core import history
 from core import submission
 from core import workers
 from core.store import postgres
+import handlers
 import models
 from conftest import wait_for, rules
-from core.errors import Conflict, Invalid
+from core.errors import Conflict, Invalid, TooLarge
 from models import Job
 
 
@@ -205,6 +206,39 @@ def test_values_found_valid_before_do_not_let_an_unequal_value_through(conveyor)
     # and 1.0 are integers; -0.0 == 0 and both are fine).
     assert [fits_the_schema(body) for body in BODIES] == expected
     assert [fits_the_schema(body) for body in reversed(BODIES)] == expected[::-1]
+
+
+def test_a_job_with_the_options_of_one_resolved_before_still_has_its_payload_checked(
+        conveyor):
+    checked = rules()._replace(max_payload_bytes=100)
+    submission.forget_valid_values()
+    first = submission.validate_submission({"type": "t.schema", "payload": {"to": "a"}},
+                                           checked)
+    again = submission.validate_submission({"type": "t.schema", "payload": {"to": "b"}},
+                                           checked)
+    assert again == first._replace(payload={"to": "b"}, payload_json='{"to":"b"}')
+    for payload, refusal in [({}, Invalid), ({"to": float("nan")}, Invalid),
+                             ({"to": "x" * 200}, TooLarge), ([], Invalid), ("to", Invalid)]:
+        with pytest.raises(refusal):
+            submission.validate_submission({"type": "t.schema", "payload": payload}, checked)
+    with pytest.raises(Invalid):
+        submission.validate_submission({"type": "t.schema"}, checked)
+
+
+def test_a_type_registered_again_resolves_with_its_new_options(conveyor, monkeypatch):
+    monkeypatch.setattr(handlers, "_registry", dict(handlers._registry))
+
+    def again(payload, ctx):
+        pass
+
+    handlers.handler("t.again", queue="first", max_attempts=2)(again)
+    assert submission.validate_submission({"type": "t.again"}, rules()).queue == "first"
+    handlers.handler("t.again", queue="second", schema={"type": "object",
+                                                         "required": ["n"]})(again)
+    with pytest.raises(Invalid):
+        submission.validate_submission({"type": "t.again"}, rules())
+    resolved = submission.validate_submission({"type": "t.again", "payload": {"n": 1}}, rules())
+    assert (resolved.queue, resolved.max_attempts) == ("second", rules().default_max_attempts)
 
 
 @pytest.mark.postgres

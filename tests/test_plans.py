@@ -5,6 +5,7 @@ import psycopg2
 import pytest
 
 from core import jobs
+from core.policy import Outcome
 
 from core import submission
 
@@ -13,14 +14,13 @@ import models
 from conftest import Conveyor, rules
 
 
-def plan_of(sql, params):
-    """The plan the current session runs for a statement prepared by models.execute."""
-    models.execute(sql, params)  # prepared on this connection
-    name, names = models.db.connection().prepared[sql]
-    values = [params[n] for n in names]
-    placeholders = ", ".join(["%s"] * len(values))
-    rows = models.db.execute_sql(f"EXPLAIN EXECUTE {name}({placeholders})", values).fetchall()
-    return "\n".join(row[0] for row in rows)
+def fill_attempts(database_url, count=20000):
+    """Give `count` of the history's jobs a succeeded attempt, from another session."""
+    with psycopg2.connect(database_url) as other, other.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO attempts (job_id, number, status, worker_id, host, pid, started_at,"
+            " finished_at) SELECT id, 1, 'succeeded', 'w', 'h', 1, 0, 1 FROM jobs"
+            " WHERE status = 'succeeded' ORDER BY id LIMIT %s", (count,))
 
 
 def fill_history(database_url, jobs=200000, analyze=False):
@@ -35,26 +35,49 @@ def fill_history(database_url, jobs=200000, analyze=False):
             cursor.execute("ANALYZE jobs")
 
 
+def plans_run_by(sql, params):
+    """The plans the server runs for a statement prepared by models.execute, those of the
+    statements inside the functions it calls included (auto_explain, sent to this session
+    as notices); the statement's work is rolled back."""
+    connection = models.db.connection()
+    for statement in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                      "SET auto_explain.log_nested_statements = on",
+                      "SET auto_explain.log_level = notice"):
+        models.db.execute_sql(statement)
+    del connection.notices[:]
+    with models.db.atomic() as transaction:
+        models.execute(sql, params)
+        transaction.rollback()
+    models.db.execute_sql("SET auto_explain.log_min_duration = -1")
+    return "\n".join(connection.notices)
+
+
 @pytest.mark.postgres
-def test_a_workers_claim_is_planned_for_the_table_as_it_is_now(pg_conveyor):
-    """Prepared on a small table and run many times there, the worker's claim must
-    not keep a plan made for that table (a full scan) once it holds 200,000 jobs, even
-    before any ANALYZE: a worker's session never uses generic plans."""
+@pytest.mark.parametrize("queues", [(), ("default",), ("default", "mail")])
+def test_a_workers_step_stays_on_indexes_as_the_tables_grow(pg_conveyor, queues):
+    """The worker's step (its reports and its next claim), run many times on small tables,
+    must not keep a plan made for them (a full scan) once `jobs` holds 200,000 jobs and
+    more than 10,000 attempts, before any ANALYZE. Its functions keep their plans for the
+    session (migrations/0014_generic_claim_plans.py), so the plans they keep must be the
+    ones that read indexes."""
     models.open_database(pg_conveyor.database_url, lease_s=pg_conveyor.settings.lease_s,
                          custom_plans=True)
-    worker = workers.WorkerInfo(id="w-plans", supervisor_id="s", host="h", pid=1)
+    worker = workers.WorkerInfo(id="w-plans", supervisor_id="s", host="h", pid=1,
+                                queues=queues)
     jobs.enqueue([submission.validate_submission({"type": "t.noop"}, rules())] * 100)
-    models.db.execute_sql("ANALYZE jobs")  # the statistics of a table of 100 jobs
-    sql, params = jobs.claim_statement(worker, limit=20)
+    models.db.execute_sql("ANALYZE")  # the statistics of small tables
+    claimed = jobs.claim(worker, limit=20)
+    reports = [jobs.Report(job, Outcome(status="succeeded")) for job in claimed[:10]]
+    sql, params = jobs.step_statement(worker, reports, limit=20)
     for _ in range(10):  # past the point where the server may switch to a generic plan
-        with models.db.atomic() as transaction:
-            models.execute(sql, params)
-            transaction.rollback()
+        plans_run_by(sql, params)
 
     fill_history(pg_conveyor.database_url)
-    plan = plan_of(sql, params)
-    assert "Seq Scan on jobs" not in plan, plan
-    assert "jobs_pkey" in plan and "jobs_claim" in plan, plan
+    fill_attempts(pg_conveyor.database_url)
+    plans = plans_run_by(sql, params)
+    assert "Seq Scan on jobs" not in plans and "Seq Scan on attempts" not in plans, plans
+    assert ("jobs_claim_by_queue" if queues else "jobs_claim") in plans, plans
+    assert "jobs_pkey" in plans and "attempts_job_id_number_key" in plans, plans
 
 
 @pytest.fixture

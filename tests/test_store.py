@@ -21,9 +21,13 @@ def migration(name):
     return module
 
 
-# The transition of a running job on PostgreSQL is a function a migration defines.
-STORES = {"postgres": {**postgres.SQL,
-                       "conveyor_record": migration("0006_record_function").RECORD},
+# On PostgreSQL the claim and the transition of a running job are functions that
+# migrations define (the latest definition of each).
+STEP_FUNCTIONS = migration("0014_generic_claim_plans")
+STORES = {"postgres": {**postgres.SQL, "conveyor_step": STEP_FUNCTIONS.STEP,
+                       "conveyor_next": STEP_FUNCTIONS.NEXT,
+                       "conveyor_claim": STEP_FUNCTIONS.CLAIM,
+                       "conveyor_record": STEP_FUNCTIONS.RECORD},
           "sqlite": sqlite.SQL}
 STATEMENTS = [(db, name, sql) for db, statements in STORES.items()
               for name, sql in statements.items()]
@@ -45,7 +49,7 @@ def test_the_waiting_predicate_is_the_pending_statuses():
 
 
 @pytest.mark.parametrize("db, name", [
-    ("postgres", "step"), ("sqlite", "due"), ("sqlite", "due_in_queue"),
+    ("postgres", "conveyor_next"), ("sqlite", "due"), ("sqlite", "due_in_queue"),
     ("sqlite", "claim_ids"), ("sqlite", "any_due"), ("sqlite", "any_due_in_queue"),
     ("sqlite", "limited_candidates")])
 def test_a_claim_spells_the_partial_index_predicate_word_for_word(db, name):
@@ -71,7 +75,8 @@ def test_no_other_statement_moves_a_running_job():
     move (SQLite) end a lease."""
     moving = {(db, name) for db, name, sql in STATEMENTS if moves_of_a_running_job(sql)}
     assert moving == {("postgres", "conveyor_record"), ("sqlite", "move")}
-    assert "conveyor_record(" in postgres.SQL["step"]
+    assert "conveyor_step(" in postgres.SQL["step"]
+    assert "conveyor_record(" in STEP_FUNCTIONS.STEP and "conveyor_claim(" in STEP_FUNCTIONS.STEP
 
 
 def test_both_databases_name_their_statements_once_each():

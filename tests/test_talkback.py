@@ -200,8 +200,8 @@ def test_a_job_held_back_by_a_limit_past_its_expiry_never_starts(conveyor, tmp_p
 
 
 def test_a_job_started_before_its_expiry_runs_to_the_end(conveyor):
-    conveyor.start_supervisor(concurrency=1, **LONG_LEASE)
-    job = conveyor.submit("t.sleep", {"s": 1.0}, ttl_s=0.5)
+    conveyor.start_supervisor(concurrency=1, **LONG_LEASE).wait_for_workers(1)
+    job = conveyor.submit("t.sleep", {"s": 1.0}, ttl_s=0.5)  # a worker waits for it
     assert conveyor.wait_for_status(job, "succeeded").cancel_reason is None
 
 

@@ -2,7 +2,7 @@
 import logging
 
 import models
-from core.store.queries import compact_json, load, new_jobs_json, rows
+from core.store.queries import compact_json, load, named_rows, new_jobs_json, rows
 
 log = logging.getLogger("conveyor.store")
 
@@ -33,13 +33,13 @@ def take_callbacks(lease, limit, lease_s):
 
 def insert_jobs(new_jobs, api_key_id, limited_types):
     """Store new jobs (core.submission.NewJob) of one API key in one statement. Returns
-    {id, idempotency_key, status, run_at, created_at, held, type, unique_hold, expires_at}
-    of each row stored, by id (the order given); a job whose idempotency key was used
-    already, or whose unique key a job of its type holds, has none."""
+    (id, idempotency_key, status, run_at, created_at, held, type, unique_hold, expires_at)
+    of each row stored, named, by id (the order given); a job whose idempotency key was
+    used already, or whose unique key a job of its type holds, has none."""
     cursor = models.execute(SQL["insert_jobs"], {
         "jobs": new_jobs_json(new_jobs), "api_key_id": api_key_id,
         "limited_types": list(limited_types)})
-    return rows(cursor)
+    return named_rows(cursor)
 
 
 def step(worker, reports, limit, turns=None, limits=None, guard=0.0):
@@ -66,7 +66,12 @@ def _step_params(worker, reports, limit, turns=None, limits=None, guard=0.0):
 
 def claim_statement(worker, limit):
     """(sql, params): the statement a claim of `limit` jobs for `worker` runs."""
-    return SQL["step"], _step_params(worker, [], limit)
+    return step_statement(worker, [], limit)
+
+
+def step_statement(worker, reports, limit):
+    """(sql, params): the statement `step` runs for these reports and this claim."""
+    return SQL["step"], _step_params(worker, reports, limit)
 
 
 def turns(worker, limit):

@@ -33,13 +33,15 @@ RETURNING callbacks.job_id, callbacks.url, callbacks.attempts, callbacks.ended_a
 
 -- name: insert_jobs
 -- Store jobs given as one JSON array of arrays (PostgreSQL reads arrays much faster than
--- objects), in the order of core.store.postgres.insert_jobs. A key this API key used
--- already is skipped (the unique index jobs_idempotency decides), and so is a unique key
--- (SPEC §12) that a job of the same type holds (jobs_unique): the caller reads the job
--- they name. A job expires ttl_s after this statement's clock, or at expires_at. A job of
--- a type in %(limited_types)s or of a paused or limited queue is stored held. What can run
--- now is announced by the caller once it is committed (notify): a NOTIFY here would hold
--- PostgreSQL's one lock on notifying commits through this commit's WAL flush.
+-- objects), in the order of core.store.postgres.insert_jobs, read as jsonb: parsed once,
+-- where json would parse each job's array again for every field taken from it. A key this
+-- API key used already is skipped (the unique index jobs_idempotency decides), and so is
+-- a unique key (SPEC §12) that a job of the same type holds (jobs_unique): the caller
+-- reads the job they name. A job expires ttl_s after this statement's clock, or at
+-- expires_at. A job of a type in %(limited_types)s or of a paused or limited queue is
+-- stored held. What can run now is announced by the caller once it is committed (notify):
+-- a NOTIFY here would hold PostgreSQL's one lock on notifying commits through this
+-- commit's WAL flush.
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
 given AS (
     SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::int AS priority,
@@ -48,7 +50,7 @@ given AS (
            (job->>7)::float8 AS backoff_base_s, (job->>8)::float8 AS backoff_max_s,
            (job->>9)::text AS idempotency_key, (job->>10)::text AS request_hash,
            (job->>11)::text AS group_key, job->12 AS options, (job->>13)::text AS payload
-    FROM json_array_elements(%(jobs)s) AS job
+    FROM jsonb_array_elements(%(jobs)s::jsonb) AS job
     OFFSET 0),  -- each row's fields read once (not once per use of the options)
 new AS (
     INSERT INTO jobs (type, queue, payload, priority, run_at, status, max_attempts,
@@ -77,58 +79,17 @@ ORDER BY id;
 -- name: step
 -- A worker's round trip: claim up to %(limit)s due jobs of %(queues)s (every queue when
 -- null) for %(worker_id)s, and record the outcomes in %(reports)s (a JSON array of
--- objects, as core.jobs._reported makes them) through conveyor_record, the one transition
--- of a running job (migrations/0006_record_function.py). A function, so that a claim with
--- nothing to report does not plan the statements that record (a worker's session plans
--- every statement afresh: see models.open_database). The claim takes jobs under no limit (not
--- held, not in a paused or limited queue): oldest first, or, when %(turns)s is given (fair
--- share: the ids `turns` chose), those in that order. When %(limits)s is given (the types'
--- limits, SPEC §11) and fewer than %(limit)s were found, conveyor_claim_limited then claims
--- the rest under limits (migrations/0010_places_hold_claims.py says how): the first due job
--- whose limits have room and those that share its limits, under one place. It runs after
--- conveyor_record (the branches of UNION ALL run in order), in the same transaction: the
--- places this step's reports free are this worker's to take again before another sees them.
+-- objects, as core.jobs._reported makes them); when %(limits)s is given (the types'
+-- limits, SPEC §11) and fewer than %(limit)s were found, claim the rest under limits.
+-- %(turns)s: fair share's choice of ids. One function, conveyor_step
+-- (migrations/0014_generic_claim_plans.py says how), whose plans are kept for the session:
+-- a worker's session plans every other statement afresh (models.open_database).
 --
 -- Answers one row per claimed job, moved job, refused report and job claimed under limits:
 -- (kind, row as JSON).
-WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
-next AS (
-    SELECT id FROM jobs
-    WHERE status IN ('available', 'scheduled', 'retryable') AND run_at <= (SELECT now FROM clock)
-      AND (expires_at IS NULL OR expires_at > (SELECT now FROM clock))
-      AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
-      AND NOT held AND queue NOT IN (SELECT name FROM queues
-                                     WHERE paused OR concurrency IS NOT NULL OR rate_count IS NOT NULL)
-      AND (%(turns)s::bigint[] IS NULL OR id = ANY(%(turns)s::bigint[]))
-    ORDER BY CASE WHEN %(turns)s::bigint[] IS NULL THEN 0
-                  ELSE array_position(%(turns)s::bigint[], id) END,
-             priority, run_at, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED),
-claimed AS (
-    UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, lease_owner = %(worker_id)s,
-                    heartbeat_at = clock.now, started_at = clock.now
-    FROM next, clock
-    WHERE jobs.id = next.id
-    RETURNING jobs.id, jobs.type, jobs.queue, jobs.payload, jobs.priority, jobs.run_at,
-              jobs.max_attempts, jobs.timeout_s, jobs.backoff_base_s, jobs.backoff_max_s,
-              jobs.attempt, jobs.attempt_base, jobs.idempotency_key, jobs.started_at,
-              jobs.cancel_requested_at, jobs.lease_owner, jobs.group_key, jobs.api_key_id),
-started AS (
-    INSERT INTO attempts (job_id, number, status, worker_id, host, pid, started_at)
-    SELECT id, attempt, 'running', lease_owner, %(host)s, %(pid)s, started_at FROM claimed)
-SELECT 'claimed' AS kind, to_json(claimed) AS row FROM claimed
-UNION ALL
-SELECT recorded.kind, recorded.row FROM conveyor_record(%(reports)s::json) AS recorded
-UNION ALL
-SELECT 'limited', to_json(limited)
-FROM (SELECT id, type, queue, payload, priority, run_at, max_attempts, timeout_s,
-             backoff_base_s, backoff_max_s, attempt, attempt_base, idempotency_key,
-             started_at, cancel_requested_at, lease_owner, group_key, api_key_id
-      FROM conveyor_claim_limited(%(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
-                                  %(limits)s::jsonb, %(guard)s::float8,
-                                  (%(limit)s - (SELECT count(*) FROM claimed))::int)) AS limited
-WHERE %(limits)s::jsonb IS NOT NULL AND %(limit)s > (SELECT count(*) FROM claimed);
+SELECT kind, "row"
+FROM conveyor_step(%(reports)s::json, %(worker_id)s, %(host)s, %(pid)s, %(queues)s::text[],
+                   %(turns)s::bigint[], %(limit)s::int, %(limits)s::jsonb, %(guard)s::float8);
 
 -- name: turns
 -- Fair share (SPEC §11): the waiting jobs fall into lanes, one per (queue, priority, API

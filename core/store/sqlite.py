@@ -6,7 +6,7 @@ import time
 from typing import NamedTuple, Optional
 
 from models import db
-from core.store.queries import compact_json, load, new_jobs_json, rows
+from core.store.queries import compact_json, load, named_rows, new_jobs_json, rows
 
 SQL = load("sqlite.sql")
 
@@ -26,7 +26,7 @@ def insert_jobs(new_jobs, api_key_id, limited_types):
                                                  "api_key_id": api_key_id,
                                                  "limited_types": json.dumps(list(limited_types)),
                                                  "now": time.time()})
-    return sorted(rows(cursor), key=lambda row: row["id"])
+    return sorted(named_rows(cursor), key=lambda row: row.id)
 
 
 def step(worker, reports, limit, turns=None, limits=None, guard=0.0):
