@@ -202,6 +202,15 @@ def is_postgres():
     return isinstance(db.obj, pw.PostgresqlDatabase)
 
 
+def in_transaction():
+    """Whether this thread's connection is inside a transaction, peewee's or not (on
+    PostgreSQL, as the session itself says, without a round trip)."""
+    if is_postgres():
+        status = db.connection().get_transaction_status()
+        return status != psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    return db.in_transaction()
+
+
 def now():
     """The database's clock as epoch seconds, as an SQL expression."""
     if is_postgres():

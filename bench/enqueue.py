@@ -1,4 +1,5 @@
-"""`python -m bench.enqueue [--mode batch|single|core] [--jobs 20000] [--clients 16]`
+"""`python -m bench.enqueue [--mode batch|single|core] [--jobs 20000] [--clients 16]
+[--web-processes 1,2,4]`
 
 Enqueue through the real web process: the Procfile's `web` (gunicorn, gunicorn.conf.py as
 is: one process, WEB_THREADS threads) on PostgreSQL, with an admin key made by
@@ -10,6 +11,9 @@ the path; its limit is just out of reach).
   POST /v1/jobs one job each, for --seconds after a 1 s warm-up.
 - core: no HTTP: jobs.enqueue in transactions of 1,000 from this process (a diagnostic:
   what the core costs without the web layer).
+--web-processes 1,2,4: the same measurement once per number of gunicorn processes
+(WEB_CONCURRENCY), each with the rate limits counted in Redis (RATELIMIT_STORAGE_URI =
+BENCH_REDIS_URL), as several web processes must count them (SPEC §6, §13).
 """
 import argparse
 import http.client
@@ -129,7 +133,9 @@ def _single(port, key, clients, seconds, processes=4):
 
 
 def run(mode="batch", jobs=20000, clients=16, seconds=10.0, per_request=1000, label=None,
-        profile=False):
+        profile=False, web_processes=None):
+    """One measurement; web_processes: that many gunicorn processes (WEB_CONCURRENCY), the
+    rate limits in Redis (BENCH_REDIS_URL); None: the environment's (the Procfile's one)."""
     db = common.Database("postgres", label or f"enqueue_{mode}")
     web = None
     result = {"system": "conveyor", "mode": mode, "db": "postgres"}
@@ -141,12 +147,15 @@ def run(mode="batch", jobs=20000, clients=16, seconds=10.0, per_request=1000, la
             result.update({"jobs": jobs, "per_request": per_request,
                            "elapsed_s": round(elapsed, 3), "jobs_per_s": round(jobs / elapsed, 1)})
             return result
-        env = common.conveyor_env(db.url)
+        shared_limits = {} if web_processes is None else {
+            "WEB_CONCURRENCY": web_processes, "RATELIMIT_STORAGE_URI": common.REDIS_URL}
+        env = common.conveyor_env(db.url, **shared_limits)
         key = common.create_key(env)
         web = common.Web(env)
         web.wait_ready()
         result["web_threads"] = int(env.get("WEB_THREADS", "8"))
         result["web_processes"] = int(env.get("WEB_CONCURRENCY", "1"))
+        result["ratelimit_storage"] = env.get("RATELIMIT_STORAGE_URI", "memory://")
         meter = common.CpuMeter({"web": web.pids,
                                  "postgres_backends": lambda: common.postgres_backends(db.url),
                                  "bench": lambda: [os.getpid()]})
@@ -189,7 +198,9 @@ def report(r):
                 f"  CPU ms per job: {cpu}; machine busy {busy:.2f} cores; PostgreSQL commits "
                 f"per job {r['pg_per_job']['xact_commit']:.3f}")
     else:
-        text = (f"enqueue single (POST /v1/jobs, {r['clients']} clients, {r['seconds']:g}s): "
+        text = (f"enqueue single (POST /v1/jobs, {r['clients']} clients, {r['seconds']:g}s, "
+                f"{r['web_processes']} web process(es) x {r['web_threads']} threads, limits in "
+                f"{r['ratelimit_storage'].partition(':')[0]}): "
                 f"{r['requests_per_s']:,.0f} requests/s ({r['created_per_s']:,.0f} created/s), "
                 f"latency p50/p99 {r['p50_ms']}/{r['p99_ms']} ms; statuses {r['statuses']}\n"
                 f"  CPU ms per request: {cpu}; machine busy {busy:.2f} cores; PostgreSQL commits "
@@ -208,12 +219,35 @@ def main():
     parser.add_argument("--seconds", type=float, default=10.0, help="single: measured seconds")
     parser.add_argument("--per-request", type=int, default=1000, help="batch: jobs per request")
     parser.add_argument("--profile", action="store_true", help="py-spy the gunicorn worker")
+    parser.add_argument("--web-processes", type=_counts,
+                        help="e.g. 1,2,4: one measurement per number of gunicorn processes, "
+                             "the rate limits in Redis (BENCH_REDIS_URL)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
-    result = run(args.mode, args.jobs, args.clients, args.seconds, args.per_request,
-                 profile=args.profile)
-    common.say(report(result))
-    common.write_result(result, args.json_out)
+    if args.web_processes is None:
+        result = run(args.mode, args.jobs, args.clients, args.seconds, args.per_request,
+                     profile=args.profile)
+        common.say(report(result))
+        common.write_result(result, args.json_out)
+        return
+    results = []
+    for processes in args.web_processes:
+        results.append(run(args.mode, args.jobs, args.clients, args.seconds, args.per_request,
+                           profile=args.profile, web_processes=processes))
+        common.say(report(results[-1]))
+    rate = "requests_per_s" if args.mode == "single" else "jobs_per_s"
+    common.say(common.table(
+        ["web processes (limits in Redis)", rate, "web CPU ms", "machine busy cores"],
+        [[r["web_processes"], r[rate], r["cpu_ms_per_job"]["web"], r["cpu"]["machine_busy_cores"]]
+         for r in results]))
+    common.write_result(results, args.json_out)
+
+
+def _counts(text):
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of process counts like 1,2,4")
+    return counts
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def enqueue(new_jobs, api_key_id=None):
     A job with an idempotency key that this API key already used returns the existing
     job (created=False) when the request matches, and raises Conflict when it differs;
     the unique index decides, so concurrent identical requests make one job. On
-    PostgreSQL the same statement announces the jobs that can run now (NOTIFY_CHANNEL).
+    PostgreSQL the jobs that can run now are announced (NOTIFY_CHANNEL) once committed.
     """
     if not new_jobs:
         return []
@@ -75,7 +75,10 @@ def enqueue(new_jobs, api_key_id=None):
     # job it names), and a conflict must undo the first; callbacks are stored with their jobs.
     with db.atomic() if keyed or called_back or len(chunks) > 1 else contextlib.nullcontext():
         stored = _insert(chunks, new_jobs, api_key_id)
-    _submitted([job for job, was_created in stored if was_created])
+    created = [job for job, was_created in stored if was_created]
+    backend().notify(Counter(job.queue for job in created
+                             if job.status == S.AVAILABLE and not job.held))
+    _submitted(created)
     return stored
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from core import keys
 from apiserver import api, api_with, bearer  # noqa: F401 (fixtures)
+import models
 from models import ApiKey
 
 KEY_SHAPE = re.compile(r"^cvy_[A-Za-z0-9_-]{43}$")
@@ -105,6 +106,24 @@ def test_a_revoked_key_is_refused_at_once(api):
     response = api.call("GET", "/v1/jobs", key)
     assert response.status_code == 401
     assert response.get_json()["detail"] == "the API key is unknown or revoked"
+
+
+def test_a_submission_reads_its_key_in_the_database_and_a_revoked_key_is_refused_next(api):
+    """POST /v1/jobs sends the key lookup (never answered from a cache), the jobs' insert
+    and on PostgreSQL their announcement after it: three statements, each its own
+    transaction, and no more. The request right after a revocation is refused."""
+    key = api.key("counted")
+    api.submit(key, {"type": "t.noop"})  # each statement prepared once per connection
+    sent = []
+    models.db.obj.query_hooks.append(lambda event: sent.append(event.sql))
+    try:
+        api.submit(key, {"type": "t.noop"})
+    finally:
+        models.db.obj.query_hooks.clear()
+    assert len(sent) == (3 if models.is_postgres() else 2), sent
+    assert not models.in_transaction()
+    api.conveyor.flask("keys", "revoke", "counted")
+    assert api.call("POST", "/v1/jobs", key, json={"type": "t.noop"}).status_code == 401
 
 
 def test_keys_create_prints_the_key_alone_and_stores_only_its_hash(conveyor):

@@ -1,6 +1,6 @@
 """Enqueue, the core of submission: one statement that stores a batch and, on PostgreSQL,
-announces in the same transaction the jobs that can run now (one NOTIFY per queue, with
-its count); what it answers is what it stored; its fast checks agree with the schema."""
+once that is committed, announces the jobs that can run now (one NOTIFY per queue, with its
+count); what it answers is what it stored; its fast checks agree with the schema."""
 import select
 
 import psycopg2
@@ -12,6 +12,7 @@ from core import jobs
 from core import history
 from core import submission
 from core import workers
+from core.store import postgres
 import handlers
 import models
 from conftest import wait_for, rules
@@ -82,6 +83,52 @@ def test_a_job_retried_from_the_dead_letter_queue_is_announced(listener):
     with pytest.raises(Conflict):
         jobs.dlq_retry(job.id)
     assert listener() == []
+
+
+@pytest.mark.postgres
+def test_jobs_are_announced_after_their_commit_in_a_transaction_that_waits_for_no_flush(
+        listener):
+    """PostgreSQL holds one lock for every notifying commit through that commit's WAL
+    flush: a statement that stored jobs and notified made every other submission wait for
+    its flush. The jobs' statement notifies nothing; the announcement is the next
+    statement, a transaction of its own that commits without waiting for its flush. The
+    session stays synchronous, so the next jobs' commit waits for theirs."""
+    assert models.prepares_statements()
+    sent = []
+    models.db.obj.query_hooks.append(lambda event: sent.append(event.sql))
+    try:
+        jobs.enqueue([new_job()])
+    finally:
+        models.db.obj.query_hooks.clear()
+    assert "pg_notify" not in postgres.SQL["insert_jobs"]
+    assert [sql.split("(")[0] for sql in sent if sql.startswith("EXECUTE")] == [
+        f"EXECUTE {models.statement_name(postgres.SQL[name])}"
+        for name in ("insert_jobs", "announce")]
+    assert listener() == [jobs.notify_payload("default", 1)]
+    assert models.db.execute_sql("SHOW synchronous_commit").fetchone() == ("on",)
+
+
+@pytest.mark.postgres
+def test_jobs_stored_in_a_callers_transaction_are_announced_at_its_durable_commit(listener):
+    with models.db.atomic():
+        jobs.enqueue([new_job(queue="inside")])
+        assert models.db.execute_sql("SHOW synchronous_commit").fetchone() == ("on",)
+        assert listener(quiet_s=0.2) == []
+    assert listener() == [jobs.notify_payload("inside", 1)]
+
+
+@pytest.mark.postgres
+def test_jobs_whose_announcement_fails_are_stored_and_answered(pg_conveyor, monkeypatch, caplog):
+    """The announcement follows the jobs' commit: its failure loses a wake-up (workers
+    poll), so the caller is answered with the stored jobs, not an error that would make
+    it store them again."""
+    monkeypatch.setitem(postgres.SQL, "announce", "SELECT %(channel)s::text, "
+                        "%(queues)s::text[], %(counts)s::int[], 1 / 0")
+    [(job, created)] = jobs.enqueue([new_job()])
+    assert created and history.get_job(job.id).status == "available"
+    assert "not announced" in caplog.text
+    [(second, _)] = jobs.enqueue([new_job()])
+    assert second.id > job.id
 
 
 def test_what_enqueue_answers_is_what_it_stored(conveyor):

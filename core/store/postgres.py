@@ -1,17 +1,21 @@
 """The core's statements on PostgreSQL (postgres.sql), run prepared (models.execute)."""
+import logging
+
 import models
 from core.store.queries import compact_json, load, named_rows, new_jobs_json, rows
 
+log = logging.getLogger("conveyor.store")
+
 SQL = load("postgres.sql")
 
-# On PostgreSQL, stored jobs that can run now are announced on this channel, in the
-# transaction that stores them; each supervisor LISTENs and wakes that many workers.
+# On PostgreSQL, stored jobs that can run now are announced on this channel once they are
+# committed (notify); each supervisor LISTENs and wakes that many workers.
 NOTIFY_CHANNEL = "conveyor_jobs"
 
 
 def notify_payload(queue, count):
     """What a NOTIFY on NOTIFY_CHANNEL says: count new jobs available now in queue (the
-    statements that store jobs write the same text in SQL)."""
+    notify statements write the same text in SQL)."""
     return f"{queue}:{count}"
 
 
@@ -33,7 +37,7 @@ def insert_jobs(new_jobs, api_key_id, limited_types):
     of each row stored, named, by id (the order given); a job whose idempotency key was
     used already, or whose unique key a job of its type holds, has none."""
     cursor = models.execute(SQL["insert_jobs"], {
-        "jobs": new_jobs_json(new_jobs), "api_key_id": api_key_id, "channel": NOTIFY_CHANNEL,
+        "jobs": new_jobs_json(new_jobs), "api_key_id": api_key_id,
         "limited_types": list(limited_types)})
     return named_rows(cursor)
 
@@ -85,10 +89,28 @@ def stale_claim(owner, lease_s):
 
 
 def notify(counts):
-    """Wake idle workers (every supervisor's) for jobs that can run now: {queue: count}."""
-    for queue, count in counts.items():
-        models.execute(SQL["notify"], {"channel": NOTIFY_CHANNEL, "queue": queue,
-                                       "count": str(count)})
+    """Wake idle workers (every supervisor's) for jobs that can run now: {queue: count}.
+    Inside a transaction, at its commit; outside one, in one statement (announce) whose
+    own commit waits for no WAL flush: PostgreSQL serialises notifying commits on one lock
+    held through the commit, so one that waited for its flush made every other wait too
+    (single POST /v1/jobs, bench/RESULTS.md). A notification lost, with an unflushed
+    commit or because the statement failed after the jobs' commit, costs a wake-up, never
+    a job (workers poll); so that failure is logged, not raised: the jobs are stored, and a
+    caller told otherwise would store them again."""
+    if not counts:
+        return
+    if models.in_transaction():
+        for queue, count in counts.items():
+            models.execute(SQL["notify"], {"channel": NOTIFY_CHANNEL, "queue": queue,
+                                           "count": str(count)})
+        return
+    try:
+        models.execute(SQL["announce"], {"channel": NOTIFY_CHANNEL, "queues": list(counts),
+                                         "counts": list(counts.values())}).fetchall()
+    except models.DB_ERRORS as exc:
+        log.warning("jobs stored but not announced (workers find them when they poll): %s",
+                    str(exc).strip()[:200])
+        models.reset_connection()
 
 
 def _queues(worker):

@@ -38,9 +38,10 @@ RETURNING callbacks.job_id, callbacks.url, callbacks.attempts, callbacks.ended_a
 -- API key used already is skipped (the unique index jobs_idempotency decides), and so is
 -- a unique key (SPEC §12) that a job of the same type holds (jobs_unique): the caller
 -- reads the job they name. A job expires ttl_s after this statement's clock, or at
--- expires_at. Announces on %(channel)s, at commit, how many jobs each queue got that can
--- run now ("queue:count", notify_payload's shape). A job of a type in %(limited_types)s
--- or of a paused or limited queue is stored held.
+-- expires_at. A job of a type in %(limited_types)s or of a paused or limited queue is
+-- stored held. What can run now is announced by the caller once it is committed (notify):
+-- a NOTIFY here would hold PostgreSQL's one lock on notifying commits through this
+-- commit's WAL flush.
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
 given AS (
     SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::int AS priority,
@@ -69,13 +70,10 @@ new AS (
            (v.options->>4)::bigint
     FROM given AS v, clock
     ON CONFLICT DO NOTHING
-    RETURNING id, idempotency_key, status, run_at, created_at, held, queue, type, unique_hold,
-              expires_at),
-announced AS (
-    SELECT pg_notify(%(channel)s, queue || ':' || count(*)) FROM new
-    WHERE status = 'available' AND NOT held GROUP BY queue)
+    RETURNING id, idempotency_key, status, run_at, created_at, held, type, unique_hold,
+              expires_at)
 SELECT id, idempotency_key, status, run_at, created_at, held, type, unique_hold, expires_at
-FROM new, (SELECT count(*) FROM announced) AS notified
+FROM new
 ORDER BY id;
 
 -- name: step
@@ -150,5 +148,15 @@ locked AS (
 SELECT locked.*, (SELECT count(*) FROM stale) AS stale FROM locked;
 
 -- name: notify
--- Wake the supervisors' idle workers: %(count)s jobs of %(queue)s can run now.
+-- Wake the supervisors' idle workers: %(count)s jobs of %(queue)s can run now (inside the
+-- caller's transaction: sent at its commit).
 SELECT pg_notify(%(channel)s, %(queue)s::text || ':' || %(count)s::text);
+
+-- name: announce
+-- notify for every queue of %(queues)s (with its count of %(counts)s) in a transaction of
+-- its own, whose commit does not wait for its WAL flush (set_config(..., true) holds for
+-- this transaction alone). PostgreSQL serialises notifying commits on one lock, held
+-- through the commit: one that waited for its flush made every other one wait for it.
+SELECT set_config('synchronous_commit', 'off', true),
+       pg_notify(%(channel)s, announced.queue || ':' || announced.count)
+FROM unnest(%(queues)s::text[], %(counts)s::int[]) AS announced(queue, count);
