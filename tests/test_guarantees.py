@@ -210,8 +210,11 @@ def test_job_claimed_by_a_lost_answer_is_reaped_though_its_worker_heartbeats(con
         wait_for(lambda: stopped(pid), message=f"worker {pid} to stop")
         Job.update(run_at=jobs.db_time()).where(Job.id == job_id).execute()
         # The answer the worker never got: the job claimed under its lease, in its name.
-        [lost] = jobs.claim(workers.WorkerInfo(id=worker.id, supervisor_id=worker.supervisor_id,
-                                            host=worker.host, pid=worker.pid))
+        # (The supervisor's stager may hold the job's row a moment as it marks it available,
+        # and a claim passes over a locked row: claim until it is taken.)
+        lease = workers.WorkerInfo(id=worker.id, supervisor_id=worker.supervisor_id,
+                                   host=worker.host, pid=worker.pid)
+        [lost] = wait_for(lambda: jobs.claim(lease), message="the job to be claimed")
     finally:
         os.kill(pid, signal.SIGCONT)
     assert lost.id == job_id
