@@ -10,6 +10,7 @@ only while it still runs the attempt under the lease the mover knew: the fencing
 import contextlib
 import json
 import logging
+import threading
 from collections import Counter, namedtuple
 from typing import NamedTuple, Optional
 
@@ -64,7 +65,14 @@ def enqueue(new_jobs, api_key_id=None):
     A job with an idempotency key that this API key already used returns the existing
     job (created=False) when the request matches, and raises Conflict when it differs;
     the unique index decides, so concurrent identical requests make one job. On
-    PostgreSQL the jobs that can run now are announced (NOTIFY_CHANNEL) once committed.
+    PostgreSQL the jobs that can run now are announced (NOTIFY_CHANNEL) at their commit.
+
+    How: a submission alone in this process announces in the statement that stores its
+    jobs, one round trip from the call to a waiting worker's wake-up. PostgreSQL holds one
+    lock for every notifying commit through that commit's WAL flush, so while other
+    submissions are under way here (a web process's threads) each announces after its
+    commit instead, in a transaction that waits for no flush: one round trip more, and no
+    commit waits for another's flush (bench/RESULTS.md).
     """
     if not new_jobs:
         return []
@@ -73,21 +81,46 @@ def enqueue(new_jobs, api_key_id=None):
     chunks = list(_insert_chunks(new_jobs))
     # One statement is atomic by itself; a used key takes a second one (to read the
     # job it names), and a conflict must undo the first; callbacks are stored with their jobs.
-    with db.atomic() if keyed or called_back or len(chunks) > 1 else contextlib.nullcontext():
-        stored = _insert(chunks, new_jobs, api_key_id)
+    with _submissions.one() as alone, \
+            db.atomic() if keyed or called_back or len(chunks) > 1 else contextlib.nullcontext():
+        stored = _insert(chunks, new_jobs, api_key_id, announce=alone)
     created = [job for job, was_created in stored if was_created]
-    backend().notify(Counter(job.queue for job in created
-                             if job.status == S.AVAILABLE and not job.held))
+    if not alone:
+        backend().notify(Counter(job.queue for job in created
+                                 if job.status == S.AVAILABLE and not job.held))
     _submitted(created)
     return stored
 
 
-def _insert(chunks, new_jobs, api_key_id):
+class _Submissions:
+    """How many enqueue calls of this process are under way (a web process's threads)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.under_way = 0
+
+    @contextlib.contextmanager
+    def one(self):
+        """Counts one submission while it lasts; yields whether it began alone."""
+        with self._lock:
+            self.under_way += 1
+            alone = self.under_way == 1
+        try:
+            yield alone
+        finally:
+            with self._lock:
+                self.under_way -= 1
+
+
+_submissions = _Submissions()
+
+
+def _insert(chunks, new_jobs, api_key_id, announce=False):
     """Store new_jobs (in these chunks) in the caller's transaction, with their callbacks:
-    [(job, created)]."""
+    [(job, created)]; announce: with a NOTIFY of those that can run now, at its commit."""
     limited = list(flow.type_limits())
     inserted = [row for chunk in chunks
-                for row in backend().insert_jobs(chunk, api_key_id, limited)]
+                for row in backend().insert_jobs(chunk, api_key_id, limited, announce)]
     stored = _stored(new_jobs, inserted, api_key_id)
     if any(new.callback_url is not None for new in new_jobs):
         callbacks.register([(job.id, new.callback_url)
@@ -308,12 +341,14 @@ def _step(worker, reports, limit, event=None, after_idle=False):
 
 def _store_followups(reports, moved):
     """Store the follow-up jobs of the reports whose success this step recorded, each
-    parent's with its API key; the jobs stored."""
+    parent's with its API key, announced at the step's commit (the step's own claim ran
+    before they existed); the jobs stored."""
     created = []
     for report_ in reports:
         job, new_jobs = report_.job, report_.outcome.followups
         if new_jobs and moved.get(job.id, {}).get("status") == S.SUCCEEDED:
-            stored = _insert(list(_insert_chunks(new_jobs)), new_jobs, job.api_key_id)
+            stored = _insert(list(_insert_chunks(new_jobs)), new_jobs, job.api_key_id,
+                             announce=True)
             created += [new for new, was_created in stored if was_created]
     return created
 

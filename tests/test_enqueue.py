@@ -2,6 +2,7 @@
 once that is committed, announces the jobs that can run now (one NOTIFY per queue, with its
 count); what it answers is what it stored; its fast checks agree with the schema."""
 import select
+import threading
 
 import psycopg2
 import pytest
@@ -85,26 +86,75 @@ def test_a_job_retried_from_the_dead_letter_queue_is_announced(listener):
     assert listener() == []
 
 
-@pytest.mark.postgres
-def test_jobs_are_announced_after_their_commit_in_a_transaction_that_waits_for_no_flush(
-        listener):
-    """PostgreSQL holds one lock for every notifying commit through that commit's WAL
-    flush: a statement that stored jobs and notified made every other submission wait for
-    its flush. The jobs' statement notifies nothing; the announcement is the next
-    statement, a transaction of its own that commits without waiting for its flush. The
-    session stays synchronous, so the next jobs' commit waits for theirs."""
-    assert models.prepares_statements()
-    sent = []
-    models.db.obj.query_hooks.append(lambda event: sent.append(event.sql))
+def _statements_sent(operation):
+    """The prepared statements this thread sent while operation ran, by name."""
+    names = {models.statement_name(sql): name for name, sql in postgres.SQL.items()}
+    me, sent = threading.get_ident(), []
+    hook = (lambda event: sent.append(event.sql) if threading.get_ident() == me else None)
+    models.db.obj.query_hooks.append(hook)
     try:
-        jobs.enqueue([new_job()])
+        operation()
     finally:
-        models.db.obj.query_hooks.clear()
-    assert "pg_notify" not in postgres.SQL["insert_jobs"]
-    assert [sql.split("(")[0] for sql in sent if sql.startswith("EXECUTE")] == [
-        f"EXECUTE {models.statement_name(postgres.SQL[name])}"
-        for name in ("insert_jobs", "announce")]
+        models.db.obj.query_hooks.remove(hook)
+    return [names.get(sql.split("(")[0].split()[1]) for sql in sent if sql.startswith("EXECUTE")]
+
+
+@pytest.mark.postgres
+def test_a_submission_alone_is_announced_by_the_statement_that_stores_it(listener):
+    """One round trip from the call to the waiting worker's wake-up: the NOTIFY goes out
+    at the jobs' own commit, which waits for its flush as ever."""
+    assert models.prepares_statements()
+    assert _statements_sent(lambda: jobs.enqueue([new_job()])) == ["insert_jobs"]
     assert listener() == [jobs.notify_payload("default", 1)]
+    assert models.db.execute_sql("SHOW synchronous_commit").fetchone() == ("on",)
+
+
+@pytest.fixture
+def another_submission_under_way(pg_conveyor):
+    """Another submission of this process under way while the test runs: a thread's
+    enqueue of a key that a second thread stored in a transaction it keeps open, so that
+    the first waits on the row lock."""
+    holding, release = threading.Event(), threading.Event()
+
+    def holder():
+        with models.db.atomic():
+            jobs.enqueue([new_job(idempotency_key="k")])
+            holding.set()
+            release.wait(15)
+        models.db.close()
+
+    def waiter():
+        jobs.enqueue([new_job(idempotency_key="k")])
+        models.db.close()
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    try:
+        assert holding.wait(10)
+        threads.append(threading.Thread(target=waiter))
+        threads[1].start()
+        wait_for(lambda: models.db.execute_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'").fetchone()[0], message="the submission to wait")
+        yield
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(15)
+
+
+@pytest.mark.postgres
+def test_while_another_submission_is_under_way_jobs_are_announced_after_their_commit(
+        listener, another_submission_under_way):
+    """PostgreSQL holds one lock for every notifying commit through that commit's WAL
+    flush: concurrent submissions that notified in their commits would commit one flush
+    after another. While another submission of this process is under way, the jobs'
+    statement notifies nothing; the announcement is the next statement, a transaction of
+    its own that commits without waiting for its flush. The session stays synchronous, so
+    the next jobs' commit waits for theirs."""
+    assert _statements_sent(lambda: jobs.enqueue([new_job(queue="meanwhile")])) == [
+        "insert_jobs", "announce"]
+    assert listener() == [jobs.notify_payload("meanwhile", 1)]
     assert models.db.execute_sql("SHOW synchronous_commit").fetchone() == ("on",)
 
 
@@ -118,10 +168,11 @@ def test_jobs_stored_in_a_callers_transaction_are_announced_at_its_durable_commi
 
 
 @pytest.mark.postgres
-def test_jobs_whose_announcement_fails_are_stored_and_answered(pg_conveyor, monkeypatch, caplog):
-    """The announcement follows the jobs' commit: its failure loses a wake-up (workers
-    poll), so the caller is answered with the stored jobs, not an error that would make
-    it store them again."""
+def test_jobs_whose_announcement_fails_are_stored_and_answered(
+        pg_conveyor, another_submission_under_way, monkeypatch, caplog):
+    """An announcement after the jobs' commit that fails loses a wake-up (workers poll),
+    so the caller is answered with the stored jobs, not an error that would make it store
+    them again."""
     monkeypatch.setitem(postgres.SQL, "announce", "SELECT %(channel)s::text, "
                         "%(queues)s::text[], %(counts)s::int[], 1 / 0")
     [(job, created)] = jobs.enqueue([new_job()])

@@ -107,3 +107,17 @@ def test_a_lost_listen_connection_costs_latency_not_jobs(pg_conveyor):
     job_id = pg_conveyor.submit("t.noop", {"n": "heard"})
     pg_conveyor.wait_for_status(job_id, "succeeded", timeout=8)
     assert "lost the connection that listens for new jobs" in supervisor.log()
+
+
+@pytest.mark.postgres
+def test_a_followup_wakes_an_idle_worker_at_once(pg_conveyor):
+    """A success's follow-up jobs are stored by the step that records it, after that
+    step's claim: the worker that ran the parent claims nothing and sleeps. They are
+    announced at that step's commit, so it wakes and starts them at once."""
+    from models import Job
+    _start_idle(pg_conveyor, 1)
+    parent = pg_conveyor.submit("t.gate", {"hold": [], "followups": [
+        {"type": "t.noop", "payload": {"n": "followup"}}]})
+    pg_conveyor.wait_for_status(parent, "succeeded", timeout=8)
+    [child] = Job.select().where(Job.parent_id == parent)
+    pg_conveyor.wait_for_status(child.id, "succeeded", timeout=8)

@@ -31,14 +31,16 @@ def take_callbacks(lease, limit, lease_s):
                                                        "lease_s": lease_s}))
 
 
-def insert_jobs(new_jobs, api_key_id, limited_types):
+def insert_jobs(new_jobs, api_key_id, limited_types, announce=False):
     """Store new jobs (core.submission.NewJob) of one API key in one statement. Returns
     (id, idempotency_key, status, run_at, created_at, held, type, unique_hold, expires_at)
     of each row stored, named, by id (the order given); a job whose idempotency key was
-    used already, or whose unique key a job of its type holds, has none."""
+    used already, or whose unique key a job of its type holds, has none. announce: notify
+    the jobs that can run now at this statement's commit (see postgres.sql)."""
     cursor = models.execute(SQL["insert_jobs"], {
         "jobs": new_jobs_json(new_jobs), "api_key_id": api_key_id,
-        "limited_types": list(limited_types)})
+        "limited_types": list(limited_types), "announce": announce,
+        "channel": NOTIFY_CHANNEL})
     return named_rows(cursor)
 
 

@@ -39,9 +39,11 @@ RETURNING callbacks.job_id, callbacks.url, callbacks.attempts, callbacks.ended_a
 -- a unique key (SPEC §12) that a job of the same type holds (jobs_unique): the caller
 -- reads the job they name. A job expires ttl_s after this statement's clock, or at
 -- expires_at. A job of a type in %(limited_types)s or of a paused or limited queue is
--- stored held. What can run now is announced by the caller once it is committed (notify):
--- a NOTIFY here would hold PostgreSQL's one lock on notifying commits through this
--- commit's WAL flush.
+-- stored held. When %(announce)s, what can run now is announced here, at this commit (one
+-- NOTIFY per queue, with its count): the fastest way to a waiting worker, but it holds
+-- PostgreSQL's one lock on notifying commits through this commit's WAL flush, so the
+-- caller announces after the commit instead (notify) when other submissions are under way
+-- (core.jobs.enqueue).
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
 given AS (
     SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::int AS priority,
@@ -71,9 +73,14 @@ new AS (
     FROM given AS v, clock
     ON CONFLICT DO NOTHING
     RETURNING id, idempotency_key, status, run_at, created_at, held, type, unique_hold,
-              expires_at)
+              expires_at, queue),
+announced AS (
+    SELECT count(pg_notify(%(channel)s, runnable.queue || ':' || runnable.count)) AS queues
+    FROM (SELECT queue, count(*) AS count FROM new
+          WHERE %(announce)s AND status = 'available' AND NOT held
+          GROUP BY queue) AS runnable)
 SELECT id, idempotency_key, status, run_at, created_at, held, type, unique_hold, expires_at
-FROM new
+FROM new, announced
 ORDER BY id;
 
 -- name: step

@@ -20,8 +20,8 @@ def take_callbacks(lease, limit, lease_s):
                                                        "lease_s": lease_s, "now": time.time()}))
 
 
-def insert_jobs(new_jobs, api_key_id, limited_types):
-    """What postgres.insert_jobs does, without NOTIFY (SQLite has none)."""
+def insert_jobs(new_jobs, api_key_id, limited_types, announce=False):
+    """What postgres.insert_jobs does, without NOTIFY (SQLite has none: announce is moot)."""
     cursor = db.execute_sql(SQL["insert_jobs"], {"jobs": new_jobs_json(new_jobs),
                                                  "api_key_id": api_key_id,
                                                  "limited_types": json.dumps(list(limited_types)),
