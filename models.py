@@ -28,7 +28,12 @@ class DatabaseUnavailable(RuntimeError):
     """The database cannot be reached; the message is one line naming it and why."""
 
 
-def open_database(url, lease_s=None, custom_plans=False):
+# How every PostgreSQL connection reaches the server (the LISTEN connection's too).
+LINK_PARAMS = dict(connect_timeout=5, keepalives=1, keepalives_idle=5, keepalives_interval=2,
+                   keepalives_count=3, application_name="conveyor")
+
+
+def open_database(url, lease_s=None, custom_plans=False, pool_mode="session"):
     """Point `db` at the database named by url (no connection is made yet).
 
     custom_plans (PostgreSQL): plan each prepared statement for its parameters and the
@@ -43,11 +48,18 @@ def open_database(url, lease_s=None, custom_plans=False):
     worker), and the client gives up on a query whose packets go unacknowledged for longer
     (tcp_user_timeout) instead of waiting for TCP's own retries, some 15 minutes.
 
-    Whether its sessions keep prepared statements is not known yet: execute() prepares
-    them again until it finds otherwise (see prepares_statements).
+    pool_mode "transaction": url is a pooler (pgbouncer) that hands each transaction to
+    any of its server sessions. A session's settings would then be another client's, and
+    the pooler refuses (or drops) the startup options that carry them: each transaction
+    sets them for itself instead (SET LOCAL in its BEGIN, no round trip more), and
+    statements are not prepared (a statement prepared in one session is unknown in the
+    next; unprepared, each is planned for its parameters, as custom_plans asks).
+
+    Otherwise whether its sessions keep prepared statements is not known yet: execute()
+    prepares them again until it finds otherwise (see prepares_statements).
     """
     global _preparing
-    _preparing = True
+    _preparing = pool_mode != "transaction"
     if url.startswith("sqlite"):
         database = connect_url(url, pragmas={
             "journal_mode": "wal",
@@ -55,21 +67,24 @@ def open_database(url, lease_s=None, custom_plans=False):
             "synchronous": "full",
         }, timeout=30, lock_type="IMMEDIATE")  # every transaction takes the write lock up front
     else:
-        database = connect_url(
-            url.replace("postgres://", "postgresql://", 1),
-            connect_timeout=5, keepalives=1, keepalives_idle=5,
-            keepalives_interval=2, keepalives_count=3,
-            application_name="conveyor", connection_factory=PreparingConnection)
-        options = []
+        database = connect_url(url.replace("postgres://", "postgresql://", 1),
+                               connection_factory=PreparingConnection, **LINK_PARAMS)
+        session = {}
         if lease_s:
             lease_ms = math.ceil(lease_s * 1000)
             database.connect_params["tcp_user_timeout"] = lease_ms
-            options.append(f"-c idle_in_transaction_session_timeout={lease_ms}")
+            session["idle_in_transaction_session_timeout"] = str(lease_ms)
         if custom_plans:
-            options.append("-c plan_cache_mode=force_custom_plan")
-        if options:
+            session["plan_cache_mode"] = "force_custom_plan"
+        database.session_settings = session
+        if pool_mode == "transaction":
+            database.begin_statement = "; ".join(
+                ["BEGIN"] + [f"SET LOCAL {name} = '{value}'" for name, value in session.items()])
+        elif session:
             given = database.connect_params.get("options")
-            database.connect_params["options"] = " ".join(([given] if given else []) + options)
+            database.connect_params["options"] = " ".join(
+                ([given] if given else [])
+                + [f"-c {name}={value}" for name, value in session.items()])
     db.initialize(database)
     return database
 
@@ -101,7 +116,19 @@ class PostgresqlDatabase(pw.PostgresqlDatabase):
     (a request answered 503, a worker's claim or heartbeat failed).
 
     Only an idle connection is replaced: one inside a transaction (or in its COMMIT) must
-    fail, so that what it did is never silently lost with the session."""
+    fail, so that what it did is never silently lost with the session.
+
+    Behind a transaction pooler its BEGIN also sets the session's settings for the
+    transaction (see open_database)."""
+
+    session_settings = {}  # name -> value the sessions must have (options or SET LOCAL)
+    begin_statement = "BEGIN"
+
+    def begin(self, isolation_level=None):
+        if isolation_level is not None or self.begin_statement == "BEGIN":
+            return super().begin(isolation_level)
+        with pw.__exception_wrapper__:
+            self.cursor().execute(self.begin_statement)
 
     def connection(self):
         self._replace_if_ended()
@@ -218,15 +245,36 @@ def now():
     return pw.SQL("((julianday('now') - 2440587.5) * 86400.0)")
 
 
+_POOLER_HINT = ("; behind a transaction-pooling pgbouncer set DATABASE_POOL_MODE=transaction "
+                "(and LISTEN_DATABASE_URL to the database itself)")
+
+
 def check_connection():
-    """Raise DatabaseUnavailable with one line when the database cannot be reached."""
+    """Raise DatabaseUnavailable with one line when the database cannot be reached, or when
+    a transaction there lacks the settings open_database gave its sessions (a pooler that
+    drops the startup options which carry them: the lease would no longer bound a
+    partitioned session)."""
+    wanted = getattr(db.obj, "session_settings", {})
     try:
         db.connect(reuse_if_open=True)
-        db.execute_sql("SELECT 1")
+        with db.atomic():
+            if wanted:
+                found = dict(db.execute_sql(
+                    "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                    (list(wanted),)).fetchall())
+            else:
+                db.execute_sql("SELECT 1")
     except pw.DatabaseError as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = _POOLER_HINT if "unsupported startup parameter" in reason else ""
         raise DatabaseUnavailable(
-            f"cannot reach the database ({describe()}): {reason}") from None
+            f"cannot reach the database ({describe()}): {reason}{hint}") from None
+    lacking = [f"{name} is {found.get(name)!r}, not {value!r}"
+               for name, value in wanted.items() if found.get(name) != value]
+    if lacking:
+        raise DatabaseUnavailable(f"the database ({describe()}) did not apply the session "
+                                  f"settings Conveyor asked for ({', '.join(lacking)})"
+                                  f"{_POOLER_HINT}")
 
 
 def reset_connection():

@@ -92,6 +92,20 @@ def _database_url(env):
     return url
 
 
+def _listen_database_url(env, database_url):
+    """LISTEN_DATABASE_URL: where the supervisor LISTENs for new jobs, by default
+    DATABASE_URL; the database itself when DATABASE_URL is a transaction pooler."""
+    url = env.get("LISTEN_DATABASE_URL", "").strip()
+    if not url:
+        return database_url
+    if urlparse(url).scheme not in ("postgres", "postgresql"):
+        raise ConfigError(f"LISTEN_DATABASE_URL must start with postgresql://, got {url!r}")
+    if database_url.startswith("sqlite"):
+        raise ConfigError("LISTEN_DATABASE_URL is for a PostgreSQL DATABASE_URL, "
+                          f"but DATABASE_URL is {database_url!r}")
+    return url
+
+
 def _queues(env):
     raw = env.get("WORKER_QUEUES", "").strip()
     return tuple(q.strip() for q in raw.split(",") if q.strip())
@@ -127,6 +141,8 @@ def _bool(env, name):
 @dataclass(frozen=True)
 class Settings:
     database_url: str = "sqlite:///conveyor.db"
+    listen_database_url: str = "sqlite:///conveyor.db"
+    database_pool_mode: str = "session"
     port: int = 5000
     rate_limit: str = "100/second"
     ratelimit_storage_uri: str = "memory://"
@@ -165,8 +181,12 @@ class Settings:
     @classmethod
     def from_env(cls, env=None):
         env = os.environ if env is None else env
+        database_url = _database_url(env)
         settings = cls(
-            database_url=_database_url(env),
+            database_url=database_url,
+            listen_database_url=_listen_database_url(env, database_url),
+            database_pool_mode=_choice(env, "DATABASE_POOL_MODE", "session",
+                                       ("session", "transaction")),
             port=_number(env, "PORT", 5000, integer=True, minimum=1),
             rate_limit=_rate_limit(env, "RATE_LIMIT", "100/second"),
             ratelimit_storage_uri=_ratelimit_storage(env),

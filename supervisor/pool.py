@@ -97,7 +97,8 @@ class Supervisor:
         self.stopping = False
         self.hurry = False
         self.sender_pid = None  # the child delivering callbacks, while one runs
-        self.listener = Listener(jobs.NOTIFY_CHANNEL) if is_postgres() else None
+        self.listener = Listener(jobs.NOTIFY_CHANNEL, settings.listen_database_url) \
+            if is_postgres() else None
         self.duties = [
             Duty("reaper", settings.heartbeat_s, lambda: jobs.reap_expired(settings.lease_s)),
             Duty("metrics", settings.heartbeat_s, metrics.flush),

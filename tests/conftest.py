@@ -121,13 +121,55 @@ def _empty_pg(url):
     conn.close()
 
 
+@pytest.fixture(scope="session")
+def pgbouncer(pg_session_url):
+    """This xdist worker's pgbouncer in transaction-pooling mode (tests/pgbouncer.py), in
+    front of the test server; started on first use."""
+    from pgbouncer import Pgbouncer, PgbouncerUnavailable
+    try:
+        bouncer = Pgbouncer(pg_session_url)
+    except PgbouncerUnavailable as exc:
+        if IN_CI:
+            raise
+        pytest.skip(f"pgbouncer unavailable: {exc}")
+    yield bouncer
+    bouncer.stop()
+
+
+class PooledURL(str):
+    """A database URL through a transaction pooler; .direct is the database itself."""
+
+    def __new__(cls, url, direct):
+        instance = super().__new__(cls, url)
+        instance.direct = direct
+        return instance
+
+
+def pooled_env(database_url):
+    """What a Conveyor behind the pooler of database_url is told (README, docs/scaling.md):
+    nothing when database_url is the database itself."""
+    if not isinstance(database_url, PooledURL):
+        return {}
+    return {"DATABASE_POOL_MODE": "transaction", "LISTEN_DATABASE_URL": database_url.direct}
+
+
+# The databases every test of a guarantee runs on: the `database_url` fixture's own two,
+# and PostgreSQL through a transaction-pooling pgbouncer (SPEC §13). Use as
+# pytest.mark.parametrize("database_url", WITH_PGBOUNCER, indirect=True).
+WITH_PGBOUNCER = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                  pytest.param("pgbouncer", marks=pytest.mark.postgres)]
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path):
-    """The URL of an empty database: a SQLite file, or a truncated PostgreSQL database."""
+    """The URL of an empty database: a SQLite file, or a truncated PostgreSQL database
+    (directly, or through pgbouncer where a test asks for WITH_PGBOUNCER)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/conveyor.db"
     url = request.getfixturevalue("pg_session_url")
     _empty_pg(url)
+    if request.param == "pgbouncer":
+        return PooledURL(request.getfixturevalue("pgbouncer").url(url), url)
     return url
 
 
@@ -267,9 +309,9 @@ class Conveyor:
         from infra import metrics
         self.tmp_path = tmp_path
         self.database_url = database_url
-        self.env = {**os.environ, **FAST_ENV, "DATABASE_URL": database_url,
-                    "PYTHONUNBUFFERED": "1"}
-        for name, value in {**FAST_ENV, "DATABASE_URL": database_url}.items():
+        given = {**FAST_ENV, "DATABASE_URL": str(database_url), **pooled_env(database_url)}
+        self.env = {**os.environ, **given, "PYTHONUNBUFFERED": "1"}
+        for name, value in given.items():
             monkeypatch.setenv(name, value)
         config.reset()
         self.settings = boot.start()
