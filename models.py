@@ -257,13 +257,13 @@ def check_connection():
     wanted = getattr(db.obj, "session_settings", {})
     try:
         db.connect(reuse_if_open=True)
-        with db.atomic():
-            if wanted:
+        if wanted:
+            with db.atomic():  # where a pooler's transactions get them
                 found = dict(db.execute_sql(
                     "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
                     (list(wanted),)).fetchall())
-            else:
-                db.execute_sql("SELECT 1")
+        else:
+            db.execute_sql("SELECT 1")
     except pw.DatabaseError as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         hint = _POOLER_HINT if "unsupported startup parameter" in reason else ""

@@ -154,7 +154,9 @@ def watch(bouncer, every_s=0.1):
 
 
 if __name__ == "__main__":  # for the benchmarks: `python tests/pgbouncer.py [pool size]`
+    import signal
     import sys
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the pooler too
     url = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     bouncer = Pgbouncer(url, pool_size=int(sys.argv[1]) if len(sys.argv) > 1 else 20)
     print(f"BENCH_PGBOUNCER=127.0.0.1:{bouncer.port}", flush=True)

@@ -660,5 +660,7 @@ def _kill(pid, signum):
 
 
 def _backend(conveyor):
+    if conveyor.env.get("DATABASE_POOL_MODE") == "transaction":
+        return "pgbouncer"
     return "postgres" if conveyor.is_postgres else "sqlite"
 
