@@ -114,16 +114,18 @@ def api_reads(db):
 
 
 def prunes(db, history):
-    """`flask prune --older-than S` of the oldest PRUNE_SHARES of the succeeded jobs, one
-    after another: [{share, deleted, seconds, us_per_job}]."""
+    """`flask prune --older-than S` of the oldest PRUNE_SHARES of the history, one after
+    another (S: the age of the last job of each share): [{share, deleted, seconds,
+    us_per_job}]."""
     env = common.conveyor_env(db.url)
-    first, last = db.query("SELECT min(finished_at), max(finished_at) FROM jobs "
-                           "WHERE status = 'succeeded'")[0]
     done, out = 0.0, []
     for share in PRUNE_SHARES:
         done += share
-        now = db.query("SELECT extract(epoch from clock_timestamp())::float8")[0][0]
-        older_than = max(1, int(now - (first + done * (last - first))))
+        [(cutoff, now)] = db.query(
+            "SELECT finished_at, extract(epoch from clock_timestamp())::float8 FROM jobs "
+            "WHERE status = 'succeeded' ORDER BY finished_at OFFSET %s LIMIT 1",
+            (int(history * done),))
+        older_than = max(1, int(now - cutoff))
         t0 = time.monotonic()
         result = common.flask_cli(env, "prune", "--older-than", str(older_than))
         seconds = time.monotonic() - t0
