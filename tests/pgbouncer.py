@@ -77,8 +77,8 @@ class Pgbouncer:
         command = [binary, os.path.join(self.folder, "pgbouncer.ini")]
         if os.geteuid() == 0:
             owner = pwd.getpwnam("postgres")
-            for name in [self.folder, *(os.path.join(self.folder, n) for n in os.listdir(self.folder))]:
-                os.chown(name, owner.pw_uid, owner.pw_gid)
+            for name in ["", *os.listdir(self.folder)]:
+                os.chown(os.path.join(self.folder, name), owner.pw_uid, owner.pw_gid)
             command[1:1] = ["-u", "postgres"]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -143,10 +143,10 @@ def watch(bouncer, every_s=0.1):
             for pool in bouncer.show("POOLS"):
                 if pool["database"] == "pgbouncer":
                     continue
+                pool["maxwait_us"] += pool["maxwait"] * 1_000_000
                 for name in ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used",
                              "maxwait_us"):
-                    value = pool[name] + (pool["maxwait"] * 1_000_000 if name == "maxwait_us" else 0)
-                    peak[name] = max(peak.get(name, 0), value)
+                    peak[name] = max(peak.get(name, 0), pool[name])
             time.sleep(every_s)
         if peak.get("cl_active") or peak.get("cl_waiting"):
             print(time.strftime("%H:%M:%S"), " ".join(f"{k}={v}" for k, v in peak.items()),
