@@ -34,6 +34,7 @@ min_pool_size = 0
 reserve_pool_size = 0
 max_client_conn = 2000
 max_db_connections = 0
+max_user_connections = {max_user_connections}
 idle_transaction_timeout = {idle_transaction_timeout}
 ignore_startup_parameters = {ignore_startup_parameters}
 server_check_delay = 0
@@ -58,7 +59,7 @@ class Pgbouncer:
     server to the same database through the pooler; stop() ends it."""
 
     def __init__(self, server_url, pool_size=20, idle_transaction_timeout=0,
-                 ignore_startup_parameters=("extra_float_digits",)):
+                 ignore_startup_parameters=("extra_float_digits",), max_user_connections=0):
         binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
         if not os.path.exists(binary):
             raise PgbouncerUnavailable("no pgbouncer binary (apt-get install pgbouncer)")
@@ -69,7 +70,7 @@ class Pgbouncer:
         with open(os.path.join(self.folder, "pgbouncer.ini"), "w") as f:
             f.write(INI.format(host=server.hostname or "127.0.0.1", port=server.port or 5432,
                                listen_port=self.port, folder=self.folder, user=self.user,
-                               pool_size=pool_size,
+                               pool_size=pool_size, max_user_connections=max_user_connections,
                                idle_transaction_timeout=idle_transaction_timeout,
                                ignore_startup_parameters=",".join(ignore_startup_parameters)))
         with open(os.path.join(self.folder, "users.txt"), "w") as f:
@@ -135,18 +136,21 @@ class Pgbouncer:
 
 
 def watch(bouncer, every_s=0.1):
-    """Until Ctrl-C: each second with clients, one line of the peaks SHOW POOLS showed for
-    the databases behind the pooler (server connections in use, clients waiting)."""
+    """Until Ctrl-C: each second with clients, one line of the peaks SHOW POOLS showed,
+    summed over the databases behind the pooler (connections; the longest wait)."""
     while True:
         peak, second = {}, time.monotonic() + 1.0
         while time.monotonic() < second:
+            now = {}
             for pool in bouncer.show("POOLS"):
                 if pool["database"] == "pgbouncer":
                     continue
-                pool["maxwait_us"] += pool["maxwait"] * 1_000_000
-                for name in ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used",
-                             "maxwait_us"):
-                    peak[name] = max(peak.get(name, 0), pool[name])
+                for name in ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used"):
+                    now[name] = now.get(name, 0) + pool[name]
+                wait = pool["maxwait"] * 1_000_000 + pool["maxwait_us"]
+                now["maxwait_us"] = max(now.get("maxwait_us", 0), wait)
+            for name, value in now.items():
+                peak[name] = max(peak.get(name, 0), value)
             time.sleep(every_s)
         if peak.get("cl_active") or peak.get("cl_waiting"):
             print(time.strftime("%H:%M:%S"), " ".join(f"{k}={v}" for k, v in peak.items()),
@@ -158,7 +162,11 @@ if __name__ == "__main__":  # for the benchmarks: `python tests/pgbouncer.py [po
     import sys
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the pooler too
     url = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    bouncer = Pgbouncer(url, pool_size=int(sys.argv[1]) if len(sys.argv) > 1 else 20)
+    size = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    # Each benchmark makes a database of its own, and pgbouncer a pool for each: capped per
+    # user, benchmarks run at once share `size` server connections, as web and workers
+    # sharing one database do.
+    bouncer = Pgbouncer(url, pool_size=size, max_user_connections=size)
     print(f"BENCH_PGBOUNCER=127.0.0.1:{bouncer.port}", flush=True)
     try:
         watch(bouncer)
