@@ -55,11 +55,9 @@ def open_database(url, lease_s=None, custom_plans=False):
             "synchronous": "full",
         }, timeout=30, lock_type="IMMEDIATE")  # every transaction takes the write lock up front
     else:
-        database = connect_url(
-            url.replace("postgres://", "postgresql://", 1),
-            connect_timeout=5, keepalives=1, keepalives_idle=5,
-            keepalives_interval=2, keepalives_count=3,
-            application_name="conveyor", connection_factory=PreparingConnection)
+        database = _postgres(url, connect_timeout=5, keepalives=1, keepalives_idle=5,
+                             keepalives_interval=2, keepalives_count=3,
+                             application_name="conveyor", connection_factory=PreparingConnection)
         options = []
         if lease_s:
             lease_ms = math.ceil(lease_s * 1000)
@@ -119,6 +117,27 @@ class PostgresqlDatabase(pw.PostgresqlDatabase):
 
 
 register_database(PostgresqlDatabase, "postgresql")
+
+
+def _postgres(url, **params):
+    """The PostgresqlDatabase of a PostgreSQL DATABASE_URL, with params over the URL's own.
+
+    A URL of one host is read by playhouse's db_url. What only libpq reads, a URL of
+    several hosts (`postgresql://a:5432,b:5432/db?target_session_attrs=read-write`) or a
+    key=value string (`host=a,b dbname=db`), libpq parses itself into the same keywords
+    (host="a,b", port="5432,5432"...), so that every connection, the supervisor's LISTEN
+    one too, is made from them and libpq picks the host at each connection: after a
+    failover, the next connection goes to the promoted server."""
+    if not several_hosts(url) and "://" in url:
+        return connect_url(url.replace("postgres://", "postgresql://", 1), **params)
+    given = psycopg2.extensions.parse_dsn(url)
+    return PostgresqlDatabase(given.pop("dbname", None), **{**given, **params})
+
+
+def several_hosts(url):
+    """Whether a PostgreSQL URL names several hosts (libpq tries them in turn)."""
+    netloc = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
+    return "," in netloc
 
 
 # A placeholder as execute() takes them: %s, or %(name)s for a dict of parameters.
@@ -249,8 +268,11 @@ def describe():
         return f"sqlite:///{path if path == ':memory:' else os.path.abspath(path)}"
     params = database.connect_params
     user = f"{params['user']}@" if params.get("user") else ""
-    return (f"postgresql://{user}{params.get('host', 'localhost')}:{params.get('port', 5432)}"
-            f"/{database.database}")
+    hosts = str(params.get("host", "localhost")).split(",")
+    ports = str(params.get("port", 5432)).split(",")
+    ports = ports * len(hosts) if len(ports) == 1 else ports  # one port for every host
+    where = ",".join(f"{host}:{port}" for host, port in zip(hosts, ports))
+    return f"postgresql://{user}{where}/{database.database}"
 
 
 Schema = collections.namedtuple("Schema", "applied version")

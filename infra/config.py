@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ipaddress import ip_network
 from urllib.parse import urlparse
 
+import psycopg2.extensions
 from limits import parse_many
 from limits.errors import ConfigurationError
 from limits.storage import storage_from_string
@@ -85,11 +86,29 @@ def _trusted_proxies(env):
 
 
 def _database_url(env):
+    """A SQLite or PostgreSQL URL; for PostgreSQL also what libpq alone reads: a URL of
+    several hosts (`postgresql://a:5432,b:5432/db?target_session_attrs=read-write`) or
+    the key=value form (`host=a,b port=5432 dbname=db`), checked by libpq's own parser."""
     url = env.get("DATABASE_URL", "").strip() or "sqlite:///conveyor.db"
-    scheme = urlparse(url).scheme
-    if scheme not in ("sqlite", "postgres", "postgresql"):
-        raise ConfigError(f"DATABASE_URL must start with sqlite:// or postgresql://, got {url!r}")
+    parts = urlparse(url)
+    if parts.scheme in ("sqlite", "postgres", "postgresql") and "," not in parts.netloc:
+        return url
+    if parts.scheme not in ("postgres", "postgresql") and not KEY_VALUE.match(url):
+        raise ConfigError(f"DATABASE_URL must start with sqlite:// or postgresql:// (or be "
+                          f"libpq's key=value form), got {url!r}")
+    try:
+        dbname = psycopg2.extensions.parse_dsn(url).get("dbname")
+    except psycopg2.ProgrammingError as exc:
+        reason = (str(exc).strip().splitlines() or ["unreadable"])[0]
+        raise ConfigError(f"DATABASE_URL is not a connection string libpq reads: {reason}") \
+            from None
+    if not dbname:
+        raise ConfigError("DATABASE_URL names no database (postgresql://host,host/DBNAME, "
+                          "or dbname=DBNAME)")
     return url
+
+
+KEY_VALUE = re.compile(r"^\w+\s*=")  # libpq's `host=... dbname=...`
 
 
 def _queues(env):
