@@ -7,6 +7,7 @@ run's Figures. The pytest scenarios (tests/faults/test_faults_*.py) run them sma
 soak command (`python -m tests.faults.soak`) runs them at full size, over and over.
 """
 import json
+import math
 import os
 import random
 import signal
@@ -26,7 +27,7 @@ from apiserver import Gunicorn
 # expire); SHORT_LEASE where recovery goes through the lease (a host lost, a worker stalled
 # or cut off).
 from checks import LONG_LEASE, SHORT_LEASE
-from conftest import ProcessGroup, side_effects
+from conftest import ProcessGroup, side_effects, wait_for
 from proxy import PartitionProxy
 
 FINAL = ("succeeded", "dead", "cancelled")
@@ -47,6 +48,7 @@ class Figures:
     restarts: int = 0
     stalls: int = 0
     partitions: int = 0
+    failovers: int = 0
     lost: int = 0
     duplicated_attempts: int = 0
     overlaps: int = 0
@@ -54,6 +56,7 @@ class Figures:
     audit_violations: int = 0
     seconds: float = 0.0
     api_answers: dict = field(default_factory=dict)  # HTTP status: count, where probed
+    timings: dict = field(default_factory=dict)  # name: seconds, what a scenario measured
     problems: list = field(default_factory=list)
 
     @property
@@ -63,9 +66,10 @@ class Figures:
 
     def line(self):
         faults = " ".join(f"{name}={getattr(self, name)}"
-                          for name in ("kills", "restarts", "stalls", "partitions")
+                          for name in ("kills", "restarts", "stalls", "partitions", "failovers")
                           if getattr(self, name))
         api = "".join(f"api_{status}={count} " for status, count in sorted(self.api_answers.items()))
+        api += "".join(f"{name}={seconds:.2f}s " for name, seconds in self.timings.items())
         return (f"{self.scenario} [{self.backend}] jobs={self.jobs} succeeded={self.succeeded} "
                 f"dead={self.dead} attempts={self.attempts} fenced={self.fenced} "
                 f"{faults or 'faults=0'} lost={self.lost} "
@@ -452,18 +456,7 @@ def database_restarts(conveyor, cluster, jobs, seed, modes=("fast", "immediate")
         figures.problems += api.serves_again()
         api.settle()
         drain(timeout_s=max(600, jobs / 3))
-        for supervisor in pool:
-            if supervisor.proc.poll() is not None:
-                figures.problems.append(f"supervisor {supervisor.pid} exited "
-                                        f"{supervisor.proc.returncode}")
-        workers_after = {pid for supervisor in pool for pid in supervisor.worker_pids()}
-        if workers_after != workers_before:
-            figures.problems.append(f"worker processes were replaced: "
-                                    f"{sorted(workers_before - workers_after)} gone")
-        if {web.pid, *web.worker_pids()} != web_pids:
-            figures.problems.append("the web processes were replaced")
-        if "Traceback" in web.log():
-            figures.problems.append(f"gunicorn logged a traceback: {web.log()[-2000:]}")
+        figures.problems += replaced(pool, workers_before, web, web_pids)
     finally:
         figures.problems += api.stop()
         web.stop()
@@ -473,6 +466,144 @@ def database_restarts(conveyor, cluster, jobs, seed, modes=("fast", "immediate")
     figures.problems += api.problems()
     figures.api_answers = dict(api.statuses)
     return figures
+
+
+def replaced(pool, workers_before, web, web_pids):
+    """What was restarted or replaced of the supervisors, their workers and the web
+    processes (by their pids before the fault), or logged a traceback."""
+    found = [f"supervisor {supervisor.pid} exited {supervisor.proc.returncode}"
+             for supervisor in pool if supervisor.proc.poll() is not None]
+    workers_after = {pid for supervisor in pool for pid in supervisor.worker_pids()}
+    if workers_after != workers_before:
+        found.append(f"worker processes were replaced: "
+                     f"{sorted(workers_before - workers_after)} gone")
+    if {web.pid, *web.worker_pids()} != web_pids:
+        found.append("the web processes were replaced")
+    if "Traceback" in web.log():
+        found.append(f"gunicorn logged a traceback: {web.log()[-2000:]}")
+    return found
+
+
+# Long enough that no lease expires while the standby is promoted and every process
+# reconnects (a few seconds), short enough that a claim committed on the standby whose
+# answer the worker never got (the primary died first) is reaped soon.
+FAILOVER_LEASE = {"LEASE_S": 8}
+GRACE_S = 2.0  # SPEC §13: no request refused more than this after the database answers
+
+
+def failover(conveyor, primary, standby, seed, supervisors=2, concurrency=2, api_threads=3,
+             before=60, after_s=3.0):
+    """kill -9 the primary under load and promote its synchronous standby; conveyor's
+    DATABASE_URL names both (libpq's multi-host URL, target_session_attrs=read-write).
+    Supervisors and a real gunicorn go on without a restart: every submission answered 2xx
+    is in the promoted database and runs once, no handler ends twice, and no submission
+    sent GRACE_S after the promotion is refused. Measures the time from the promotion to
+    the first job started and to the first submission accepted after it (from `pg_ctl
+    promote`: the server may take writes a moment before pg_ctl sees it done)."""
+    started = time.monotonic()
+    figures = Figures("failover", "postgres", seed)
+    effects_log = str(conveyor.tmp_path / "effects.log")
+    pool = start_pool(conveyor, supervisors, concurrency, **FAILOVER_LEASE)
+    workers_before = {pid for supervisor in pool for pid in supervisor.worker_pids()}
+    web = Gunicorn(conveyor.env, conveyor.tmp_path / "gunicorn.log")
+    key = conveyor.flask("keys", "create", "probe", "--admin", "--rate-limit",
+                         "100000/second").stdout.strip()
+    web_pids = {web.pid, *web.worker_pids()}
+    api = ApiProbe(web.url, key, effects_log, api_threads)
+    try:
+        wait_for(lambda: len(api.accepted()) >= before and _effects(effects_log, "end"), 60,
+                 interval=0.05, message=f"{before} submissions accepted, and runs, before the "
+                                        f"failover")
+        killed_at = time.time()
+        primary.kill()
+        # What workers claimed before the kill they still run; once it is all run, every
+        # job started is claimed on the promoted server.
+        wait_for(lambda: _quiet(effects_log, 0.3), 30, interval=0.05,
+                 message="the jobs claimed before the kill to be run")
+        promoting_at = time.time()
+        standby.promote()
+        promoted_at = time.time()  # pg_ctl saw it done: the database answers from here on
+        figures.failovers += 1
+        wait_for(lambda: time.time() > promoted_at + after_s and
+                 len(api.accepted(since=promoted_at)) >= before, 60, interval=0.05,
+                 message=f"{before} submissions accepted after the promotion")
+        figures.problems += api.stop()
+        figures.problems += api.serves_again()
+        api.settle()
+        drain(timeout_s=120, quiet_s=30)
+        wait_for(lambda: retrying(_listening) == supervisors, 15, interval=0.1,
+                 message=f"the {supervisors} supervisors to LISTEN on the promoted server")
+        figures.problems += replaced(pool, workers_before, web, web_pids)
+    finally:
+        figures.problems += api.stop()
+        web.stop()
+        figures.problems += stop_pool(pool)
+    figures.seconds = time.monotonic() - started
+    check(conveyor, figures, effects_log, acknowledged=[s.job_id for s in api.accepted()])
+    figures.problems += api.problems()
+    figures.api_answers = dict(api.statuses)
+    figures.problems += _failover_problems(conveyor, api, effects_log, killed_at, promoted_at)
+    starts = [at for at in _effects(effects_log, "start") if at > promoting_at]
+    answers = [s.answered_at for s in api.accepted(since=promoting_at)
+               if s.sent_at > promoting_at]
+    figures.timings = {"kill": promoting_at - killed_at, "promote": promoted_at - promoting_at,
+                       "promote_to_first_start": min(starts, default=math.inf) - promoting_at,
+                       "promote_to_first_201": min(answers, default=math.inf) - promoting_at}
+    return figures
+
+
+def _failover_problems(conveyor, api, effects_log, killed_at, promoted_at):
+    from models import Job
+    found = []
+    statuses = dict(retrying(lambda: list(Job.select(Job.id, Job.status).tuples())))
+    unfinished = [s.job_id for s in api.accepted() if statuses.get(s.job_id) != "succeeded"]
+    if unfinished:
+        found.append(f"lost: accepted jobs not succeeded: "
+                     f"{[(i, statuses.get(i)) for i in unfinished[:10]]}")
+    ends = defaultdict(set)
+    for job_id, attempt in _effects(effects_log, "end", fields=(1, 2)):
+        ends[job_id].add(attempt)
+    twice = {job_id: sorted(attempts) for job_id, attempts in ends.items() if len(attempts) > 1}
+    if twice:
+        found.append(f"succeeded twice (handler ended in several attempts): {twice}")
+    refused = [s for s in api.submissions if s.sent_at >= promoted_at + GRACE_S
+               and not 200 <= (s.status or 0) < 300]
+    if refused:
+        found.append(f"{len(refused)} submissions sent {GRACE_S:g}s after the promotion were "
+                     f"refused: {refused[:5]}")
+    if not [s for s in api.submissions if killed_at < s.answered_at < promoted_at
+            and s.status == 503]:
+        found.append("no submission was refused between the kill and the promotion: the "
+                     "failover was not under load")
+    return found
+
+
+def _listening():
+    """How many sessions of this database LISTEN for new jobs (the supervisors')."""
+    from models import db
+    return db.execute_sql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                          "current_database() AND query LIKE 'LISTEN %%'").fetchone()[0]
+
+
+def _quiet(effects_log, for_s):
+    """Whether no handler runs and none started or ended in the last for_s seconds."""
+    lines = side_effects(effects_log)
+    began = {tuple(line[1:3]) for line in lines if line[0] == "start"}
+    ended = {tuple(line[1:3]) for line in lines if line[0] != "start"}
+    last = max((float(line[4]) for line in lines), default=0.0)
+    return began <= ended and time.time() - last > for_s
+
+
+def _effects(effects_log, event, fields=(4,)):
+    """From the side-effect log, the given fields of each `event` line (float times by
+    default; ints for the others)."""
+    picked = []
+    for line in side_effects(effects_log):
+        if line[0] == event:
+            values = [float(line[i]) if i == 4 else int(line[i]) for i in fields]
+            picked.append(values[0] if len(values) == 1 else tuple(values))
+    return picked
+
 
 
 class ApiProbe:
@@ -486,6 +617,7 @@ class ApiProbe:
         self.failures = []
         self.pending = []  # idempotency keys whose submission got no 2xx
         self.sent = []
+        self.submissions = []  # Submission, each answer (or none) of each one sent
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._probe, args=(i,), daemon=True)
@@ -520,9 +652,7 @@ class ApiProbe:
             count += 1
             self._call(session, "GET", "/healthz")
             key = f"probe-{index}-{count}"
-            body = {"type": "t.chaos", "payload": {"log": self.effects_log}}
-            response = self._call(session, "POST", "/v1/jobs", json=body,
-                                  headers={"Idempotency-Key": key})
+            response = self._submit(session, key)
             with self._lock:
                 self.sent.append(key)
                 if response is None or response.status_code >= 300:
@@ -530,6 +660,21 @@ class ApiProbe:
             if response is not None and response.status_code in (200, 201):
                 self._call(session, "GET", f"/v1/jobs/{response.json()['id']}")
             time.sleep(0.02)
+
+    def _submit(self, session, key):
+        sent_at = time.time()
+        response = self._call(session, "POST", "/v1/jobs", headers={"Idempotency-Key": key},
+                              json={"type": "t.chaos", "payload": {"log": self.effects_log}})
+        status = response.status_code if response is not None else None
+        job_id = response.json()["id"] if status in (200, 201) else None
+        with self._lock:
+            self.submissions.append(Submission(key, sent_at, time.time(), status, job_id))
+        return response
+
+    def accepted(self, since=0.0):
+        """The submissions answered 2xx (after `since`, a time.time())."""
+        with self._lock:
+            return [s for s in self.submissions if s.job_id is not None and s.answered_at > since]
 
     def stop(self):
         self._stop.set()
@@ -553,8 +698,7 @@ class ApiProbe:
         session = requests.Session()
         for key in self.pending:
             for _ in range(50):
-                response = self._call(session, "POST", "/v1/jobs", headers={"Idempotency-Key": key},
-                                      json={"type": "t.chaos", "payload": {"log": self.effects_log}})
+                response = self._submit(session, key)
                 if response is not None and response.status_code in (200, 201):
                     break
                 time.sleep(0.2)
@@ -577,6 +721,15 @@ class ApiProbe:
         if missing:
             found.append(f"api: submissions without exactly one job: {missing[:10]}")
         return found
+
+
+@dataclass
+class Submission:
+    key: str  # its Idempotency-Key
+    sent_at: float  # time.time()
+    answered_at: float
+    status: int = None  # None: no answer
+    job_id: int = None  # when answered 2xx
 
 
 def sqlite_kills(conveyor, seconds, seed, kill_every_s=0.1, writers=3, supervisors=2,
