@@ -491,6 +491,14 @@ FAILOVER_LEASE = {"LEASE_S": 8}
 GRACE_S = 2.0  # SPEC §13: no request refused more than this after the database answers
 
 
+def failover_url(primary, standby, database):
+    """libpq's multi-host URL of database on both servers, the standby first: libpq passes
+    it over while it is read-only (target_session_attrs=read-write), and takes it once
+    promoted."""
+    return (f"postgresql://postgres@127.0.0.1:{standby.port},127.0.0.1:{primary.port}/"
+            f"{database}?target_session_attrs=read-write")
+
+
 def failover(conveyor, primary, standby, seed, supervisors=2, concurrency=2, api_threads=3,
              before=60, after_s=3.0):
     """kill -9 the primary under load and promote its synchronous standby; conveyor's
@@ -505,7 +513,9 @@ def failover(conveyor, primary, standby, seed, supervisors=2, concurrency=2, api
     effects_log = str(conveyor.tmp_path / "effects.log")
     pool = start_pool(conveyor, supervisors, concurrency, **FAILOVER_LEASE)
     workers_before = {pid for supervisor in pool for pid in supervisor.worker_pids()}
-    web = Gunicorn(conveyor.env, conveyor.tmp_path / "gunicorn.log")
+    # Chaos jobs fail one attempt in ten: with ten attempts every accepted one succeeds.
+    web = Gunicorn({**conveyor.env, "DEFAULT_MAX_ATTEMPTS": "10"},
+                   conveyor.tmp_path / "gunicorn.log")
     key = conveyor.flask("keys", "create", "probe", "--admin", "--rate-limit",
                          "100000/second").stdout.strip()
     web_pids = {web.pid, *web.worker_pids()}

@@ -8,7 +8,8 @@ table. Exits 1 if any run found a violation (its folder is kept and named).
 
 PostgreSQL runs get a database of their own on TEST_DATABASE_URL's server (default
 postgresql://postgres@127.0.0.1:5432/test), dropped afterwards; the restart scenario makes
-a private server and never restarts that one. SQLite runs use a temporary file.
+a private server and never restarts that one, the failover a private primary and its
+standby. SQLite runs use a temporary file.
 """
 import argparse
 import logging
@@ -38,11 +39,14 @@ SCENARIOS = {  # name: (backends, run(conveyor, jobs, seed, cluster))
                           lambda c, n, s, cluster: harness.database_restarts(c, cluster, n, s)),
     "partitions": (("postgres",), lambda c, n, s, _: harness.partitions(c, n, s)),
     "stalls": (("postgres", "sqlite"), lambda c, n, s, _: harness.worker_stalls(c, n, s)),
+    # Sized in submissions accepted before the kill, and again after the promotion.
+    "failover": (("private-standby",),
+                 lambda c, n, s, servers: harness.failover(c, *servers, s, before=n // 10)),
     # Sized in seconds of kills: about 50 jobs arrive per second.
     "sqlite-kills": (("sqlite",), lambda c, n, s, _: harness.sqlite_kills(c, n / 50, s)),
 }
 SUMMED = ("jobs", "succeeded", "dead", "attempts", "fenced", "kills", "restarts", "stalls",
-          "partitions", "lost", "duplicated_attempts", "overlaps", "misrecorded",
+          "partitions", "failovers", "lost", "duplicated_attempts", "overlaps", "misrecorded",
           "audit_violations", "seconds")
 
 
@@ -57,6 +61,11 @@ def run_once(name, backend, jobs, seed, server_url):
         elif backend == "private-postgres":
             cluster = PrivateCluster()
             url = cluster.create_database("conveyor")
+        elif backend == "private-standby":  # cluster: (primary, its synchronous standby)
+            cluster = (PrivateCluster(),)
+            cluster[0].create_database("conveyor")
+            cluster += (cluster[0].add_standby(),)
+            url = harness.failover_url(*cluster, "conveyor")
         else:
             database = f"conveyor_soak_{uuid.uuid4().hex[:8]}"
             url = conftest.create_pg_database(database)
@@ -70,8 +79,9 @@ def run_once(name, backend, jobs, seed, server_url):
         if conveyor is not None:
             conveyor.close()
         monkeypatch.undo()
-        if cluster is not None:
-            cluster.destroy()
+        for server in cluster if isinstance(cluster, tuple) else [cluster]:
+            if server is not None:
+                server.destroy()
         if database is not None:
             conftest.drop_pg_database(database)
     if figures.clean:
@@ -133,7 +143,8 @@ def print_totals(results):
           "| overlaps | audit violations |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, total in totals.items():
         faults = ", ".join(f"{getattr(total, name)} {name}" for name in
-                           ("kills", "restarts", "stalls", "partitions") if getattr(total, name))
+                           ("kills", "restarts", "stalls", "partitions", "failovers")
+                           if getattr(total, name))
         print(f"| {total.scenario} | {total.backend} | {runs[key]} | {total.jobs:,} | {faults} "
               f"| {total.lost} | {total.duplicated_attempts} | {total.overlaps} "
               f"| {total.audit_violations} |")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import models
-from harness import failover, seed
+from harness import failover, failover_url, seed
 from pgcluster import ClusterUnavailable, PrivateCluster
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -31,8 +31,7 @@ def primary_and_standby():
         print(f"\n{'!' * 78}\n{message}\n{'!' * 78}", file=sys.stderr)
         pytest.skip(message)
     primary, standby = servers
-    yield primary, standby, (f"postgresql://postgres@127.0.0.1:{standby.port},"
-                             f"127.0.0.1:{primary.port}/conveyor?target_session_attrs=read-write")
+    yield primary, standby, failover_url(primary, standby, "conveyor")
     for server in servers:
         server.destroy()
 
@@ -43,8 +42,6 @@ def test_web_and_workers_go_on_after_the_primary_is_lost_and_the_standby_promote
         primary_and_standby, tmp_path, monkeypatch):
     from conftest import Conveyor
     primary, standby, url = primary_and_standby
-    # Chaos jobs fail one attempt in ten: with ten attempts every accepted one succeeds.
-    monkeypatch.setenv("DEFAULT_MAX_ATTEMPTS", "10")
     conveyor = Conveyor(url, tmp_path, monkeypatch)
     try:
         # The standby is listed first and answers; libpq passes it over, read-only.
