@@ -243,9 +243,17 @@ def check_connection():
         db.connect(reuse_if_open=True)
         db.execute_sql("SELECT 1")
     except pw.DatabaseError as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DatabaseUnavailable(
-            f"cannot reach the database ({describe()}): {reason}") from None
+            f"cannot reach the database ({describe()}): {reason(exc)}") from None
+
+
+def reason(exc):
+    """What a database error says, on one line. With several hosts, libpq says why each
+    one it tried failed, a line each ("connection to server at ..., port 5432 failed:
+    session is read-only"): all of them, not only the first host's."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    tried = [line for line in lines if line.startswith("connection to server")]
+    return "; ".join(tried) if len(tried) > 1 else (lines or [type(exc).__name__])[0]
 
 
 def reset_connection():

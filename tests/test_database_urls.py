@@ -3,11 +3,14 @@ key=value string. libpq tries the hosts in turn at every connection, so web, wor
 supervisor's LISTEN connection and the `flask` commands all reach the host that answers.
 (tests/faults/test_faults_failover.py: a standby and a primary, target_session_attrs.)"""
 import json
+import os
+import subprocess
+import sys
 from urllib.parse import urlparse
 
 import pytest
 
-from conftest import Conveyor, free_port
+from conftest import FAST_ENV, ROOT, Conveyor, free_port
 
 # Announced jobs only: an idle worker polls twice a minute, so a job started within
 # seconds was woken through the supervisor's LISTEN connection.
@@ -56,3 +59,15 @@ def test_a_database_url_libpq_cannot_read_is_one_line_naming_it():
         with pytest.raises(config.ConfigError, match="DATABASE_URL") as refused:
             config.Settings.from_env({"DATABASE_URL": url})
         assert reason in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_database_that_no_host_answers_for_is_one_line_naming_every_host(tmp_path):
+    down = [free_port(), free_port()]
+    url = f"postgresql://postgres@127.0.0.1:{down[0]},127.0.0.1:{down[1]}/x"
+    result = subprocess.run([sys.executable, "-m", "flask", "jobs", "list"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **FAST_ENV, "DATABASE_URL": url})
+    assert result.returncode == 2 and result.stdout == "", result
+    [line] = result.stderr.splitlines()
+    assert f"127.0.0.1:{down[0]},127.0.0.1:{down[1]}/x" in line, line  # where it looked
+    assert all(f'port {port} failed: Connection refused' in line for port in down), line
