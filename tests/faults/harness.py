@@ -556,9 +556,11 @@ def failover(conveyor, primary, standby, seed, supervisors=2, concurrency=2, api
     starts = [at for at in _effects(effects_log, "start") if at > promoting_at]
     answers = [s.answered_at for s in api.accepted(since=promoting_at)
                if s.sent_at > promoting_at]
+    refused = [s.answered_at for s in api.submissions if s.job_id is None]
     figures.timings = {"kill": promoting_at - killed_at, "promote": promoted_at - promoting_at,
                        "promote_to_first_start": min(starts, default=math.inf) - promoting_at,
-                       "promote_to_first_201": min(answers, default=math.inf) - promoting_at}
+                       "promote_to_first_201": min(answers, default=math.inf) - promoting_at,
+                       "promoted_to_last_503": max(refused, default=math.nan) - promoted_at}
     return figures
 
 
