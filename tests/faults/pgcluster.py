@@ -145,6 +145,8 @@ class PrivateCluster:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(processes, timeout=30)
+        # Its pid may go to another process, which destroy()'s pg_ctl stop would signal.
+        os.remove(os.path.join(self.data, "postmaster.pid"))
 
     def destroy(self):
         if os.path.exists(os.path.join(self.data, "postmaster.pid")):

@@ -19,21 +19,21 @@ def primary_and_standby():
     """(primary, standby, the multi-host URL of a database on both)."""
     servers = []
     try:
-        servers.append(PrivateCluster())
-        servers[0].create_database("conveyor")
-        servers.append(servers[0].add_standby())
-    except ClusterUnavailable as exc:
+        try:
+            servers.append(PrivateCluster())
+            servers[0].create_database("conveyor")
+            servers.append(servers[0].add_standby())
+        except ClusterUnavailable as exc:
+            message = f"failover scenario SKIPPED: {exc}"
+            if IN_CI:
+                pytest.fail(f"CI=true requires it. {message}")
+            print(f"\n{'!' * 78}\n{message}\n{'!' * 78}", file=sys.stderr)
+            pytest.skip(message)
+        primary, standby = servers
+        yield primary, standby, failover_url(primary, standby, "conveyor")
+    finally:
         for server in servers:
             server.destroy()
-        message = f"failover scenario SKIPPED: {exc}"
-        if IN_CI:
-            pytest.fail(f"CI=true requires it. {message}")
-        print(f"\n{'!' * 78}\n{message}\n{'!' * 78}", file=sys.stderr)
-        pytest.skip(message)
-    primary, standby = servers
-    yield primary, standby, failover_url(primary, standby, "conveyor")
-    for server in servers:
-        server.destroy()
 
 
 @pytest.mark.slow
