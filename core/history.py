@@ -94,13 +94,15 @@ def stats(lease_s):
 def counts_by_queue(queue=None):
     """{queue: {status: count}} of every queue with jobs (of `queue` alone when given);
     a status without jobs is left out."""
-    rows = Job.select(Job.queue, Job.status, pw.fn.COUNT(Job.id)).group_by(Job.queue, Job.status)
-    if queue is not None:
-        rows = rows.where(Job.queue == queue)
     counts = {}
-    for name, status, count in rows.tuples():
-        counts.setdefault(name, {})[status] = count
+    for row in backend().job_counts(queue):
+        counts.setdefault(row["queue"], {})[row["status"]] = row["count"]
     return counts
+
+
+def fold_counts():
+    """Keep the table of counts small (the supervisor's duty; see core/store)."""
+    backend().fold_counts()
 
 
 def oldest_available_by_queue():
