@@ -128,13 +128,13 @@ def _postgres(url, **params):
     (host="a,b", port="5432,5432"...), so that every connection, the supervisor's LISTEN
     one too, is made from them and libpq picks the host at each connection: after a
     failover, the next connection goes to the promoted server."""
-    if not several_hosts(url) and "://" in url:
+    if not _several_hosts(url) and "://" in url:
         return connect_url(url.replace("postgres://", "postgresql://", 1), **params)
     given = psycopg2.extensions.parse_dsn(url)
     return PostgresqlDatabase(given.pop("dbname", None), **{**given, **params})
 
 
-def several_hosts(url):
+def _several_hosts(url):
     """Whether a PostgreSQL URL names several hosts (libpq tries them in turn)."""
     netloc = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
     return "," in netloc

@@ -85,6 +85,9 @@ def _trusted_proxies(env):
     return tuple(networks)
 
 
+KEY_VALUE = re.compile(r"^\w+\s*=")  # libpq's `host=... dbname=...`
+
+
 def _database_url(env):
     """A SQLite or PostgreSQL URL; for PostgreSQL also what libpq alone reads: a URL of
     several hosts (`postgresql://a:5432,b:5432/db?target_session_attrs=read-write`) or
@@ -106,9 +109,6 @@ def _database_url(env):
         raise ConfigError("DATABASE_URL names no database (postgresql://host,host/DBNAME, "
                           "or dbname=DBNAME)")
     return url
-
-
-KEY_VALUE = re.compile(r"^\w+\s*=")  # libpq's `host=... dbname=...`
 
 
 def _queues(env):
