@@ -83,6 +83,7 @@ class HostFigures(Figures):
     hosts: int = 0
     cut_off: int = 0  # attempts the host was running when it was cut off
     recovered: int = 0  # of those, taken over by another host after their lease
+    reaped_s: float = 0.0  # from the cut to the last of them ended by another host's reaper
     first_recovery_s: float = 0.0  # from the cut to the first of them running elsewhere
     recovery_s: float = 0.0  # ...to the last of them
     partition_s: float = 0.0
@@ -90,7 +91,8 @@ class HostFigures(Figures):
 
     def line(self):
         return (f"{super().line()} hosts={self.hosts} cut_off={self.cut_off} "
-                f"recovered={self.recovered} recovery_s={self.first_recovery_s:.1f}"
+                f"recovered={self.recovered} reaped_s={self.reaped_s:.1f} "
+                f"recovery_s={self.first_recovery_s:.1f}"
                 f"-{self.recovery_s:.1f} partition_s={self.partition_s:.1f} "
                 f"after_heal={self.after_heal}")
 
@@ -538,16 +540,18 @@ def _renewed(held):
 
 def _taken_over(figures, host, held, renewed, cut_at):
     """Where the attempts the host held when it was cut off went: each must have been
-    ended by another host's reaper (LeaseExpired), and its job run again on another host
+    ended by another host's reaper (LeaseExpired; Released, for a claimed job it had not
+    begun when another one of its claim was charged), and its job run again on another host
     after its lease expired (`renewed`, then LEASE_S), or dead-lettered (its attempts
     spent). That all of it happened before the heal, the scenario waited for."""
     from models import Attempt, Job
     recoveries = []
     for job_id, number in held:
         attempts = {a.number: a for a in Attempt.select().where(Attempt.job_id == job_id)}
-        if attempts[number].error_type != "LeaseExpired":
-            continue  # its outcome got through just before the cut
+        if attempts[number].error_type not in ("LeaseExpired", "Released"):
+            continue  # its outcome reached the database just before the cut
         figures.cut_off += 1
+        figures.reaped_s = max(figures.reaped_s, attempts[number].finished_at - cut_at)
         later = attempts.get(number + 1)
         if later is None:
             if Job.get_by_id(job_id).status == "dead":
