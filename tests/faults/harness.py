@@ -462,7 +462,7 @@ def host_partition(conveyor, hosts, jobs, seed, concurrency=3):
         for supervisor in pool:
             supervisor.wait_for_workers(concurrency, timeout=60)
         long_job = conveyor.submit("t.gate", {"gate": gate, "hold": [1], "log": effects_log})
-        submit_chaos(conveyor, jobs, effects_log)
+        acknowledged = [long_job, *submit_chaos(conveyor, jobs, effects_log)]
         first = wait_for(lambda: retrying(lambda: _begun(long_job, effects_log)), timeout=60,
                          message=f"job {long_job} to begin")
         victim = next(host for host in hosts.hosts if host.name == first.host)
@@ -478,7 +478,7 @@ def host_partition(conveyor, hosts, jobs, seed, concurrency=3):
         heal_at = retrying(db_time)
         hosts.heal(victim)
         release(gate, 1)  # the long job's first attempt ends, on the healed host
-        submit_chaos(conveyor, jobs // 2, effects_log)  # work for the healed host too
+        acknowledged += submit_chaos(conveyor, jobs // 2, effects_log)  # for the healed host too
         wait_for(lambda: retrying(lambda: _succeeded_on(victim.name, heal_at)), timeout=60,
                  message=f"{victim.name} to run a job once healed")
         drain(timeout_s=300, quiet_s=30)
@@ -489,7 +489,7 @@ def host_partition(conveyor, hosts, jobs, seed, concurrency=3):
         figures.problems += stop_pool(pool)
     figures.seconds = time.monotonic() - started
     figures.partition_s = heal_at - cut_at
-    check(conveyor, figures, effects_log)
+    check(conveyor, figures, effects_log, acknowledged)
     _taken_over(figures, victim.name, held, renewed, cut_at)
     figures.after_heal = _succeeded_on(victim.name, heal_at)
     first = retrying(lambda: _attempt(long_job, 1))

@@ -156,7 +156,8 @@ def _port_state(port, state):
 def _check_possible():
     if os.geteuid() != 0:
         raise HostsUnavailable("network namespaces need root")
-    missing = [tool for tool in ("ip", "bridge", "unshare", "hostname") if shutil.which(tool) is None]
+    missing = [tool for tool in ("ip", "bridge", "unshare", "hostname")
+               if shutil.which(tool) is None]
     if missing:
         raise HostsUnavailable(f"{', '.join(missing)} not found (iproute2, util-linux, hostname)")
     probe = f"conveyor-probe-{os.getpid():x}{random.randrange(256):02x}-0"
@@ -175,7 +176,8 @@ def _free_subnet():
         if route.get("dst", "default") != "default":
             taken.append(ipaddress.ip_network(route["dst"], strict=False))
     for _ in range(100):
-        subnet = ipaddress.ip_network(f"10.{random.randrange(64, 128)}.{random.randrange(256)}.0/24")
+        subnet = ipaddress.ip_network(
+            f"10.{random.randrange(64, 128)}.{random.randrange(256)}.0/24")
         if not any(subnet.overlaps(other) for other in taken):
             return subnet
     raise HostsUnavailable("no free /24 in 10.64.0.0/10")
