@@ -42,9 +42,12 @@ def _version(folder):
 
 
 class PrivateCluster:
-    """A running PostgreSQL server of our own: restart(mode) it, then destroy() it."""
+    """A running PostgreSQL server of our own: restart(mode) it, then destroy() it.
 
-    def __init__(self):
+    It listens on 127.0.0.1, and on the addresses of listen_on too, where it trusts clients
+    from the networks of `trusted` (the hosts of tests/faults/hosts.py, say)."""
+
+    def __init__(self, listen_on=(), trusted=()):
         self.bindir = _bindir()
         self.base = tempfile.mkdtemp(prefix="conveyor-pg-")
         self.data = os.path.join(self.base, "data")
@@ -63,8 +66,11 @@ class PrivateCluster:
             self._pg("initdb", "-D", self.data, "-U", "postgres", "-A", "trust", "-E", "UTF8",
                      "--no-sync", "--no-instructions")
             with open(os.path.join(self.data, "postgresql.conf"), "a") as conf:
-                conf.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                conf.write(f"listen_addresses = '{','.join(['127.0.0.1', *listen_on])}'\n"
+                           f"port = {self.port}\n"
                            f"unix_socket_directories = '{self.base}'\nmax_connections = 200\n")
+            with open(os.path.join(self.data, "pg_hba.conf"), "a") as hba:
+                hba.writelines(f"host all all {network} trust\n" for network in trusted)
             self._pg_ctl("start")
         except (OSError, subprocess.SubprocessError) as exc:
             self.destroy()
