@@ -26,7 +26,7 @@ from apiserver import Gunicorn
 # LONG_LEASE where a worker's death is seen by its supervisor at once (no lease need
 # expire); SHORT_LEASE where recovery goes through the lease (a host lost, a worker stalled
 # or cut off).
-from checks import LONG_LEASE, SHORT_LEASE
+from checks import LONG_LEASE, SHORT_LEASE, gate_path, release
 from conftest import ProcessGroup, side_effects, wait_for
 from proxy import PartitionProxy
 
@@ -79,6 +79,26 @@ class Figures:
 
     def report(self):
         return "\n".join([self.line(), *self.problems[:30]])
+
+
+@dataclass
+class HostFigures(Figures):
+    """A run's Figures, and what became of the jobs a host held when it was cut off."""
+    hosts: int = 0
+    cut_off: int = 0  # attempts the host was running when it was cut off
+    recovered: int = 0  # of those, taken over by another host after their lease
+    reaped_s: float = 0.0  # from the cut to the last of them ended by another host's reaper
+    first_recovery_s: float = 0.0  # from the cut to the first of them running elsewhere
+    recovery_s: float = 0.0  # ...to the last of them
+    partition_s: float = 0.0
+    after_heal: int = 0  # attempts the host ran to success once healed
+
+    def line(self):
+        return (f"{super().line()} hosts={self.hosts} cut_off={self.cut_off} "
+                f"recovered={self.recovered} reaped_s={self.reaped_s:.1f} "
+                f"recovery_s={self.first_recovery_s:.1f}"
+                f"-{self.recovery_s:.1f} partition_s={self.partition_s:.1f} "
+                f"after_heal={self.after_heal}")
 
 
 # ---------------------------------------------------------------------------- running
@@ -425,6 +445,136 @@ def partitions(conveyor, jobs, seed, every_s=1.0, supervisors=2, concurrency=4):
         proxy.close()
     figures.seconds = time.monotonic() - started
     return check(conveyor, figures, effects_log)
+
+
+def host_partition(conveyor, hosts, jobs, seed, concurrency=3):
+    """A supervisor on each of several hosts (network namespaces, tests/faults/hosts.py)
+    sharing one PostgreSQL across a switch. The host running a long job (a t.gate held
+    until after the heal) is partitioned away by the kernel under a load of t.chaos jobs,
+    until the other hosts have taken over every job it held (after their lease), then
+    healed: the long job's late result must be refused, and the host must serve again."""
+    from core.jobs import db_time
+    started = time.monotonic()
+    figures = HostFigures("many-hosts", "postgres", seed, hosts=len(hosts.hosts))
+    effects_log = str(conveyor.tmp_path / "effects.log")
+    gate = gate_path(conveyor.tmp_path)
+    url = hosts.url_for(conveyor.database_url)
+    pool = [conveyor.start_supervisor(concurrency, on=host.command, DATABASE_URL=url,
+                                      **SHORT_LEASE) for host in hosts.hosts]
+    victim = cut_at = heal_at = None
+    try:
+        for supervisor in pool:
+            supervisor.wait_for_workers(concurrency, timeout=60)
+        long_job = conveyor.submit("t.gate", {"gate": gate, "hold": [1], "log": effects_log})
+        acknowledged = [long_job, *submit_chaos(conveyor, jobs, effects_log)]
+        first = wait_for(lambda: retrying(lambda: _begun(long_job, effects_log)), timeout=60,
+                         message=f"job {long_job} to begin")
+        victim = next(host for host in hosts.hosts if host.name == first.host)
+        wait_for(lambda: len(retrying(lambda: _running_on(victim.name))) > 1, timeout=60,
+                 message=f"{victim.name} to run jobs beside the long one")
+        cut_at = retrying(db_time)
+        hosts.partition(victim)
+        figures.partitions += 1
+        held = retrying(lambda: _running_on(victim.name))  # it commits nothing any more
+        renewed = retrying(lambda: _renewed(held))
+        wait_for(lambda: retrying(lambda: _moved_on(held)), timeout=60,
+                 message=f"the jobs {victim.name} held to run elsewhere")
+        heal_at = retrying(db_time)
+        hosts.heal(victim)
+        release(gate, 1)  # the long job's first attempt ends, on the healed host
+        acknowledged += submit_chaos(conveyor, jobs // 2, effects_log)  # for the healed host too
+        wait_for(lambda: retrying(lambda: _succeeded_on(victim.name, heal_at)), timeout=60,
+                 message=f"{victim.name} to run a job once healed")
+        drain(timeout_s=300, quiet_s=30)
+    finally:
+        if cut_at is not None and heal_at is None:
+            hosts.heal(victim)
+        release(gate, 1)
+        figures.problems += stop_pool(pool)
+    figures.seconds = time.monotonic() - started
+    figures.partition_s = heal_at - cut_at
+    check(conveyor, figures, effects_log, acknowledged)
+    _taken_over(figures, victim.name, held, renewed, cut_at)
+    figures.after_heal = _succeeded_on(victim.name, heal_at)
+    first = retrying(lambda: _attempt(long_job, 1))
+    if not first.fenced:
+        figures.problems.append(f"job {long_job}: the late result of attempt 1 on "
+                                f"{victim.name} was not refused ({first.status})")
+    return figures
+
+
+def _begun(job_id, effects_log):
+    """Attempt 1 of the job once its handler has begun (logged its start)."""
+    if any(line[:3] == ["start", str(job_id), "1"] for line in side_effects(effects_log)):
+        return _attempt(job_id, 1)
+    return None
+
+
+def _attempt(job_id, number):
+    from models import Attempt
+    return Attempt.get((Attempt.job_id == job_id) & (Attempt.number == number))
+
+
+def _running_on(host):
+    from models import Attempt
+    return [(a.job_id, a.number) for a in Attempt.select(Attempt.job_id, Attempt.number)
+            .where(Attempt.host == host, Attempt.status == "running")]
+
+
+def _succeeded_on(host, since):
+    from models import Attempt
+    return Attempt.select().where(Attempt.host == host, Attempt.status == "succeeded",
+                                  Attempt.started_at >= since).count()
+
+
+def _moved_on(held):
+    """Whether every held job has begun a later attempt, or ended."""
+    from models import Job
+    now = dict(Job.select(Job.id, Job.attempt).where(Job.id.in_([j for j, _ in held]),
+                                                     Job.status.not_in(FINAL)).tuples())
+    return all(now.get(job_id, number + 1) > number for job_id, number in held)
+
+
+def _renewed(held):
+    """When the lease of each held job was last renewed (its heartbeat_at), by job."""
+    from models import Job
+    return dict(Job.select(Job.id, Job.heartbeat_at).where(Job.id.in_([j for j, _ in held]))
+                .tuples())
+
+
+def _taken_over(figures, host, held, renewed, cut_at):
+    """Where the attempts the host held when it was cut off went: each must have been
+    ended by another host's reaper (LeaseExpired; Released, for a claimed job it had not
+    begun when another one of its claim was charged), and its job run again on another host
+    after its lease expired (`renewed`, then LEASE_S), or dead-lettered (its attempts
+    spent). That all of it happened before the heal, the scenario waited for."""
+    from models import Attempt, Job
+    recoveries = []
+    for job_id, number in held:
+        attempts = {a.number: a for a in Attempt.select().where(Attempt.job_id == job_id)}
+        if attempts[number].error_type not in ("LeaseExpired", "Released"):
+            continue  # its outcome reached the database just before the cut
+        figures.cut_off += 1
+        figures.reaped_s = max(figures.reaped_s, attempts[number].finished_at - cut_at)
+        later = attempts.get(number + 1)
+        if later is None:
+            if Job.get_by_id(job_id).status == "dead":
+                figures.recovered += 1
+            else:
+                figures.problems.append(f"job {job_id}: attempt {number} expired on {host} "
+                                        f"and nothing came of it")
+            continue
+        expiry = renewed[job_id] + SHORT_LEASE["LEASE_S"]
+        if later.host == host or later.started_at < expiry:
+            figures.problems.append(
+                f"job {job_id}: attempt {number} cut off on {host}, attempt {number + 1} began "
+                f"on {later.host} {later.started_at - cut_at:.2f}s after the cut (its lease "
+                f"expired {expiry - cut_at:.2f}s after it)")
+            continue
+        figures.recovered += 1
+        recoveries.append(later.started_at - cut_at)
+    if recoveries:
+        figures.first_recovery_s, figures.recovery_s = min(recoveries), max(recoveries)
 
 
 def database_restarts(conveyor, cluster, jobs, seed, modes=("fast", "immediate"),

@@ -47,14 +47,19 @@ def _version(folder):
 
 class PrivateCluster:
     """A running PostgreSQL server of our own: restart(mode) it, add_standby() to it, kill()
-    it, then destroy() it."""
+    it, then destroy() it.
 
-    def __init__(self):
+    It listens on 127.0.0.1, and on the addresses of listen_on too, where it trusts clients
+    from the networks of `trusted` (the hosts of tests/faults/hosts.py, say)."""
+
+    def __init__(self, listen_on=(), trusted=()):
         self._make_base()
         try:
             self._pg("initdb", "-D", self.data, "-U", "postgres", "-A", "trust", "-E", "UTF8",
                      "--no-sync", "--no-instructions")
-            self._configure("max_connections = 200\n")
+            self._configure("max_connections = 200\n", listen_on)
+            with open(os.path.join(self.data, "pg_hba.conf"), "a") as hba:
+                hba.writelines(f"host all all {network} trust\n" for network in trusted)
             self._pg_ctl("start")
         except (OSError, subprocess.SubprocessError) as exc:
             self.destroy()
@@ -80,11 +85,12 @@ class PrivateCluster:
             os.chown(self.base, owner.pw_uid, owner.pw_gid)
             self._as_owner = ["runuser", "-u", "postgres", "--"]
 
-    def _configure(self, lines):
-        """Append to postgresql.conf: this server's own port and socket folder, and lines."""
+    def _configure(self, lines, listen_on=()):
+        """Append to postgresql.conf: this server's own addresses, port and socket folder,
+        and lines."""
         with open(os.path.join(self.data, "postgresql.conf"), "a") as conf:
-            conf.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
-                       f"unix_socket_directories = '{self.base}'\n{lines}")
+            conf.write(f"listen_addresses = '{','.join(['127.0.0.1', *listen_on])}'\n"
+                       f"port = {self.port}\nunix_socket_directories = '{self.base}'\n{lines}")
 
     @property
     def url(self):
