@@ -67,8 +67,7 @@ def open_database(url, lease_s=None, custom_plans=False, pool_mode="session"):
             "synchronous": "full",
         }, timeout=30, lock_type="IMMEDIATE")  # every transaction takes the write lock up front
     else:
-        database = connect_url(url.replace("postgres://", "postgresql://", 1),
-                               connection_factory=PreparingConnection, **LINK_PARAMS)
+        database = _postgres(url, connection_factory=PreparingConnection, **LINK_PARAMS)
         session = {}
         if lease_s:
             lease_ms = math.ceil(lease_s * 1000)
@@ -146,6 +145,27 @@ class PostgresqlDatabase(pw.PostgresqlDatabase):
 
 
 register_database(PostgresqlDatabase, "postgresql")
+
+
+def _postgres(url, **params):
+    """The PostgresqlDatabase of a PostgreSQL DATABASE_URL, with params over the URL's own.
+
+    A URL of one host is read by playhouse's db_url. What only libpq reads, a URL of
+    several hosts (`postgresql://a:5432,b:5432/db?target_session_attrs=read-write`) or a
+    key=value string (`host=a,b dbname=db`), libpq parses itself into the same keywords
+    (host="a,b", port="5432,5432"...), so that every connection, the supervisor's LISTEN
+    one too, is made from them and libpq picks the host at each connection: after a
+    failover, the next connection goes to the promoted server."""
+    if not _several_hosts(url) and "://" in url:
+        return connect_url(url.replace("postgres://", "postgresql://", 1), **params)
+    given = psycopg2.extensions.parse_dsn(url)
+    return PostgresqlDatabase(given.pop("dbname", None), **{**given, **params})
+
+
+def _several_hosts(url):
+    """Whether a PostgreSQL URL names several hosts (libpq tries them in turn)."""
+    netloc = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
+    return "," in netloc
 
 
 # A placeholder as execute() takes them: %s, or %(name)s for a dict of parameters.
@@ -265,16 +285,25 @@ def check_connection():
         else:
             db.execute_sql("SELECT 1")
     except pw.DatabaseError as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        hint = _POOLER_HINT if "unsupported startup parameter" in reason else ""
+        said = reason(exc)
+        hint = _POOLER_HINT if "unsupported startup parameter" in said else ""
         raise DatabaseUnavailable(
-            f"cannot reach the database ({describe()}): {reason}{hint}") from None
+            f"cannot reach the database ({describe()}): {said}{hint}") from None
     lacking = [f"{name} is {found.get(name)!r}, not {value!r}"
                for name, value in wanted.items() if found.get(name) != value]
     if lacking:
         raise DatabaseUnavailable(f"the database ({describe()}) did not apply the session "
                                   f"settings Conveyor asked for ({', '.join(lacking)})"
                                   f"{_POOLER_HINT}")
+
+
+def reason(exc):
+    """What a database error says, on one line. With several hosts, libpq says why each
+    one it tried failed, a line each ("connection to server at ..., port 5432 failed:
+    session is read-only"): all of them, not only the first host's."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    tried = [line for line in lines if line.startswith("connection to server")]
+    return "; ".join(tried) if len(tried) > 1 else (lines or [type(exc).__name__])[0]
 
 
 def reset_connection():
@@ -297,8 +326,11 @@ def describe():
         return f"sqlite:///{path if path == ':memory:' else os.path.abspath(path)}"
     params = database.connect_params
     user = f"{params['user']}@" if params.get("user") else ""
-    return (f"postgresql://{user}{params.get('host', 'localhost')}:{params.get('port', 5432)}"
-            f"/{database.database}")
+    hosts = str(params.get("host", "localhost")).split(",")
+    ports = str(params.get("port", 5432)).split(",")
+    ports = ports * len(hosts) if len(ports) == 1 else ports  # one port for every host
+    where = ",".join(f"{host}:{port}" for host, port in zip(hosts, ports))
+    return f"postgresql://{user}{where}/{database.database}"
 
 
 Schema = collections.namedtuple("Schema", "applied version")

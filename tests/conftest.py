@@ -244,13 +244,14 @@ class ProcessGroup:
 
 
 class SupervisorProcess(ProcessGroup):
-    """A real `python -m supervisor`."""
+    """A real `python -m supervisor`; `on`, when given, runs it elsewhere: the command that
+    runs a command there and execs it (tests/faults/hosts.py Host.command)."""
 
-    def __init__(self, env, log_path, concurrency=2, queues=None):
+    def __init__(self, env, log_path, concurrency=2, queues=None, on=None):
         args = [sys.executable, "-m", "supervisor", "--concurrency", str(concurrency)]
         if queues:
             args += ["--queues", queues]
-        super().__init__(args, env, log_path)
+        super().__init__(on(args) if on else args, env, log_path)
 
     def worker_pids(self):
         """The supervisor's forked workers: children running its own command line (not a
@@ -360,10 +361,10 @@ class Conveyor:
             return all(s in FINAL for s in self.statuses(ids).values())
         return wait_for(all_final, timeout, interval=0.1, message=f"{len(ids)} jobs to finish")
 
-    def start_supervisor(self, concurrency=2, queues=None, **env):
+    def start_supervisor(self, concurrency=2, queues=None, on=None, **env):
         supervisor = SupervisorProcess(
             {**self.env, **{k: str(v) for k, v in env.items()}},
-            self.tmp_path / f"supervisor-{len(self.supervisors)}.log", concurrency, queues)
+            self.tmp_path / f"supervisor-{len(self.supervisors)}.log", concurrency, queues, on)
         self.supervisors.append(supervisor)
         return supervisor
 
