@@ -194,3 +194,8 @@ def test_listen_database_url_defaults_to_database_url():
                                        "LISTEN_DATABASE_URL": "postgres://db:5432/conveyor"})
     assert (pooled.listen_database_url, pooled.database_pool_mode) == (
         "postgres://db:5432/conveyor", "transaction")
+    standby = "host=db-a,db-b dbname=conveyor target_session_attrs=read-write"
+    assert config.Settings.from_env({**base, "LISTEN_DATABASE_URL": standby}) \
+        .listen_database_url == standby
+    with pytest.raises(config.ConfigError, match="LISTEN_DATABASE_URL names no database"):
+        config.Settings.from_env({**base, "LISTEN_DATABASE_URL": "host=db-a,db-b"})
