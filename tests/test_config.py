@@ -1,6 +1,6 @@
-"""Start-up: several `flask db upgrade` creating the schema of an empty database at once, and bad
-configuration stopping web (gunicorn), `python -m supervisor` and the `flask` commands with
-one clear line."""
+"""Start-up: several `flask db upgrade` creating the schema of an empty database at once,
+and bad configuration stopping web (gunicorn), `python -m supervisor` and the `flask`
+commands with one clear line."""
 import os
 import re
 import sqlite3
