@@ -6,12 +6,14 @@ soon as it is described (and test_api_openapi.py makes sure it is).
 import hashlib
 import json
 import re
+import threading
 import time
 
 import pytest
 
 from core import keys
 from apiserver import api, api_with, bearer  # noqa: F401 (fixtures)
+from conftest import wait_for
 import models
 from models import ApiKey
 
@@ -109,9 +111,10 @@ def test_a_revoked_key_is_refused_at_once(api):
 
 
 def test_a_submission_reads_its_key_in_the_database_and_a_revoked_key_is_refused_next(api):
-    """POST /v1/jobs sends the key lookup (never answered from a cache), the jobs' insert
-    and on PostgreSQL their announcement after it: three statements, each its own
-    transaction, and no more. The request right after a revocation is refused."""
+    """POST /v1/jobs sends the key lookup (never answered from a cache) and the jobs'
+    insert, which on PostgreSQL announces them too when no other submission is under way:
+    two statements, each its own transaction, and no more. The request right after a
+    revocation is refused."""
     key = api.key("counted")
     api.submit(key, {"type": "t.noop"})  # each statement prepared once per connection
     sent = []
@@ -120,7 +123,7 @@ def test_a_submission_reads_its_key_in_the_database_and_a_revoked_key_is_refused
         api.submit(key, {"type": "t.noop"})
     finally:
         models.db.obj.query_hooks.clear()
-    assert len(sent) == (3 if models.is_postgres() else 2), sent
+    assert len(sent) == 2, sent
     assert not models.in_transaction()
     api.conveyor.flask("keys", "revoke", "counted")
     assert api.call("POST", "/v1/jobs", key, json={"type": "t.noop"}).status_code == 401
@@ -220,3 +223,26 @@ def test_failed_authentication_is_limited_per_client_address(api_with):
     assert api.client.get("/v1/jobs", headers=bearer("cvy_guess"),
                           environ_base={"REMOTE_ADDR": "198.51.100.7"}).status_code == 401
     assert api.client.get("/healthz", environ_base=attacker).status_code == 200
+
+
+def test_a_request_counted_in_memory_starts_no_thread(api):
+    """limits' own memory storage starts a 10 ms timer thread at every count that finds its
+    last one ended: below 100 requests a second, a new thread in the way of each response.
+    The web process's memory storage starts none."""
+    key = api.key("steady")
+    assert api.call("GET", "/v1/jobs", key).status_code == 200
+    assert [thread for thread in threading.enumerate()
+            if isinstance(thread, threading.Timer)] == []
+
+
+def test_the_memory_storage_forgets_the_windows_that_ended():
+    """...and its memory stays bounded: windows that ended are dropped as it counts."""
+    from app import MemoryStorage
+    storage = MemoryStorage("memory://")
+    storage.sweep_every_s = 0.05
+    storage.incr("short", expiry=0.05)
+    storage.incr("long", expiry=60)
+    wait_for(lambda: storage.incr("other", expiry=60) and "short" not in storage.expirations,
+             message="the ended window to be dropped")
+    assert storage.get("long") == 1 and storage.get("other") >= 1
+    assert "short" not in storage.storage and "short" not in storage.locks
