@@ -28,7 +28,12 @@ class DatabaseUnavailable(RuntimeError):
     """The database cannot be reached; the message is one line naming it and why."""
 
 
-def open_database(url, lease_s=None, custom_plans=False):
+# How every PostgreSQL connection reaches the server (the LISTEN connection's too).
+LINK_PARAMS = dict(connect_timeout=5, keepalives=1, keepalives_idle=5, keepalives_interval=2,
+                   keepalives_count=3, application_name="conveyor")
+
+
+def open_database(url, lease_s=None, custom_plans=False, pool_mode="session"):
     """Point `db` at the database named by url (no connection is made yet).
 
     custom_plans (PostgreSQL): plan each prepared statement for its parameters and the
@@ -43,11 +48,18 @@ def open_database(url, lease_s=None, custom_plans=False):
     worker), and the client gives up on a query whose packets go unacknowledged for longer
     (tcp_user_timeout) instead of waiting for TCP's own retries, some 15 minutes.
 
-    Whether its sessions keep prepared statements is not known yet: execute() prepares
-    them again until it finds otherwise (see prepares_statements).
+    pool_mode "transaction": url is a pooler (pgbouncer) that hands each transaction to
+    any of its server sessions. A session's settings would then be another client's, and
+    the pooler refuses (or drops) the startup options that carry them: each transaction
+    sets them for itself instead (SET LOCAL in its BEGIN, no round trip more), and
+    statements are not prepared (a statement prepared in one session is unknown in the
+    next; unprepared, each is planned for its parameters, as custom_plans asks).
+
+    Otherwise whether its sessions keep prepared statements is not known yet: execute()
+    prepares them again until it finds otherwise (see prepares_statements).
     """
     global _preparing
-    _preparing = True
+    _preparing = pool_mode != "transaction"
     if url.startswith("sqlite"):
         database = connect_url(url, pragmas={
             "journal_mode": "wal",
@@ -55,21 +67,23 @@ def open_database(url, lease_s=None, custom_plans=False):
             "synchronous": "full",
         }, timeout=30, lock_type="IMMEDIATE")  # every transaction takes the write lock up front
     else:
-        database = connect_url(
-            url.replace("postgres://", "postgresql://", 1),
-            connect_timeout=5, keepalives=1, keepalives_idle=5,
-            keepalives_interval=2, keepalives_count=3,
-            application_name="conveyor", connection_factory=PreparingConnection)
-        options = []
+        database = _postgres(url, connection_factory=PreparingConnection, **LINK_PARAMS)
+        session = {}
         if lease_s:
             lease_ms = math.ceil(lease_s * 1000)
             database.connect_params["tcp_user_timeout"] = lease_ms
-            options.append(f"-c idle_in_transaction_session_timeout={lease_ms}")
+            session["idle_in_transaction_session_timeout"] = str(lease_ms)
         if custom_plans:
-            options.append("-c plan_cache_mode=force_custom_plan")
-        if options:
+            session["plan_cache_mode"] = "force_custom_plan"
+        database.session_settings = session
+        if pool_mode == "transaction":
+            database.begin_statement = "; ".join(
+                ["BEGIN"] + [f"SET LOCAL {name} = '{value}'" for name, value in session.items()])
+        elif session:
             given = database.connect_params.get("options")
-            database.connect_params["options"] = " ".join(([given] if given else []) + options)
+            database.connect_params["options"] = " ".join(
+                ([given] if given else [])
+                + [f"-c {name}={value}" for name, value in session.items()])
     db.initialize(database)
     return database
 
@@ -101,7 +115,19 @@ class PostgresqlDatabase(pw.PostgresqlDatabase):
     (a request answered 503, a worker's claim or heartbeat failed).
 
     Only an idle connection is replaced: one inside a transaction (or in its COMMIT) must
-    fail, so that what it did is never silently lost with the session."""
+    fail, so that what it did is never silently lost with the session.
+
+    Behind a transaction pooler its BEGIN also sets the session's settings for the
+    transaction (see open_database)."""
+
+    session_settings = {}  # name -> value the sessions must have (options or SET LOCAL)
+    begin_statement = "BEGIN"
+
+    def begin(self, isolation_level=None):
+        if isolation_level is not None or self.begin_statement == "BEGIN":
+            return super().begin(isolation_level)
+        with pw.__exception_wrapper__:
+            self.cursor().execute(self.begin_statement)
 
     def connection(self):
         self._replace_if_ended()
@@ -119,6 +145,27 @@ class PostgresqlDatabase(pw.PostgresqlDatabase):
 
 
 register_database(PostgresqlDatabase, "postgresql")
+
+
+def _postgres(url, **params):
+    """The PostgresqlDatabase of a PostgreSQL DATABASE_URL, with params over the URL's own.
+
+    A URL of one host is read by playhouse's db_url. What only libpq reads, a URL of
+    several hosts (`postgresql://a:5432,b:5432/db?target_session_attrs=read-write`) or a
+    key=value string (`host=a,b dbname=db`), libpq parses itself into the same keywords
+    (host="a,b", port="5432,5432"...), so that every connection, the supervisor's LISTEN
+    one too, is made from them and libpq picks the host at each connection: after a
+    failover, the next connection goes to the promoted server."""
+    if not _several_hosts(url) and "://" in url:
+        return connect_url(url.replace("postgres://", "postgresql://", 1), **params)
+    given = psycopg2.extensions.parse_dsn(url)
+    return PostgresqlDatabase(given.pop("dbname", None), **{**given, **params})
+
+
+def _several_hosts(url):
+    """Whether a PostgreSQL URL names several hosts (libpq tries them in turn)."""
+    netloc = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
+    return "," in netloc
 
 
 # A placeholder as execute() takes them: %s, or %(name)s for a dict of parameters.
@@ -218,15 +265,45 @@ def now():
     return pw.SQL("((julianday('now') - 2440587.5) * 86400.0)")
 
 
+_POOLER_HINT = ("; behind a transaction-pooling pgbouncer set DATABASE_POOL_MODE=transaction "
+                "(and LISTEN_DATABASE_URL to the database itself)")
+
+
 def check_connection():
-    """Raise DatabaseUnavailable with one line when the database cannot be reached."""
+    """Raise DatabaseUnavailable with one line when the database cannot be reached, or when
+    a transaction there lacks the settings open_database gave its sessions (a pooler that
+    drops the startup options which carry them: the lease would no longer bound a
+    partitioned session)."""
+    wanted = getattr(db.obj, "session_settings", {})
     try:
         db.connect(reuse_if_open=True)
-        db.execute_sql("SELECT 1")
+        if wanted:
+            with db.atomic():  # where a pooler's transactions get them
+                found = dict(db.execute_sql(
+                    "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                    (list(wanted),)).fetchall())
+        else:
+            db.execute_sql("SELECT 1")
     except pw.DatabaseError as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        said = reason(exc)
+        hint = _POOLER_HINT if "unsupported startup parameter" in said else ""
         raise DatabaseUnavailable(
-            f"cannot reach the database ({describe()}): {reason}") from None
+            f"cannot reach the database ({describe()}): {said}{hint}") from None
+    lacking = [f"{name} is {found.get(name)!r}, not {value!r}"
+               for name, value in wanted.items() if found.get(name) != value]
+    if lacking:
+        raise DatabaseUnavailable(f"the database ({describe()}) did not apply the session "
+                                  f"settings Conveyor asked for ({', '.join(lacking)})"
+                                  f"{_POOLER_HINT}")
+
+
+def reason(exc):
+    """What a database error says, on one line. With several hosts, libpq says why each
+    one it tried failed, a line each ("connection to server at ..., port 5432 failed:
+    session is read-only"): all of them, not only the first host's."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    tried = [line for line in lines if line.startswith("connection to server")]
+    return "; ".join(tried) if len(tried) > 1 else (lines or [type(exc).__name__])[0]
 
 
 def reset_connection():
@@ -249,8 +326,11 @@ def describe():
         return f"sqlite:///{path if path == ':memory:' else os.path.abspath(path)}"
     params = database.connect_params
     user = f"{params['user']}@" if params.get("user") else ""
-    return (f"postgresql://{user}{params.get('host', 'localhost')}:{params.get('port', 5432)}"
-            f"/{database.database}")
+    hosts = str(params.get("host", "localhost")).split(",")
+    ports = str(params.get("port", 5432)).split(",")
+    ports = ports * len(hosts) if len(ports) == 1 else ports  # one port for every host
+    where = ",".join(f"{host}:{port}" for host, port in zip(hosts, ports))
+    return f"postgresql://{user}{where}/{database.database}"
 
 
 Schema = collections.namedtuple("Schema", "applied version")

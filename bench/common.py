@@ -351,12 +351,28 @@ class Database:
 
 # ---------------------------------------------------------------------------- Conveyor
 
+# host:port of a transaction-pooling pgbouncer in front of BENCH_PG_URL's server (`python
+# tests/pgbouncer.py`): Conveyor's processes then reach their database through it, and
+# LISTEN directly, as docs/scaling.md#pgbouncer says.
+PGBOUNCER = os.environ.get("BENCH_PGBOUNCER", "")
+
+
+def through_pgbouncer(database_url):
+    """The settings that point a Conveyor process at database_url through BENCH_PGBOUNCER."""
+    if not PGBOUNCER or database_url.startswith("sqlite"):
+        return {"DATABASE_URL": database_url}
+    parts = urlparse(database_url)
+    credentials = f"{parts.username}@" if parts.username else ""
+    return {"DATABASE_URL": urlunparse(parts._replace(netloc=credentials + PGBOUNCER)),
+            "DATABASE_POOL_MODE": "transaction", "LISTEN_DATABASE_URL": database_url}
+
+
 def conveyor_env(database_url, stamps=None, **extra):
     """The environment of a benchmarked Conveyor process: the user's defaults, plus the
     bench handlers (HANDLER_PATHS) and LOG_LEVEL=warning."""
     env = dict(os.environ)
     env.update({
-        "DATABASE_URL": database_url,
+        **through_pgbouncer(database_url),
         "HANDLER_PATHS": BENCH_HANDLERS,
         "LOG_LEVEL": "warning",
         "PYTHONUNBUFFERED": "1",

@@ -4,12 +4,27 @@ Does history slow Conveyor down? For each size: a new PostgreSQL database, that 
 succeeded jobs with their attempts inserted in bulk (bench.explain.seed_history), VACUUM
 ANALYZE; then the claim and report plans (EXPLAIN ANALYZE of the statements the core
 sends, with one job pending and with the drain's backlog), a drain (bench.drain) and a
-latency run (bench.latency), each compared with the first size (normally 0).
+latency run (bench.latency), each compared with the first size (normally 0); the API's
+reads of history through the Procfile's web process (GET /v1/jobs first page, filtered
+pages, GET /v1/stats: median of API_REQUESTS each, SPEC §13's target 50 ms); `flask prune`
+of the oldest PRUNE_SHARES of the history, in turn (its time should follow what it
+deletes); and the tables' and indexes' sizes per million jobs.
 """
 import argparse
+import json
+import statistics
 import time
 
 from bench import common, drain, explain, latency
+
+API_REQUESTS = 20
+API_READS = {  # name: path
+    "GET /v1/jobs": "/v1/jobs",
+    "GET /v1/jobs?status=succeeded": "/v1/jobs?status=succeeded",
+    "GET /v1/jobs?queue=none": "/v1/jobs?queue=none",
+    "GET /v1/stats": "/v1/stats",
+}
+PRUNE_SHARES = (0.01, 0.1)  # of the history, the oldest first: 1 %, then the next 10 %
 
 
 def explain_idle(db):
@@ -49,10 +64,77 @@ def run_one(history, jobs=20000, workers=4, samples=500):
         result["explain_backlog"] = drained.pop("before_workers", None)
         result["drain"] = drained
         result["latency"] = latency.run(workers=workers, samples=samples, db=db)
+        result["sizes_mb"] = sizes(db)
+        result["api_ms"] = api_reads(db)
+        result["prune"] = prunes(db, history) if history else []
         return result
     finally:
         common.reset_core_connection()
         db.drop()
+
+
+def sizes(db):
+    """MB of each table's heap and of its indexes (with TOAST), after the drain."""
+    found = {}
+    for table in ("jobs", "attempts"):
+        heap, indexes = db.query(
+            "SELECT pg_table_size(%s::regclass), pg_indexes_size(%s::regclass)", (table, table))[0]
+        found[table] = {"heap": round(heap / 2 ** 20, 1), "indexes": round(indexes / 2 ** 20, 1)}
+    return found
+
+
+def api_reads(db):
+    """{read: median ms} of API_REQUESTS requests each, one client, keep-alive, after one
+    request to warm up, through the Procfile's web process."""
+    import http.client
+    env = common.conveyor_env(db.url)
+    key = common.create_key(env)
+    web = common.Web(env)
+    try:
+        web.wait_ready()
+        conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=60)
+        headers = {"Authorization": f"Bearer {key}"}
+        found = {}
+        for name, path in API_READS.items():
+            times = []
+            for _ in range(API_REQUESTS + 1):
+                t0 = time.perf_counter()
+                conn.request("GET", path, headers=headers)
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{name} answered {response.status}: {body[:200]!r}")
+                times.append((time.perf_counter() - t0) * 1000)
+            found[name] = round(statistics.median(times[1:]), 2)
+            if name == "GET /v1/stats":
+                found["stats_totals"] = json.loads(body)["totals"]
+        return found
+    finally:
+        web.stop(grace_s=10)
+
+
+def prunes(db, history):
+    """`flask prune --older-than S` of the oldest PRUNE_SHARES of the history, one after
+    another (S: the age of the last job of each share): [{share, deleted, seconds,
+    us_per_job}]."""
+    env = common.conveyor_env(db.url)
+    done, out = 0.0, []
+    for share in PRUNE_SHARES:
+        done += share
+        [(cutoff, now)] = db.query(
+            "SELECT finished_at, extract(epoch from clock_timestamp())::float8 FROM jobs "
+            "WHERE status = 'succeeded' ORDER BY finished_at OFFSET %s LIMIT 1",
+            (int(history * done),))
+        older_than = max(1, int(now - cutoff))
+        t0 = time.monotonic()
+        result = common.flask_cli(env, "prune", "--older-than", str(older_than))
+        seconds = time.monotonic() - t0
+        if result.returncode != 0:
+            raise RuntimeError(f"flask prune failed: {result.stderr.strip()[:300]}")
+        deleted = int(result.stdout.split()[1])
+        out.append({"share": share, "deleted": deleted, "seconds": round(seconds, 2),
+                    "us_per_job": round(seconds / deleted * 1e6, 1) if deleted else None})
+    return out
 
 
 def rows(results):
@@ -85,9 +167,30 @@ def ratio(value, base):
     return round(value / base, 2) if value and base else None
 
 
+def history_rows(results):
+    out = []
+    for r in results:
+        million = max(r["history"], 1) / 1e6
+        api, sized = r.get("api_ms") or {}, r.get("sizes_mb") or {}
+        out.append([r["history"]] + [api.get(name) for name in API_READS] + [
+            round(sized[t][part] / million, 1) if r["history"] else None
+            for t in ("jobs", "attempts") for part in ("heap", "indexes")] + [
+            "; ".join(f"{p['deleted']:,} in {p['seconds']}s ({p['us_per_job']} us/job)"
+                      for p in r.get("prune") or []) or "-"])
+    return out
+
+
+HISTORY_HEADERS = [  # the API's reads in ms (median), sizes in MB per million jobs
+    "history rows"] + [f"{name} ms" for name in API_READS] + [
+    "jobs heap MB/M", "jobs indexes MB/M", "attempts heap MB/M", "attempts indexes MB/M",
+    "flask prune (oldest 1 %, then next 10 %)"]
+
+
 def report(results):
     lines = [common.table(HEADERS, rows(results),
-                          title="scale: drain and latency against the history size")]
+                          title="scale: drain and latency against the history size"),
+             common.table(HISTORY_HEADERS, history_rows(results),
+                          title="scale: the API's reads of history, sizes, prune")]
     for r in results:
         lines.append(f"history {r['history']:,} (seeded in {r['seed_s']}s):")
         lines.append("  with 1 job pending:")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from models import Attempt, Job
 from core import status as S
+from core.store import backend
 
 FINISHED_ATTEMPT = tuple(s for s in S.ATTEMPT_STATUSES if s != S.RUNNING)
 
@@ -32,8 +33,8 @@ class Report:
 
 
 def run(batch=1000):
-    """Check every job and its attempts; return a Report."""
-    report = Report()
+    """Check every job and its attempts, and the counts kept of them; return a Report."""
+    report = Report(violations=check_counts())
     last_id = 0
     while True:
         page = list(Job.select().where(Job.id > last_id).order_by(Job.id).limit(batch))
@@ -48,6 +49,14 @@ def run(batch=1000):
             report.jobs += 1
             report.attempts += len(attempts[job.id])
             report.violations.extend(check_job(job, attempts[job.id]))
+
+
+def check_counts():
+    """The queues and statuses whose kept count (GET /v1/stats reads them) is not the
+    number of jobs stored; job_id 0: no one job is at fault."""
+    return [Violation(0, "counts", f"queue {row['queue']!r}, {row['status']}: "
+                                   f"{row['stored']} jobs stored, {row['counted']} counted")
+            for row in backend().miscounted()]
 
 
 def check_job(job, attempts):

@@ -28,7 +28,7 @@ def prepare(*, custom_plans=False):
     without connecting; returns the settings."""
     settings = config.settings()
     models.open_database(settings.database_url, lease_s=settings.lease_s,
-                         custom_plans=custom_plans)
+                         custom_plans=custom_plans, pool_mode=settings.database_pool_mode)
     handlers.load(settings.handler_paths)
     return settings
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ipaddress import ip_network
 from urllib.parse import urlparse
 
+import psycopg2.extensions
 from limits import parse_many
 from limits.errors import ConfigurationError
 from limits.storage import storage_from_string
@@ -84,12 +85,49 @@ def _trusted_proxies(env):
     return tuple(networks)
 
 
+KEY_VALUE = re.compile(r"^\w+\s*=")  # libpq's `host=... dbname=...`
+
+
 def _database_url(env):
+    """A SQLite or PostgreSQL URL (see _postgres_url)."""
     url = env.get("DATABASE_URL", "").strip() or "sqlite:///conveyor.db"
-    scheme = urlparse(url).scheme
-    if scheme not in ("sqlite", "postgres", "postgresql"):
-        raise ConfigError(f"DATABASE_URL must start with sqlite:// or postgresql://, got {url!r}")
+    if urlparse(url).scheme == "sqlite":
+        return url
+    return _postgres_url(url, "DATABASE_URL", "sqlite:// or postgresql://")
+
+
+def _postgres_url(url, name, schemes):
+    """A PostgreSQL URL, or what libpq alone reads: a URL of several hosts
+    (`postgresql://a:5432,b:5432/db?target_session_attrs=read-write`) or the key=value
+    form (`host=a,b port=5432 dbname=db`), checked by libpq's own parser."""
+    parts = urlparse(url)
+    if parts.scheme in ("postgres", "postgresql") and "," not in parts.netloc:
+        return url
+    if parts.scheme not in ("postgres", "postgresql") and not KEY_VALUE.match(url):
+        raise ConfigError(f"{name} must start with {schemes} (or be "
+                          f"libpq's key=value form), got {url!r}")
+    try:
+        dbname = psycopg2.extensions.parse_dsn(url).get("dbname")
+    except psycopg2.ProgrammingError as exc:
+        reason = (str(exc).strip().splitlines() or ["unreadable"])[0]
+        raise ConfigError(f"{name} is not a connection string libpq reads: {reason}") \
+            from None
+    if not dbname:
+        raise ConfigError(f"{name} names no database (postgresql://host,host/DBNAME, "
+                          "or dbname=DBNAME)")
     return url
+
+
+def _listen_database_url(env, database_url):
+    """LISTEN_DATABASE_URL: where the supervisor LISTENs for new jobs, by default
+    DATABASE_URL; the database itself when DATABASE_URL is a transaction pooler."""
+    url = env.get("LISTEN_DATABASE_URL", "").strip()
+    if not url:
+        return database_url
+    if database_url.startswith("sqlite"):
+        raise ConfigError("LISTEN_DATABASE_URL is for a PostgreSQL DATABASE_URL, "
+                          f"but DATABASE_URL is {database_url!r}")
+    return _postgres_url(url, "LISTEN_DATABASE_URL", "postgresql://")
 
 
 def _queues(env):
@@ -127,6 +165,8 @@ def _bool(env, name):
 @dataclass(frozen=True)
 class Settings:
     database_url: str = "sqlite:///conveyor.db"
+    listen_database_url: str = "sqlite:///conveyor.db"
+    database_pool_mode: str = "session"
     port: int = 5000
     rate_limit: str = "100/second"
     ratelimit_storage_uri: str = "memory://"
@@ -165,8 +205,12 @@ class Settings:
     @classmethod
     def from_env(cls, env=None):
         env = os.environ if env is None else env
+        database_url = _database_url(env)
         settings = cls(
-            database_url=_database_url(env),
+            database_url=database_url,
+            listen_database_url=_listen_database_url(env, database_url),
+            database_pool_mode=_choice(env, "DATABASE_POOL_MODE", "session",
+                                       ("session", "transaction")),
             port=_number(env, "PORT", 5000, integer=True, minimum=1),
             rate_limit=_rate_limit(env, "RATE_LIMIT", "100/second"),
             ratelimit_storage_uri=_ratelimit_storage(env),

@@ -42,6 +42,7 @@ CRASH_WINDOW_S = 30.0
 MAX_RESPAWN_DELAY_S = 30.0
 SCHEDULER_INTERVAL_S = 0.5  # well under a second, so even per-second schedules miss no slot
 CALLBACKS_INTERVAL_S = 0.5  # how soon a due callback gets a sender
+COUNTS_INTERVAL_S = 60.0  # folding the job counts of ended sessions (core.history)
 
 
 @dataclass
@@ -97,7 +98,8 @@ class Supervisor:
         self.stopping = False
         self.hurry = False
         self.sender_pid = None  # the child delivering callbacks, while one runs
-        self.listener = Listener(jobs.NOTIFY_CHANNEL) if is_postgres() else None
+        self.listener = Listener(jobs.NOTIFY_CHANNEL, settings.listen_database_url) \
+            if is_postgres() else None
         self.duties = [
             Duty("reaper", settings.heartbeat_s, lambda: jobs.reap_expired(settings.lease_s)),
             Duty("metrics", settings.heartbeat_s, metrics.flush),
@@ -107,6 +109,7 @@ class Supervisor:
             Duty("scheduler", SCHEDULER_INTERVAL_S, self._fire_schedules),
             Duty("cancellations", 0.5, self._stop_cancelled),
             Duty("callbacks", CALLBACKS_INTERVAL_S, self._send_callbacks),
+            Duty("counts", COUNTS_INTERVAL_S, history.fold_counts),
             Duty("worker registry", settings.lease_s,
                  lambda: workers.forget_stale_workers(settings.lease_s)),
         ]

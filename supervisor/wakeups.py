@@ -22,8 +22,9 @@ LISTEN_ERRORS = (psycopg2.Error, OSError)  # the LISTEN connection is psycopg2's
 class Listener:
     """A LISTEN connection that says which queues got how many new jobs."""
 
-    def __init__(self, channel):
+    def __init__(self, channel, url):
         self.channel = channel
+        self.url = url  # LISTEN_DATABASE_URL: never a transaction pooler, where LISTEN is lost
         self.connection = None
         self.fd = None  # kept: a broken connection no longer tells its socket
 
@@ -32,8 +33,7 @@ class Listener:
         return self.connection is not None
 
     def connect(self):
-        database = models.db.obj
-        self.connection = psycopg2.connect(dbname=database.database, **database.connect_params)
+        self.connection = psycopg2.connect(self.url, **models.LINK_PARAMS)
         self.connection.autocommit = True
         with self.connection.cursor() as cursor:
             cursor.execute(f"LISTEN {self.channel}")

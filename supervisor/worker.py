@@ -29,7 +29,7 @@ from core.submission import Rules, validate_submission
 from core import workers
 from infra import metrics
 from core.errors import LeaseLost, Refused
-from models import DB_ERRORS, reset_connection
+from models import DB_ERRORS, reason, reset_connection
 from supervisor import slots
 from supervisor.progress import Progress
 
@@ -185,7 +185,7 @@ class WorkerProcess:
                     progress.flush(due_only=True)
                 metrics.flush()
             except DB_ERRORS as exc:
-                log.warning("heartbeat failed: %s", _first_line(exc))
+                log.warning("heartbeat failed: %s", reason(exc))
                 reset_connection()
 
     def _abandon(self):
@@ -202,7 +202,7 @@ class WorkerProcess:
                                  f"worker {self.worker.id} lost its supervisor")
                 except DB_ERRORS as exc:
                     log.warning("could not give back the claim before leaving: %s",
-                                _first_line(exc))
+                                reason(exc))
             logging.shutdown()
             os._exit(70)
 
@@ -213,7 +213,7 @@ class WorkerProcess:
             try:
                 return operation()
             except DB_ERRORS as exc:
-                log.warning("database unavailable (%s); retrying in %.1fs", _first_line(exc), delay)
+                log.warning("database unavailable (%s); retrying in %.1fs", reason(exc), delay)
                 reset_connection()
                 if give_up_when_stopping and self.stopping.is_set():
                     return None
@@ -308,7 +308,3 @@ def resident_mb():
 
 def _tags(job, worker):
     return {"job_id": job.id, "type": job.type, "attempt": job.attempt, "worker_id": worker.id}
-
-
-def _first_line(exc):
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -121,13 +121,55 @@ def _empty_pg(url):
     conn.close()
 
 
+@pytest.fixture(scope="session")
+def pgbouncer(pg_session_url):
+    """This xdist worker's pgbouncer in transaction-pooling mode (tests/pgbouncer.py), in
+    front of the test server; started on first use."""
+    from pgbouncer import Pgbouncer, PgbouncerUnavailable
+    try:
+        bouncer = Pgbouncer(pg_session_url)
+    except PgbouncerUnavailable as exc:
+        if IN_CI:
+            raise
+        pytest.skip(f"pgbouncer unavailable: {exc}")
+    yield bouncer
+    bouncer.stop()
+
+
+class PooledURL(str):
+    """A database URL through a transaction pooler; .direct is the database itself."""
+
+    def __new__(cls, url, direct):
+        instance = super().__new__(cls, url)
+        instance.direct = direct
+        return instance
+
+
+def pooled_env(database_url):
+    """What a Conveyor behind the pooler of database_url is told (README, docs/scaling.md):
+    nothing when database_url is the database itself."""
+    if not isinstance(database_url, PooledURL):
+        return {}
+    return {"DATABASE_POOL_MODE": "transaction", "LISTEN_DATABASE_URL": database_url.direct}
+
+
+# The databases every test of a guarantee runs on: the `database_url` fixture's own two,
+# and PostgreSQL through a transaction-pooling pgbouncer (SPEC §13). Use as
+# pytest.mark.parametrize("database_url", WITH_PGBOUNCER, indirect=True).
+WITH_PGBOUNCER = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                  pytest.param("pgbouncer", marks=pytest.mark.postgres)]
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path):
-    """The URL of an empty database: a SQLite file, or a truncated PostgreSQL database."""
+    """The URL of an empty database: a SQLite file, or a truncated PostgreSQL database
+    (directly, or through pgbouncer where a test asks for WITH_PGBOUNCER)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/conveyor.db"
     url = request.getfixturevalue("pg_session_url")
     _empty_pg(url)
+    if request.param == "pgbouncer":
+        return PooledURL(request.getfixturevalue("pgbouncer").url(url), url)
     return url
 
 
@@ -202,13 +244,14 @@ class ProcessGroup:
 
 
 class SupervisorProcess(ProcessGroup):
-    """A real `python -m supervisor`."""
+    """A real `python -m supervisor`; `on`, when given, runs it elsewhere: the command that
+    runs a command there and execs it (tests/faults/hosts.py Host.command)."""
 
-    def __init__(self, env, log_path, concurrency=2, queues=None):
+    def __init__(self, env, log_path, concurrency=2, queues=None, on=None):
         args = [sys.executable, "-m", "supervisor", "--concurrency", str(concurrency)]
         if queues:
             args += ["--queues", queues]
-        super().__init__(args, env, log_path)
+        super().__init__(on(args) if on else args, env, log_path)
 
     def worker_pids(self):
         """The supervisor's forked workers: children running its own command line (not a
@@ -267,9 +310,9 @@ class Conveyor:
         from infra import metrics
         self.tmp_path = tmp_path
         self.database_url = database_url
-        self.env = {**os.environ, **FAST_ENV, "DATABASE_URL": database_url,
-                    "PYTHONUNBUFFERED": "1"}
-        for name, value in {**FAST_ENV, "DATABASE_URL": database_url}.items():
+        given = {**FAST_ENV, "DATABASE_URL": str(database_url), **pooled_env(database_url)}
+        self.env = {**os.environ, **given, "PYTHONUNBUFFERED": "1"}
+        for name, value in given.items():
             monkeypatch.setenv(name, value)
         config.reset()
         self.settings = boot.start()
@@ -318,10 +361,10 @@ class Conveyor:
             return all(s in FINAL for s in self.statuses(ids).values())
         return wait_for(all_final, timeout, interval=0.1, message=f"{len(ids)} jobs to finish")
 
-    def start_supervisor(self, concurrency=2, queues=None, **env):
+    def start_supervisor(self, concurrency=2, queues=None, on=None, **env):
         supervisor = SupervisorProcess(
             {**self.env, **{k: str(v) for k, v in env.items()}},
-            self.tmp_path / f"supervisor-{len(self.supervisors)}.log", concurrency, queues)
+            self.tmp_path / f"supervisor-{len(self.supervisors)}.log", concurrency, queues, on)
         self.supervisors.append(supervisor)
         return supervisor
 

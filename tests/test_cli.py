@@ -91,6 +91,18 @@ def _age(job_id):
     return jobs.db_time() - history.get_job(job_id).finished_at
 
 
+def test_prune_in_batches_takes_every_job_however_many_finished_at_once(conveyor):
+    """Each batch starts where the last one ended (oldest first): jobs that finished at
+    the same instant across a batch's end are all taken, and nothing newer."""
+    from models import Job
+    ids = conveyor.submit_many("t.noop", [{}] * 9)
+    finished = [100.0] * 5 + [200.0, 200.0, 300.0, 10 ** 10]
+    for job_id, at in zip(ids, finished):
+        Job.update(status="succeeded", finished_at=at).where(Job.id == job_id).execute()
+    assert history.prune(3600, batch=2) == 8
+    assert [job.id for job in Job.select()] == ids[-1:]
+
+
 def test_prune_deletes_only_succeeded_and_cancelled_jobs_past_the_cutoff(conveyor):
     succeeded = conveyor.submit("t.noop")
     dead = conveyor.submit("t.fail", max_attempts=1)

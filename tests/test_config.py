@@ -160,7 +160,10 @@ def test_settings_refuse_each_bad_value():
                         ("BACKOFF_MAX_S", "0.01"), ("HANDLER_PATHS", "/no/such/folder"),
                         ("OUTBOUND_ALLOW", "10.0.0.256"),
                         ("TRUSTED_PROXIES", "10.0.0.0/33"), ("REDIS_URL", "http://cache"),
-                        ("RATE_LIMIT_ON_STORAGE_ERROR", "maybe")]:
+                        ("RATE_LIMIT_ON_STORAGE_ERROR", "maybe"),
+                        ("DATABASE_POOL_MODE", "statement"),
+                        ("LISTEN_DATABASE_URL", "redis://127.0.0.1/0"),
+                        ("LISTEN_DATABASE_URL", "postgresql://db/conveyor")]:  # SQLite
         with pytest.raises(config.ConfigError, match=name):
             config.Settings.from_env({**base, name: value})
     assert config.Settings.from_env(base).lease_s == float(FAST_ENV["LEASE_S"])
@@ -179,3 +182,20 @@ def test_rate_limits_are_counted_in_redis_url_unless_ratelimit_storage_uri_says_
     assert config.Settings.from_env(chosen).ratelimit_storage_uri == "redis://limits.example:6379/1"
     proxies = config.Settings.from_env({**base, "TRUSTED_PROXIES": " 10.0.0.0/8, ::1 ,"})
     assert [str(network) for network in proxies.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+
+
+def test_listen_database_url_defaults_to_database_url():
+    from infra import config
+    base = {**FAST_ENV, "DATABASE_URL": "postgresql://pooler:6432/conveyor", "HANDLER_PATHS": ""}
+    defaults = config.Settings.from_env(base)
+    assert (defaults.listen_database_url, defaults.database_pool_mode) == (
+        "postgresql://pooler:6432/conveyor", "session")
+    pooled = config.Settings.from_env({**base, "DATABASE_POOL_MODE": "Transaction",
+                                       "LISTEN_DATABASE_URL": "postgres://db:5432/conveyor"})
+    assert (pooled.listen_database_url, pooled.database_pool_mode) == (
+        "postgres://db:5432/conveyor", "transaction")
+    standby = "host=db-a,db-b dbname=conveyor target_session_attrs=read-write"
+    assert config.Settings.from_env({**base, "LISTEN_DATABASE_URL": standby}) \
+        .listen_database_url == standby
+    with pytest.raises(config.ConfigError, match="LISTEN_DATABASE_URL names no database"):
+        config.Settings.from_env({**base, "LISTEN_DATABASE_URL": "host=db-a,db-b"})

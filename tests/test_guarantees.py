@@ -14,7 +14,10 @@ from models import Attempt
 from checks import (LONG_LEASE, SHORT_LEASE, alive, assert_audit_clean,
                     assert_each_effect_once, assert_one_attempt_at_a_time, attempt_status,
                     effect_seen, gate_path, log_line, release, running_attempt, stopped)
-from conftest import FAST_ENV, side_effects, wait_for
+from conftest import FAST_ENV, WITH_PGBOUNCER, side_effects, wait_for
+
+# Every guarantee holds through a transaction-pooling pgbouncer too (SPEC §13).
+pytestmark = pytest.mark.parametrize("database_url", WITH_PGBOUNCER, indirect=True)
 
 HEARTBEAT_S = float(FAST_ENV["HEARTBEAT_S"])
 

@@ -115,6 +115,24 @@ def notify(counts):
         models.reset_connection()
 
 
+def job_counts(queue=None):
+    """[{queue, status, count}] of every queue with jobs (of `queue` alone when given),
+    from the counts kept as jobs change (see postgres.sql)."""
+    return rows(models.execute(SQL["job_counts"], {"queue": queue}))
+
+
+def fold_counts():
+    """Fold the kept counts of sessions that ended into one row per queue and status."""
+    with models.db.atomic():
+        models.execute(SQL["fold_counts"], {}).fetchall()
+        models.execute(SQL["drop_zero_counts"], {})
+
+
+def miscounted():
+    """[{queue, status, stored, counted}] where the kept counts differ from the jobs."""
+    return rows(models.execute(SQL["miscounted"], {}))
+
+
 def _queues(worker):
     """The worker's queues as the statements take them: null for every queue."""
     return list(worker.queues) if worker and worker.queues else None

@@ -167,3 +167,42 @@ SELECT pg_notify(%(channel)s, %(queue)s::text || ':' || %(count)s::text);
 SELECT set_config('synchronous_commit', 'off', true),
        pg_notify(%(channel)s, announced.queue || ':' || announced.count)
 FROM unnest(%(queues)s::text[], %(counts)s::int[]) AS announced(queue, count);
+
+-- name: job_counts
+-- How many jobs each queue (%(queue)s alone when given) has in each status: the counts
+-- the triggers of migrations/0018_job_counts.py keep, summed over their shards; a status
+-- without jobs is left out.
+SELECT queue, status, sum(count)::bigint AS count FROM job_counts
+WHERE %(queue)s::text IS NULL OR queue = %(queue)s::text
+GROUP BY queue, status HAVING sum(count) <> 0;
+
+-- name: fold_counts
+-- Fold the counts of sessions that ended into shard 0, and drop the rows that count
+-- nothing: the table stays as small as the sessions and the queues and statuses in use.
+-- (A session whose pid a new one took keeps adding to its rows: the sums stay right.)
+WITH ended AS (
+    DELETE FROM job_counts
+    WHERE shard <> 0 AND shard NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)
+    RETURNING queue, status, count),
+folded AS (
+    INSERT INTO job_counts AS counted (queue, status, shard, count)
+    SELECT queue, status, 0, sum(count) FROM ended
+    GROUP BY queue, status ORDER BY queue, status
+    ON CONFLICT (queue, status, shard) DO UPDATE SET count = counted.count + excluded.count
+    RETURNING 1)
+SELECT (SELECT count(*) FROM ended) AS ended, (SELECT count(*) FROM folded) AS folded;
+
+-- name: drop_zero_counts
+DELETE FROM job_counts WHERE shard = 0 AND count = 0;
+
+-- name: miscounted
+-- For `flask audit`: each queue and status whose kept count differs from the jobs stored,
+-- both read in one snapshot.
+WITH stored AS (SELECT queue, status, count(*) AS count FROM jobs GROUP BY queue, status),
+counted AS (SELECT queue, status, sum(count) AS count FROM job_counts GROUP BY queue, status)
+SELECT COALESCE(stored.queue, counted.queue) AS queue,
+       COALESCE(stored.status, counted.status) AS status,
+       COALESCE(stored.count, 0) AS stored, COALESCE(counted.count, 0)::bigint AS counted
+FROM stored FULL JOIN counted
+    ON counted.queue = stored.queue AND counted.status = stored.status
+WHERE COALESCE(stored.count, 0) <> COALESCE(counted.count, 0);

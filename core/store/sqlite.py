@@ -203,5 +203,18 @@ def stale_claim(owner, lease_s):
                                                     "now": time.time()}))
 
 
+def job_counts(queue=None):
+    """What postgres.job_counts answers, counted in the table itself."""
+    return rows(db.execute_sql(SQL["job_counts"], {"queue": queue}))
+
+
+def fold_counts():
+    """SQLite keeps no counts (see postgres.sql)."""
+
+
+def miscounted():
+    return []
+
+
 def notify(counts):
     """SQLite has no NOTIFY: its workers poll."""

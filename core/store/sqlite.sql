@@ -241,3 +241,10 @@ INSERT INTO flow_starts (key, started_at) SELECT :key, :now FROM n;
 -- transaction holds the write lock, so nobody changes them before it commits).
 SELECT * FROM jobs
 WHERE lease_owner = :owner AND status = 'running' AND heartbeat_at < :now - :lease_s;
+
+-- name: job_counts
+-- How many jobs each queue (:queue alone when given) has in each status, counted in the
+-- table itself (the embedded default keeps no counts: see postgres.sql).
+SELECT queue, status, count(*) AS count FROM jobs
+WHERE :queue IS NULL OR queue = :queue
+GROUP BY queue, status;

@@ -7,6 +7,7 @@ run's Figures. The pytest scenarios (tests/faults/test_faults_*.py) run them sma
 soak command (`python -m tests.faults.soak`) runs them at full size, over and over.
 """
 import json
+import math
 import os
 import random
 import signal
@@ -25,8 +26,8 @@ from apiserver import Gunicorn
 # LONG_LEASE where a worker's death is seen by its supervisor at once (no lease need
 # expire); SHORT_LEASE where recovery goes through the lease (a host lost, a worker stalled
 # or cut off).
-from checks import LONG_LEASE, SHORT_LEASE
-from conftest import ProcessGroup, side_effects
+from checks import LONG_LEASE, SHORT_LEASE, gate_path, release
+from conftest import ProcessGroup, side_effects, wait_for
 from proxy import PartitionProxy
 
 FINAL = ("succeeded", "dead", "cancelled")
@@ -47,6 +48,7 @@ class Figures:
     restarts: int = 0
     stalls: int = 0
     partitions: int = 0
+    failovers: int = 0
     lost: int = 0
     duplicated_attempts: int = 0
     overlaps: int = 0
@@ -54,6 +56,7 @@ class Figures:
     audit_violations: int = 0
     seconds: float = 0.0
     api_answers: dict = field(default_factory=dict)  # HTTP status: count, where probed
+    timings: dict = field(default_factory=dict)  # name: seconds, what a scenario measured
     problems: list = field(default_factory=list)
 
     @property
@@ -63,9 +66,10 @@ class Figures:
 
     def line(self):
         faults = " ".join(f"{name}={getattr(self, name)}"
-                          for name in ("kills", "restarts", "stalls", "partitions")
+                          for name in ("kills", "restarts", "stalls", "partitions", "failovers")
                           if getattr(self, name))
         api = "".join(f"api_{status}={count} " for status, count in sorted(self.api_answers.items()))
+        api += "".join(f"{name}={seconds:.2f}s " for name, seconds in self.timings.items())
         return (f"{self.scenario} [{self.backend}] jobs={self.jobs} succeeded={self.succeeded} "
                 f"dead={self.dead} attempts={self.attempts} fenced={self.fenced} "
                 f"{faults or 'faults=0'} lost={self.lost} "
@@ -75,6 +79,26 @@ class Figures:
 
     def report(self):
         return "\n".join([self.line(), *self.problems[:30]])
+
+
+@dataclass
+class HostFigures(Figures):
+    """A run's Figures, and what became of the jobs a host held when it was cut off."""
+    hosts: int = 0
+    cut_off: int = 0  # attempts the host was running when it was cut off
+    recovered: int = 0  # of those, taken over by another host after their lease
+    reaped_s: float = 0.0  # from the cut to the last of them ended by another host's reaper
+    first_recovery_s: float = 0.0  # from the cut to the first of them running elsewhere
+    recovery_s: float = 0.0  # ...to the last of them
+    partition_s: float = 0.0
+    after_heal: int = 0  # attempts the host ran to success once healed
+
+    def line(self):
+        return (f"{super().line()} hosts={self.hosts} cut_off={self.cut_off} "
+                f"recovered={self.recovered} reaped_s={self.reaped_s:.1f} "
+                f"recovery_s={self.first_recovery_s:.1f}"
+                f"-{self.recovery_s:.1f} partition_s={self.partition_s:.1f} "
+                f"after_heal={self.after_heal}")
 
 
 # ---------------------------------------------------------------------------- running
@@ -423,6 +447,136 @@ def partitions(conveyor, jobs, seed, every_s=1.0, supervisors=2, concurrency=4):
     return check(conveyor, figures, effects_log)
 
 
+def host_partition(conveyor, hosts, jobs, seed, concurrency=3):
+    """A supervisor on each of several hosts (network namespaces, tests/faults/hosts.py)
+    sharing one PostgreSQL across a switch. The host running a long job (a t.gate held
+    until after the heal) is partitioned away by the kernel under a load of t.chaos jobs,
+    until the other hosts have taken over every job it held (after their lease), then
+    healed: the long job's late result must be refused, and the host must serve again."""
+    from core.jobs import db_time
+    started = time.monotonic()
+    figures = HostFigures("many-hosts", "postgres", seed, hosts=len(hosts.hosts))
+    effects_log = str(conveyor.tmp_path / "effects.log")
+    gate = gate_path(conveyor.tmp_path)
+    url = hosts.url_for(conveyor.database_url)
+    pool = [conveyor.start_supervisor(concurrency, on=host.command, DATABASE_URL=url,
+                                      **SHORT_LEASE) for host in hosts.hosts]
+    victim = cut_at = heal_at = None
+    try:
+        for supervisor in pool:
+            supervisor.wait_for_workers(concurrency, timeout=60)
+        long_job = conveyor.submit("t.gate", {"gate": gate, "hold": [1], "log": effects_log})
+        acknowledged = [long_job, *submit_chaos(conveyor, jobs, effects_log)]
+        first = wait_for(lambda: retrying(lambda: _begun(long_job, effects_log)), timeout=60,
+                         message=f"job {long_job} to begin")
+        victim = next(host for host in hosts.hosts if host.name == first.host)
+        wait_for(lambda: len(retrying(lambda: _running_on(victim.name))) > 1, timeout=60,
+                 message=f"{victim.name} to run jobs beside the long one")
+        cut_at = retrying(db_time)
+        hosts.partition(victim)
+        figures.partitions += 1
+        held = retrying(lambda: _running_on(victim.name))  # it commits nothing any more
+        renewed = retrying(lambda: _renewed(held))
+        wait_for(lambda: retrying(lambda: _moved_on(held)), timeout=60,
+                 message=f"the jobs {victim.name} held to run elsewhere")
+        heal_at = retrying(db_time)
+        hosts.heal(victim)
+        release(gate, 1)  # the long job's first attempt ends, on the healed host
+        acknowledged += submit_chaos(conveyor, jobs // 2, effects_log)  # for the healed host too
+        wait_for(lambda: retrying(lambda: _succeeded_on(victim.name, heal_at)), timeout=60,
+                 message=f"{victim.name} to run a job once healed")
+        drain(timeout_s=300, quiet_s=30)
+    finally:
+        if cut_at is not None and heal_at is None:
+            hosts.heal(victim)
+        release(gate, 1)
+        figures.problems += stop_pool(pool)
+    figures.seconds = time.monotonic() - started
+    figures.partition_s = heal_at - cut_at
+    check(conveyor, figures, effects_log, acknowledged)
+    _taken_over(figures, victim.name, held, renewed, cut_at)
+    figures.after_heal = _succeeded_on(victim.name, heal_at)
+    first = retrying(lambda: _attempt(long_job, 1))
+    if not first.fenced:
+        figures.problems.append(f"job {long_job}: the late result of attempt 1 on "
+                                f"{victim.name} was not refused ({first.status})")
+    return figures
+
+
+def _begun(job_id, effects_log):
+    """Attempt 1 of the job once its handler has begun (logged its start)."""
+    if any(line[:3] == ["start", str(job_id), "1"] for line in side_effects(effects_log)):
+        return _attempt(job_id, 1)
+    return None
+
+
+def _attempt(job_id, number):
+    from models import Attempt
+    return Attempt.get((Attempt.job_id == job_id) & (Attempt.number == number))
+
+
+def _running_on(host):
+    from models import Attempt
+    return [(a.job_id, a.number) for a in Attempt.select(Attempt.job_id, Attempt.number)
+            .where(Attempt.host == host, Attempt.status == "running")]
+
+
+def _succeeded_on(host, since):
+    from models import Attempt
+    return Attempt.select().where(Attempt.host == host, Attempt.status == "succeeded",
+                                  Attempt.started_at >= since).count()
+
+
+def _moved_on(held):
+    """Whether every held job has begun a later attempt, or ended."""
+    from models import Job
+    now = dict(Job.select(Job.id, Job.attempt).where(Job.id.in_([j for j, _ in held]),
+                                                     Job.status.not_in(FINAL)).tuples())
+    return all(now.get(job_id, number + 1) > number for job_id, number in held)
+
+
+def _renewed(held):
+    """When the lease of each held job was last renewed (its heartbeat_at), by job."""
+    from models import Job
+    return dict(Job.select(Job.id, Job.heartbeat_at).where(Job.id.in_([j for j, _ in held]))
+                .tuples())
+
+
+def _taken_over(figures, host, held, renewed, cut_at):
+    """Where the attempts the host held when it was cut off went: each must have been
+    ended by another host's reaper (LeaseExpired; Released, for a claimed job it had not
+    begun when another one of its claim was charged), and its job run again on another host
+    after its lease expired (`renewed`, then LEASE_S), or dead-lettered (its attempts
+    spent). That all of it happened before the heal, the scenario waited for."""
+    from models import Attempt, Job
+    recoveries = []
+    for job_id, number in held:
+        attempts = {a.number: a for a in Attempt.select().where(Attempt.job_id == job_id)}
+        if attempts[number].error_type not in ("LeaseExpired", "Released"):
+            continue  # its outcome reached the database just before the cut
+        figures.cut_off += 1
+        figures.reaped_s = max(figures.reaped_s, attempts[number].finished_at - cut_at)
+        later = attempts.get(number + 1)
+        if later is None:
+            if Job.get_by_id(job_id).status == "dead":
+                figures.recovered += 1
+            else:
+                figures.problems.append(f"job {job_id}: attempt {number} expired on {host} "
+                                        f"and nothing came of it")
+            continue
+        expiry = renewed[job_id] + SHORT_LEASE["LEASE_S"]
+        if later.host == host or later.started_at < expiry:
+            figures.problems.append(
+                f"job {job_id}: attempt {number} cut off on {host}, attempt {number + 1} began "
+                f"on {later.host} {later.started_at - cut_at:.2f}s after the cut (its lease "
+                f"expired {expiry - cut_at:.2f}s after it)")
+            continue
+        figures.recovered += 1
+        recoveries.append(later.started_at - cut_at)
+    if recoveries:
+        figures.first_recovery_s, figures.recovery_s = min(recoveries), max(recoveries)
+
+
 def database_restarts(conveyor, cluster, jobs, seed, modes=("fast", "immediate"),
                       supervisors=2, concurrency=4, api_threads=3):
     """Restart the (private) PostgreSQL server during the run, once per mode. Supervisors
@@ -452,18 +606,7 @@ def database_restarts(conveyor, cluster, jobs, seed, modes=("fast", "immediate")
         figures.problems += api.serves_again()
         api.settle()
         drain(timeout_s=max(600, jobs / 3))
-        for supervisor in pool:
-            if supervisor.proc.poll() is not None:
-                figures.problems.append(f"supervisor {supervisor.pid} exited "
-                                        f"{supervisor.proc.returncode}")
-        workers_after = {pid for supervisor in pool for pid in supervisor.worker_pids()}
-        if workers_after != workers_before:
-            figures.problems.append(f"worker processes were replaced: "
-                                    f"{sorted(workers_before - workers_after)} gone")
-        if {web.pid, *web.worker_pids()} != web_pids:
-            figures.problems.append("the web processes were replaced")
-        if "Traceback" in web.log():
-            figures.problems.append(f"gunicorn logged a traceback: {web.log()[-2000:]}")
+        figures.problems += replaced(pool, workers_before, web, web_pids)
     finally:
         figures.problems += api.stop()
         web.stop()
@@ -473,6 +616,156 @@ def database_restarts(conveyor, cluster, jobs, seed, modes=("fast", "immediate")
     figures.problems += api.problems()
     figures.api_answers = dict(api.statuses)
     return figures
+
+
+def replaced(pool, workers_before, web, web_pids):
+    """What was restarted or replaced of the supervisors, their workers and the web
+    processes (by their pids before the fault), or logged a traceback."""
+    found = [f"supervisor {supervisor.pid} exited {supervisor.proc.returncode}"
+             for supervisor in pool if supervisor.proc.poll() is not None]
+    workers_after = {pid for supervisor in pool for pid in supervisor.worker_pids()}
+    if workers_after != workers_before:
+        found.append(f"worker processes were replaced: "
+                     f"{sorted(workers_before - workers_after)} gone")
+    if {web.pid, *web.worker_pids()} != web_pids:
+        found.append("the web processes were replaced")
+    if "Traceback" in web.log():
+        found.append(f"gunicorn logged a traceback: {web.log()[-2000:]}")
+    return found
+
+
+# Long enough that no lease expires while the standby is promoted and every process
+# reconnects (a few seconds), short enough that a claim committed on the standby whose
+# answer the worker never got (the primary died first) is reaped soon.
+FAILOVER_LEASE = {"LEASE_S": 8}
+GRACE_S = 2.0  # SPEC §13: no request refused more than this after the database answers
+
+
+def failover_url(primary, standby, database):
+    """libpq's multi-host URL of database on both servers, the standby first: libpq passes
+    it over while it is read-only (target_session_attrs=read-write), and takes it once
+    promoted."""
+    return (f"postgresql://postgres@127.0.0.1:{standby.port},127.0.0.1:{primary.port}/"
+            f"{database}?target_session_attrs=read-write")
+
+
+def failover(conveyor, primary, standby, seed, supervisors=2, concurrency=2, api_threads=3,
+             before=60, after_s=3.0):
+    """kill -9 the primary under load and promote its synchronous standby; conveyor's
+    DATABASE_URL names both (libpq's multi-host URL, target_session_attrs=read-write).
+    Supervisors and a real gunicorn go on without a restart: every submission answered 2xx
+    is in the promoted database and runs once, no handler ends twice, and no submission
+    sent GRACE_S after the promotion is refused. Measures the time from the promotion to
+    the first job started and to the first submission accepted after it (from `pg_ctl
+    promote`: the server may take writes a moment before pg_ctl sees it done)."""
+    started = time.monotonic()
+    figures = Figures("failover", "postgres", seed)
+    effects_log = str(conveyor.tmp_path / "effects.log")
+    pool = start_pool(conveyor, supervisors, concurrency, **FAILOVER_LEASE)
+    workers_before = {pid for supervisor in pool for pid in supervisor.worker_pids()}
+    # Chaos jobs fail one attempt in ten: with ten attempts every accepted one succeeds.
+    web = Gunicorn({**conveyor.env, "DEFAULT_MAX_ATTEMPTS": "10"},
+                   conveyor.tmp_path / "gunicorn.log")
+    key = conveyor.flask("keys", "create", "probe", "--admin", "--rate-limit",
+                         "100000/second").stdout.strip()
+    web_pids = {web.pid, *web.worker_pids()}
+    api = ApiProbe(web.url, key, effects_log, api_threads)
+    try:
+        wait_for(lambda: len(api.accepted()) >= before and _effects(effects_log, "end"), 60,
+                 interval=0.05, message=f"{before} submissions accepted, and runs, before the "
+                                        f"failover")
+        killed_at = time.time()
+        primary.kill()
+        # What workers claimed before the kill they still run; once it is all run, every
+        # job started is claimed on the promoted server.
+        wait_for(lambda: _quiet(effects_log, 0.3), 30, interval=0.05,
+                 message="the jobs claimed before the kill to be run")
+        promoting_at = time.time()
+        standby.promote()
+        promoted_at = time.time()  # pg_ctl saw it done: the database answers from here on
+        figures.failovers += 1
+        wait_for(lambda: time.time() > promoted_at + after_s and
+                 len(api.accepted(since=promoted_at)) >= before, 60, interval=0.05,
+                 message=f"{before} submissions accepted after the promotion")
+        figures.problems += api.stop()
+        figures.problems += api.serves_again()
+        api.settle()
+        drain(timeout_s=120, quiet_s=30)
+        wait_for(lambda: retrying(_listening) == supervisors, 15, interval=0.1,
+                 message=f"the {supervisors} supervisors to LISTEN on the promoted server")
+        figures.problems += replaced(pool, workers_before, web, web_pids)
+    finally:
+        figures.problems += api.stop()
+        web.stop()
+        figures.problems += stop_pool(pool)
+    figures.seconds = time.monotonic() - started
+    check(conveyor, figures, effects_log, acknowledged=[s.job_id for s in api.accepted()])
+    figures.problems += api.problems()
+    figures.api_answers = dict(api.statuses)
+    figures.problems += _failover_problems(conveyor, api, effects_log, killed_at, promoted_at)
+    starts = [at for at in _effects(effects_log, "start") if at > promoting_at]
+    answers = [s.answered_at for s in api.accepted(since=promoting_at)
+               if s.sent_at > promoting_at]
+    refused = [s.answered_at for s in api.submissions if s.job_id is None]
+    figures.timings = {"kill": promoting_at - killed_at, "promote": promoted_at - promoting_at,
+                       "promote_to_first_start": min(starts, default=math.inf) - promoting_at,
+                       "promote_to_first_201": min(answers, default=math.inf) - promoting_at,
+                       "promoted_to_last_503": max(refused, default=math.nan) - promoted_at}
+    return figures
+
+
+def _failover_problems(conveyor, api, effects_log, killed_at, promoted_at):
+    from models import Job
+    found = []
+    statuses = dict(retrying(lambda: list(Job.select(Job.id, Job.status).tuples())))
+    unfinished = [s.job_id for s in api.accepted() if statuses.get(s.job_id) != "succeeded"]
+    if unfinished:
+        found.append(f"lost: accepted jobs not succeeded: "
+                     f"{[(i, statuses.get(i)) for i in unfinished[:10]]}")
+    ends = defaultdict(set)
+    for job_id, attempt in _effects(effects_log, "end", fields=(1, 2)):
+        ends[job_id].add(attempt)
+    twice = {job_id: sorted(attempts) for job_id, attempts in ends.items() if len(attempts) > 1}
+    if twice:
+        found.append(f"succeeded twice (handler ended in several attempts): {twice}")
+    refused = [s for s in api.submissions if s.sent_at >= promoted_at + GRACE_S
+               and not 200 <= (s.status or 0) < 300]
+    if refused:
+        found.append(f"{len(refused)} submissions sent {GRACE_S:g}s after the promotion were "
+                     f"refused: {refused[:5]}")
+    if not [s for s in api.submissions if killed_at < s.answered_at < promoted_at
+            and s.status == 503]:
+        found.append("no submission was refused between the kill and the promotion: the "
+                     "failover was not under load")
+    return found
+
+
+def _listening():
+    """How many sessions of this database LISTEN for new jobs (the supervisors')."""
+    from models import db
+    return db.execute_sql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                          "current_database() AND query LIKE 'LISTEN %%'").fetchone()[0]
+
+
+def _quiet(effects_log, for_s):
+    """Whether no handler runs and none started or ended in the last for_s seconds."""
+    lines = side_effects(effects_log)
+    began = {tuple(line[1:3]) for line in lines if line[0] == "start"}
+    ended = {tuple(line[1:3]) for line in lines if line[0] != "start"}
+    last = max((float(line[4]) for line in lines), default=0.0)
+    return began <= ended and time.time() - last > for_s
+
+
+def _effects(effects_log, event, fields=(4,)):
+    """From the side-effect log, the given fields of each `event` line (float times by
+    default; ints for the others)."""
+    picked = []
+    for line in side_effects(effects_log):
+        if line[0] == event:
+            values = [float(line[i]) if i == 4 else int(line[i]) for i in fields]
+            picked.append(values[0] if len(values) == 1 else tuple(values))
+    return picked
+
 
 
 class ApiProbe:
@@ -486,6 +779,7 @@ class ApiProbe:
         self.failures = []
         self.pending = []  # idempotency keys whose submission got no 2xx
         self.sent = []
+        self.submissions = []  # Submission, each answer (or none) of each one sent
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._probe, args=(i,), daemon=True)
@@ -520,9 +814,7 @@ class ApiProbe:
             count += 1
             self._call(session, "GET", "/healthz")
             key = f"probe-{index}-{count}"
-            body = {"type": "t.chaos", "payload": {"log": self.effects_log}}
-            response = self._call(session, "POST", "/v1/jobs", json=body,
-                                  headers={"Idempotency-Key": key})
+            response = self._submit(session, key)
             with self._lock:
                 self.sent.append(key)
                 if response is None or response.status_code >= 300:
@@ -530,6 +822,21 @@ class ApiProbe:
             if response is not None and response.status_code in (200, 201):
                 self._call(session, "GET", f"/v1/jobs/{response.json()['id']}")
             time.sleep(0.02)
+
+    def _submit(self, session, key):
+        sent_at = time.time()
+        response = self._call(session, "POST", "/v1/jobs", headers={"Idempotency-Key": key},
+                              json={"type": "t.chaos", "payload": {"log": self.effects_log}})
+        status = response.status_code if response is not None else None
+        job_id = response.json()["id"] if status in (200, 201) else None
+        with self._lock:
+            self.submissions.append(Submission(key, sent_at, time.time(), status, job_id))
+        return response
+
+    def accepted(self, since=0.0):
+        """The submissions answered 2xx (after `since`, a time.time())."""
+        with self._lock:
+            return [s for s in self.submissions if s.job_id is not None and s.answered_at > since]
 
     def stop(self):
         self._stop.set()
@@ -553,8 +860,7 @@ class ApiProbe:
         session = requests.Session()
         for key in self.pending:
             for _ in range(50):
-                response = self._call(session, "POST", "/v1/jobs", headers={"Idempotency-Key": key},
-                                      json={"type": "t.chaos", "payload": {"log": self.effects_log}})
+                response = self._submit(session, key)
                 if response is not None and response.status_code in (200, 201):
                     break
                 time.sleep(0.2)
@@ -577,6 +883,15 @@ class ApiProbe:
         if missing:
             found.append(f"api: submissions without exactly one job: {missing[:10]}")
         return found
+
+
+@dataclass
+class Submission:
+    key: str  # its Idempotency-Key
+    sent_at: float  # time.time()
+    answered_at: float
+    status: int = None  # None: no answer
+    job_id: int = None  # when answered 2xx
 
 
 def sqlite_kills(conveyor, seconds, seed, kill_every_s=0.1, writers=3, supervisors=2,
@@ -660,5 +975,7 @@ def _kill(pid, signum):
 
 
 def _backend(conveyor):
+    if conveyor.env.get("DATABASE_POOL_MODE") == "transaction":
+        return "pgbouncer"
     return "postgres" if conveyor.is_postgres else "sqlite"
 

@@ -8,7 +8,9 @@ table. Exits 1 if any run found a violation (its folder is kept and named).
 
 PostgreSQL runs get a database of their own on TEST_DATABASE_URL's server (default
 postgresql://postgres@127.0.0.1:5432/test), dropped afterwards; the restart scenario makes
-a private server and never restarts that one. SQLite runs use a temporary file.
+a private server and never restarts that one; the many-hosts scenario makes three hosts
+(network namespaces: root and iproute2) and a private server they reach; the failover a
+private primary and its standby. SQLite runs use a temporary file.
 """
 import argparse
 import logging
@@ -29,20 +31,25 @@ import pytest  # noqa: E402  (its MonkeyPatch scopes each run's environment)
 
 import conftest  # noqa: E402
 import harness  # noqa: E402
+from hosts import Hosts  # noqa: E402
 from pgcluster import PrivateCluster  # noqa: E402
 
-SCENARIOS = {  # name: (backends, run(conveyor, jobs, seed, cluster))
+SCENARIOS = {  # name: (backends, run(conveyor, jobs, seed, cluster or hosts))
     "worker-chaos": (("postgres", "sqlite"), lambda c, n, s, _: harness.worker_chaos(c, n, s)),
     "host-chaos": (("postgres", "sqlite"), lambda c, n, s, _: harness.host_chaos(c, n, s)),
     "database-restarts": (("private-postgres",),
                           lambda c, n, s, cluster: harness.database_restarts(c, cluster, n, s)),
     "partitions": (("postgres",), lambda c, n, s, _: harness.partitions(c, n, s)),
+    "many-hosts": (("hosts",), lambda c, n, s, hosts: harness.host_partition(c, hosts, n, s)),
     "stalls": (("postgres", "sqlite"), lambda c, n, s, _: harness.worker_stalls(c, n, s)),
+    # Sized in submissions accepted before the kill, and again after the promotion.
+    "failover": (("private-standby",),
+                 lambda c, n, s, servers: harness.failover(c, *servers, s, before=n // 10)),
     # Sized in seconds of kills: about 50 jobs arrive per second.
     "sqlite-kills": (("sqlite",), lambda c, n, s, _: harness.sqlite_kills(c, n / 50, s)),
 }
 SUMMED = ("jobs", "succeeded", "dead", "attempts", "fenced", "kills", "restarts", "stalls",
-          "partitions", "lost", "duplicated_attempts", "overlaps", "misrecorded",
+          "partitions", "failovers", "lost", "duplicated_attempts", "overlaps", "misrecorded",
           "audit_violations", "seconds")
 
 
@@ -50,19 +57,29 @@ def run_once(name, backend, jobs, seed, server_url):
     """One scenario run in a fresh folder, environment and database; returns its Figures."""
     folder = pathlib.Path(tempfile.mkdtemp(prefix=f"conveyor-soak-{name}-"))
     monkeypatch = pytest.MonkeyPatch()
-    cluster = database = conveyor = None
+    cluster = database = conveyor = hosts = None
     try:
         if backend == "sqlite":
             url = f"sqlite:///{folder}/conveyor.db"
         elif backend == "private-postgres":
             cluster = PrivateCluster()
             url = cluster.create_database("conveyor")
+        elif backend == "private-standby":  # cluster: (primary, its synchronous standby)
+            cluster = (PrivateCluster(),)
+            cluster[0].create_database("conveyor")
+            cluster += (cluster[0].add_standby(),)
+            url = harness.failover_url(*cluster, "conveyor")
+        elif backend == "hosts":
+            hosts = Hosts(3, label="soak")
+            cluster = PrivateCluster(listen_on=[hosts.server_address],
+                                     trusted=[str(hosts.subnet)])
+            url = cluster.create_database("conveyor")
         else:
             database = f"conveyor_soak_{uuid.uuid4().hex[:8]}"
             url = conftest.create_pg_database(database)
         conveyor = conftest.Conveyor(url, folder, monkeypatch)
         logging.getLogger("conveyor").setLevel(logging.ERROR)  # one line per run, not per job
-        figures = SCENARIOS[name][1](conveyor, jobs, seed, cluster)
+        figures = SCENARIOS[name][1](conveyor, jobs, seed, hosts or cluster)
     except Exception as exc:  # a run that could not finish is a failed run, with its cause
         figures = harness.Figures(name, backend, seed)
         figures.problems.append(f"the run failed: {type(exc).__name__}: {exc}")
@@ -70,8 +87,11 @@ def run_once(name, backend, jobs, seed, server_url):
         if conveyor is not None:
             conveyor.close()
         monkeypatch.undo()
-        if cluster is not None:
-            cluster.destroy()
+        for server in cluster if isinstance(cluster, tuple) else [cluster]:
+            if server is not None:
+                server.destroy()
+        if hosts is not None:
+            hosts.destroy()
         if database is not None:
             conftest.drop_pg_database(database)
     if figures.clean:
@@ -133,7 +153,8 @@ def print_totals(results):
           "| overlaps | audit violations |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, total in totals.items():
         faults = ", ".join(f"{getattr(total, name)} {name}" for name in
-                           ("kills", "restarts", "stalls", "partitions") if getattr(total, name))
+                           ("kills", "restarts", "stalls", "partitions", "failovers")
+                           if getattr(total, name))
         print(f"| {total.scenario} | {total.backend} | {runs[key]} | {total.jobs:,} | {faults} "
               f"| {total.lost} | {total.duplicated_attempts} | {total.overlaps} "
               f"| {total.audit_violations} |")

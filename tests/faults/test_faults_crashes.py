@@ -9,7 +9,7 @@ import time
 import pytest
 
 from checks import LONG_LEASE
-from conftest import wait_for
+from conftest import WITH_PGBOUNCER, wait_for
 from harness import host_chaos, seed, worker_chaos
 
 WORKER_CHAOS_JOBS = 2000
@@ -17,6 +17,7 @@ HOST_CHAOS_JOBS = 1500
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("database_url", WITH_PGBOUNCER, indirect=True)
 def test_nothing_lost_or_run_twice_while_workers_are_killed(conveyor):
     figures = worker_chaos(conveyor, WORKER_CHAOS_JOBS, seed())
     print(figures.line())
