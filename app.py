@@ -415,7 +415,7 @@ def owner():
 def create_app():
     """The app, built without I/O (boot.prepare): a bad setting or handler stops the
     process with one line, but nothing connects, so importing this module opens no
-    connection. Whoever serves it checks the database and migrates first (boot.connect and
+    connection. Whoever serves it checks the database and its schema first (boot.connect and
     boot.ready): web in gunicorn.conf.py's on_starting, the `flask` commands as they run."""
     try:
         conf = boot.prepare()

@@ -27,15 +27,16 @@ def post_worker_init(worker):
 
 def on_starting(server):
     """Web's start-up, before any worker serves (the app, preloaded, connected to nothing):
-    configure logging, check the database answers (else stop with one line), migrate the
-    schema and say in one line which database and job types web uses."""
+    configure logging, check the database answers and is migrated (else stop with one
+    line: migrating is the release phase's, `flask db upgrade`) and say in one line which
+    database and job types web uses."""
     from infra import boot
     from infra.config import ConfigError, fail_fast, settings
     try:
         boot.connect(settings())
+        boot.ready("web")
     except ConfigError as exc:
         fail_fast(exc)
-    boot.ready("web")
 
 
 def write_problem(sock, status_int, reason, mesg):

@@ -336,8 +336,14 @@ def describe():
 Schema = collections.namedtuple("Schema", "applied version")
 
 
+class SchemaBehind(RuntimeError):
+    """The database lacks migrations this code needs; the message is one line naming
+    `flask db upgrade`."""
+
+
 def upgrade():
-    """Create or migrate the schema; safe when several processes start at once.
+    """Create or migrate the schema (`flask db upgrade`, the Procfile's release phase);
+    safe when several run at once.
 
     PostgreSQL serialises migrators on an advisory lock, SQLite on its write lock
     (BEGIN IMMEDIATE); each migration is recorded by name, so a second runner finds
@@ -352,8 +358,32 @@ def upgrade():
             database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (0x636F6E76,))
         runner = Runner(database, MIGRATIONS_DIR)
         applied = runner.up()
-        version = max((m.idx for m in runner.status() if m.applied), default=0)
-        return Schema(applied, version)
+        return Schema(applied, _version(runner.status()))
+
+
+def check_schema():
+    """The schema's version when every migration of this code is applied, else
+    SchemaBehind; changes nothing. Web, worker and the other commands start only on a
+    migrated database: migrating is the release phase's, once per deploy. A database
+    ahead of this code (a newer release migrated it while this one still runs) is fine:
+    migrations only add."""
+    from playhouse.migrations import Runner
+
+    with db.obj.connection_context():
+        status = Runner(db.obj, MIGRATIONS_DIR).status()
+    pending = [m.name for m in status if not m.applied and m.path is not None]
+    if pending:
+        missing = pending[0] if len(pending) == 1 else f"{pending[0]} to {pending[-1]}"
+        raise SchemaBehind(
+            f"the database {describe()} is at schema version {_version(status)}, this code "
+            f"needs {len(pending)} more migration{'s' if len(pending) > 1 else ''} "
+            f"({missing}): run `flask db upgrade` (the Procfile's release phase) first")
+    return _version(status)
+
+
+def _version(status):
+    """The number of the latest migration applied, by anyone."""
+    return max((m.idx for m in status if m.applied), default=0)
 
 
 class JSONField(pw.TextField):

@@ -57,20 +57,20 @@ class Duration(click.ParamType):
 
 class Conveyor:
     """What every command here does around its work: start the process (boot.connect: the
-    app connected to nothing; an unreachable database stops it with one line), bring the
-    schema up to date first, quietly (unless it is `flask db upgrade`, which says what it
-    applied), and answer a refusal from the core with one clear line (`Error: ...`, exit
-    1), not a traceback."""
+    app connected to nothing; an unreachable database stops it with one line), check that
+    the schema is up to date (else stop with one line naming `flask db upgrade`, which
+    alone migrates), and answer a refusal from the core with one clear line (`Error: ...`,
+    exit 1), not a traceback."""
 
-    migrates_first = True
+    checks_schema = True
 
     def invoke(self, ctx):
         try:
             boot.connect(settings())
+            if self.checks_schema:
+                boot.ready("flask", level=logging.DEBUG)
         except ConfigError as exc:
             fail_fast(exc)
-        if self.migrates_first:
-            boot.ready("flask", level=logging.DEBUG)
         try:
             return super().invoke(ctx)
         except Refused as exc:
@@ -89,7 +89,7 @@ class Command(Conveyor, click.Command):
 class SchemaCommands(Commands):
     """`flask db`: its commands manage the schema themselves."""
 
-    migrates_first = False
+    checks_schema = False
 
 
 def json_object(text, option="--payload"):
@@ -127,7 +127,8 @@ queues_group = Commands("queues", help="Pause, resume and limit queues.")
 
 @db_group.command("upgrade")
 def db_upgrade():
-    """Create or migrate the schema (idempotent; also run when web and worker start)."""
+    """Create or migrate the schema (the Procfile's release phase; idempotent, and safe
+    when several run at once)."""
     schema = models.upgrade()
     click.echo(f"applied {', '.join(schema.applied)}; schema at version {schema.version}"
                if schema.applied else f"schema is up to date (version {schema.version})")

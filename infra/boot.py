@@ -7,10 +7,11 @@ calls it as it is built and importing `app` opens no connection and configures n
 and checks that the database answers (`start` does both steps). Any problem is a
 ConfigError or HandlerError with one line that names its cause.
 
-Who connects and migrates: web in gunicorn.conf.py's `on_starting` (its app prepared as
-gunicorn loaded it), the worker as it starts, the `flask` commands before they run (`flask
-db upgrade` itself reports what it applied); each then calls `ready`, which migrates and
-says what the process uses.
+Who connects: web in gunicorn.conf.py's `on_starting` (its app prepared as gunicorn
+loaded it), the worker as it starts, the `flask` commands before they run; each then calls
+`ready`, which checks that the schema is up to date and says what the process uses. Only
+`flask db upgrade` migrates: the Procfile's release phase, once per deploy, before the new
+web and worker start (docs/scaling.md#release-phase).
 """
 import logging
 
@@ -45,8 +46,8 @@ def connect(settings):
 
 
 def start(*, upgrade=True, custom_plans=False):
-    """prepare() and connect(), bringing the schema up to date when upgrade; returns the
-    settings."""
+    """prepare() and connect(), bringing the schema up to date when upgrade (the tests and
+    benchmarks, which set up their own databases); returns the settings."""
     settings = prepare(custom_plans=custom_plans)
     connect(settings)
     if upgrade:
@@ -55,11 +56,13 @@ def start(*, upgrade=True, custom_plans=False):
 
 
 def ready(process, level=logging.INFO):
-    """Bring the schema up to date and log one line of what this process uses: which
-    database, at which schema version, with which job types. Returns models.Schema."""
-    schema = models.upgrade()
-    applied = f", applied {', '.join(schema.applied)}" if schema.applied else ""
-    log.log(level, "%s uses %s (schema version %d%s) with job types: %s", process,
-            models.describe(), schema.version, applied,
-            ", ".join(sorted(handlers.registered())) or "none")
-    return schema
+    """Check that every migration is applied (a ConfigError naming `flask db upgrade` if
+    not: the process stops rather than run on a schema it does not know) and log one line
+    of what this process uses: which database, at which schema version, with which job
+    types."""
+    try:
+        version = models.check_schema()
+    except models.SchemaBehind as exc:
+        raise config.ConfigError(str(exc)) from None
+    log.log(level, "%s uses %s (schema version %d) with job types: %s", process,
+            models.describe(), version, ", ".join(sorted(handlers.registered())) or "none")

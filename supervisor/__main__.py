@@ -17,7 +17,7 @@ def main(concurrency, queues):
     """Run worker processes that take jobs from the database until SIGTERM."""
     try:
         settings = boot.start(upgrade=False, custom_plans=True)  # see models.open_database
-        boot.ready("worker")
+        boot.ready("worker")  # a database not yet migrated stops it: see boot.ready
     except (ConfigError, HandlerError) as exc:
         fail_fast(exc)
     chosen = tuple(q.strip() for q in (queues or "").split(",") if q.strip())

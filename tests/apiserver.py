@@ -70,11 +70,16 @@ def api_with(conveyor, monkeypatch):
 
 
 class Gunicorn(ProcessGroup):
-    """`gunicorn app:app` as the Procfile runs it (gunicorn.conf.py), on a free port."""
+    """`gunicorn app:app` as the Procfile runs it (gunicorn.conf.py), on a free port, with
+    `workers` processes (None: as many as gunicorn.conf.py takes from WEB_CONCURRENCY)."""
 
     def __init__(self, env, log_path, workers=1, access_log=None):
         args = [sys.executable, "-m", "gunicorn", "app:app", "--bind", "127.0.0.1:0",
-                "--workers", str(workers), "--no-control-socket"]
+                "--no-control-socket"]
+        if workers is None:
+            workers = int(env["WEB_CONCURRENCY"])
+        else:
+            args += ["--workers", str(workers)]
         if access_log:
             args += ["--access-logfile", str(access_log), "--access-logformat", "%(p)s %(s)s %(U)s"]
         super().__init__(args, env, log_path)

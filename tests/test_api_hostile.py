@@ -232,7 +232,7 @@ def test_a_database_outage_is_503_with_retry_after_not_500(postgres_url, monkeyp
     import app as app_module  # (its first import makes an app from the environment)
     import models
     client = app_module.create_app().test_client()
-    models.upgrade()  # as web does when it starts (gunicorn.conf.py)
+    models.upgrade()  # as the release phase does before web starts (`flask db upgrade`)
     key = keys.create("admin", "admin")[1]
     assert client.get("/v1/jobs", headers=bearer(key)).status_code == 200
     conftest.drop_pg_database(name)  # WITH (FORCE): our connection is cut too

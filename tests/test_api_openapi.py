@@ -87,6 +87,8 @@ def live_api(tmp_path_factory, worker_id, testrun_uid):
     env = {**os.environ, **conftest.FAST_ENV, "DATABASE_URL": url,
            "RATE_LIMIT": "100000/second", "AUTH_FAIL_LIMIT": "100000/minute",
            "MAX_PAYLOAD_BYTES": "4096", "MAX_REQUEST_BYTES": "65536"}
+    subprocess.run([sys.executable, "-m", "flask", "db", "upgrade"], cwd=conftest.ROOT,
+                   env=env, capture_output=True, check=True)  # the release phase
     key = subprocess.run(
         [sys.executable, "-m", "flask", "keys", "create", "fuzzer", "--admin"],
         cwd=conftest.ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()

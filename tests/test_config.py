@@ -1,6 +1,6 @@
-"""Start-up: many processes creating the schema of an empty database at once, and bad
-configuration stopping web (gunicorn), `python -m supervisor` and the `flask` commands with
-one clear line."""
+"""Start-up: several `flask db upgrade` creating the schema of an empty database at once,
+and bad configuration stopping web (gunicorn), `python -m supervisor` and the `flask`
+commands with one clear line."""
 import os
 import re
 import sqlite3
@@ -48,37 +48,37 @@ def _schema(url):
     return tables, applied, indexes
 
 
-def test_concurrent_schema_creation_on_an_empty_database(conveyor, empty_database_url, tmp_path):
+def test_concurrent_flask_db_upgrade_on_an_empty_database_applies_each_migration_once(
+        conveyor, empty_database_url, tmp_path):
+    """The release phase run by several deploys at once: six `flask db upgrade`, loaded and
+    waiting at a barrier, start at the same instant. PostgreSQL serialises them on an
+    advisory lock, SQLite on its write lock: one applies every migration, the others find
+    nothing left to do, and none fails."""
     env = {**conveyor.env, "DATABASE_URL": empty_database_url}
     go = tmp_path / "go"
-    # Six processes import everything, wait at a barrier, then boot at the same instant;
-    # four `flask db upgrade` join in as they come.
-    booter = ("import os, time\nfrom infra import boot\n"
-              f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
-              "boot.start()\n"
-              "print('booted')\n")
-    processes = [subprocess.Popen([sys.executable, "-c", booter], cwd=ROOT, env=env,
+    upgrader = ("import os, sys, time\nfrom flask.cli import main\n"
+                f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+                "sys.argv = ['flask', 'db', 'upgrade']\n"
+                "main()\n")
+    processes = [subprocess.Popen([sys.executable, "-c", upgrader], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(6)]
-    processes += [subprocess.Popen([sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT,
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True) for _ in range(4)]
     go.touch()
-    outcomes = [(p.wait(60), *p.communicate()) for p in processes]
+    outcomes = [(p.wait(90), *p.communicate()) for p in processes]
 
-    for code, out, err in outcomes:
-        assert code == 0, err
-        assert "Traceback" not in err and "rror" not in err, err
-    assert [out for _, out, _ in outcomes[:6]] == ["booted\n"] * 6
-    tables, applied, indexes = _schema(empty_database_url)
-    assert TABLES <= tables
     migrations = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "migrations"))
                         if f[:1].isdigit() and f.endswith(".py"))
+    version = int(migrations[-1][:4])
+    for code, out, err in outcomes:
+        assert (code, err) == (0, ""), out + err
+    assert sorted(out for _, out, _ in outcomes) == sorted(
+        [f"applied {', '.join(migrations)}; schema at version {version}\n"]
+        + [f"schema is up to date (version {version})\n"] * 5)
+    tables, applied, indexes = _schema(empty_database_url)
+    assert TABLES <= tables
     assert applied == migrations, "each migration must be applied exactly once, in order"
     assert len(indexes) == len(set(indexes))
     assert {"jobs_claim", "jobs_idempotency"} <= set(indexes)
-    again = conveyor.flask("db", "upgrade", env={"DATABASE_URL": empty_database_url})
-    assert again.stdout.strip() == f"schema is up to date (version {int(migrations[-1][:4])})"
     job_id = conveyor.flask("jobs", "submit", "t.noop",
                             env={"DATABASE_URL": empty_database_url}).stdout.strip()
     assert job_id == "1"

@@ -1,7 +1,8 @@
 """The README's quickstart and tour, pasted as a new user pastes them: the platform started
-with `honcho start` (the Procfile's web and worker) on a fresh SQLite database, then the
-"In another terminal" block and the tour block run as one bash script, each command
-checked for success and the jobs for the states the README describes."""
+with the README's start command (past its install steps: the release phase, then honcho
+with the Procfile's web and worker) on a fresh SQLite database, then the "In another
+terminal" block and the tour block run as one bash script, each command checked for
+success and the jobs for the states the README describes."""
 import json
 import os
 import re
@@ -69,19 +70,33 @@ def request_of(curl_command):
     return (method.group(1) if method else "POST" if " -d " in curl_command else "GET"), path
 
 
+INSTALL = "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt && "
+
+
+def start_command():
+    """The README's start command past its install steps (this interpreter's packages are
+    those of requirements.txt), with honcho told to read an empty env file, so that a
+    developer's own .env cannot change the test."""
+    with open(README) as f:
+        [line] = shell_block_after(f.read(), "<!-- start-command -->")
+    assert line.startswith(INSTALL), line
+    return line[len(INSTALL):]
+
+
 @pytest.fixture
 def platform(tmp_path):
-    """`honcho start` from the app folder on a fresh SQLite database; its web port."""
+    """The README's start command from the app folder on a fresh SQLite database; its web
+    port."""
     port = free_port()
-    empty_env_file = tmp_path / "env"  # a developer's own .env must not change the test
+    empty_env_file = tmp_path / "env"
     empty_env_file.write_text("")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "DATABASE_URL": f"sqlite:///{tmp_path / 'conveyor.db'}", "PORT": str(port),
            "WORKER_CONCURRENCY": "2", "PYTHONUNBUFFERED": "1"}
     for name in ("HANDLER_PATHS", "LOG_FORMAT", "WORKER_QUEUES", "FLASK_APP"):
         env.pop(name, None)
-    honcho = ProcessGroup([os.path.join(BIN, "honcho"), "-e", str(empty_env_file), "start"],
-                          env, tmp_path / "honcho.log")
+    command = start_command().replace("honcho start", f"honcho -e {empty_env_file} start")
+    honcho = ProcessGroup(["bash", "-c", command], env, tmp_path / "honcho.log")
 
     def answers():
         if honcho.proc.poll() is not None:

@@ -1,7 +1,8 @@
-"""What a new user sees when the platform starts: `flask db upgrade` says what it applied,
-web and worker migrate as they start and say which database and job types they use (the
-`flask` commands only at debug), `flask` reads `.env` as honcho does, and `flask handlers`
-lists the job types with their options."""
+"""What a new user sees when the platform starts: `flask db upgrade` (the release phase)
+says what it applied; web and worker never migrate: on a database that is behind they stop
+with one line naming `flask db upgrade`, on a migrated one they say which database and job
+types they use (the `flask` commands only at debug); `flask` reads `.env` as honcho does,
+and `flask handlers` lists the job types with their options."""
 import importlib.metadata
 import json
 import os
@@ -20,7 +21,7 @@ from packaging.requirements import Requirement
 
 from apiserver import Gunicorn
 from conftest import FAST_ENV, ROOT, TEST_HANDLERS, wait_for
-from test_config import _schema, empty_database_url  # noqa: F401 (a fixture)
+from test_config import GUNICORN_STARTING, _schema, empty_database_url  # noqa: F401 (a fixture)
 
 MIGRATIONS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "migrations"))
                     if f[:1].isdigit() and f.endswith(".py"))
@@ -116,41 +117,100 @@ def test_importing_any_module_of_ours_connects_to_nothing_and_configures_nothing
     assert sorted(os.listdir(tmp_path)) == ["cwd"] and os.listdir(work) == []
 
 
-def test_other_flask_commands_on_a_new_database_migrate_quietly_first(conveyor,
-                                                                      empty_database_url):
-    submitted = conveyor.flask("jobs", "submit", "t.noop",
-                               env={"DATABASE_URL": empty_database_url})
-    assert submitted.stdout == "1\n"
-    assert "uses" not in submitted.stderr and "schema" not in submitted.stderr
-    assert applied(empty_database_url) == MIGRATIONS
+def migrate(url, up_to=None):
+    """Apply this code's migrations to the database at url, all or up to the one named."""
+    script = ("import sys, models\nfrom playhouse.migrations import Runner\n"
+              "models.open_database(sys.argv[1])\n"
+              "with models.db.obj.connection_context():\n"
+              "    Runner(models.db.obj, models.MIGRATIONS_DIR).up(sys.argv[2] or None)\n")
+    subprocess.run([sys.executable, "-c", script, url, up_to or ""], cwd=ROOT, check=True,
+                   timeout=60)
 
 
-def test_web_migrates_a_new_database_as_it_starts_and_says_what_it_uses(
-        conveyor, empty_database_url, tmp_path):
+def start(process, env, log_path):
+    """web (gunicorn as the Procfile runs it) or worker (`python -m supervisor`)."""
+    command = {"web": ["-m", "gunicorn", "app:app", "--bind", "127.0.0.1:0"],
+               "worker": ["-m", "supervisor", "--concurrency", "1"]}[process]
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+
+
+@pytest.mark.parametrize("behind", ["new", "one migration behind"])
+@pytest.mark.parametrize("process", ["web", "worker", "flask"])
+def test_a_database_that_is_behind_stops_web_worker_and_commands_with_one_line(
+        conveyor, empty_database_url, tmp_path, process, behind):
+    """Only the release phase migrates: a process started before it (or without one)
+    leaves the database as it is and exits non-zero with one line that says what to run,
+    where a platform shows it (a crashed dyno's log)."""
+    if behind != "new":
+        migrate(empty_database_url, up_to=MIGRATIONS[-2])
+    before = applied(empty_database_url)
+    env = {**conveyor.env, "DATABASE_URL": empty_database_url}
+    if process == "flask":
+        result = conveyor.flask("jobs", "submit", "t.noop", env=env, check=False)
+        code, stderr = result.returncode, result.stderr
+    else:
+        proc = start(process, env, tmp_path / f"{process}.log")
+        try:
+            code = proc.wait(60)
+        finally:
+            proc.kill()  # (gone already, unless it started: then the test fails)
+        stderr = (tmp_path / f"{process}.log").read_text()
+    lines = [line for line in stderr.splitlines() if not GUNICORN_STARTING.match(line)]
+    version = int(before[-1][:4]) if before else 0
+    missing = MIGRATIONS[-1] if before else f"{MIGRATIONS[0]} to {MIGRATIONS[-1]}"
+    assert code == 2 and lines == [
+        f"conveyor: the database {shown(empty_database_url)} is at schema version {version}, "
+        f"this code needs {len(MIGRATIONS) - len(before)} more migration"
+        f"{'s' if before == [] else ''} ({missing}): run `flask db upgrade` (the Procfile's "
+        f"release phase) first"], stderr
+    assert applied(empty_database_url) == before
+
+
+def test_web_and_worker_start_on_a_migrated_database_and_say_what_they_use(
+        conveyor, empty_database_url, tmp_path, monkeypatch):
     url = with_password(empty_database_url, "hunter2")
+    conveyor.flask("db", "upgrade", env={"DATABASE_URL": url})
     web = Gunicorn({**conveyor.env, "DATABASE_URL": url}, tmp_path / "web.log")
     try:
         log = web.log()
-        assert applied(empty_database_url) == MIGRATIONS
         [line] = [line for line in log.splitlines() if "conveyor.boot" in line]
-        assert (f"web uses {shown(empty_database_url)} (schema version {VERSION}, applied "
-                f"{', '.join(MIGRATIONS)}) with job types: ") in line
+        assert (f"web uses {shown(empty_database_url)} (schema version {VERSION}) with job "
+                f"types: ") in line
         assert "echo" in line and "t.noop" in line and "hunter2" not in log
     finally:
         web.stop()
-
-
-def test_worker_migrates_a_new_database_as_it_starts_and_says_what_it_uses(
-        conveyor, empty_database_url, monkeypatch):
-    url = with_password(empty_database_url, "hunter2")
     monkeypatch.setitem(conveyor.env, "DATABASE_URL", url)
     worker = conveyor.start_supervisor(concurrency=1)
     line = wait_for(lambda: re.search(r"^.*conveyor\.boot.*$", worker.log(), re.M),
                     timeout=30, message="the worker's start-up line").group(0)
-    assert (f"worker uses {shown(empty_database_url)} (schema version {VERSION}, applied "
-            f"{', '.join(MIGRATIONS)}) with job types: ") in line
+    assert (f"worker uses {shown(empty_database_url)} (schema version {VERSION}) with job "
+            f"types: ") in line
     assert "webhook.post" in line and "t.noop" in line and "hunter2" not in worker.log()
     assert applied(empty_database_url) == MIGRATIONS
+
+
+def test_a_database_ahead_of_this_code_still_serves_it(conveyor, empty_database_url):
+    """A deploy's release phase migrates while the previous release still runs (and starts,
+    when the platform restarts one of its processes): migrations only add, so a schema
+    ahead of the code is no reason to stop."""
+    conveyor.flask("db", "upgrade", env={"DATABASE_URL": empty_database_url})
+    future = "9999_from_the_next_release"
+    if empty_database_url.startswith("sqlite"):
+        with sqlite3.connect(empty_database_url[len("sqlite:///"):]) as conn:
+            conn.execute("INSERT INTO schema_migration (name, applied) VALUES (?, '2030-01-01')",
+                         (future,))
+        conn.close()
+    else:
+        with psycopg2.connect(empty_database_url) as conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO schema_migration (name, applied) VALUES (%s, now())",
+                        (future,))
+        conn.close()
+    submitted = conveyor.flask("jobs", "submit", "t.noop",
+                               env={"DATABASE_URL": empty_database_url, "LOG_LEVEL": "debug"})
+    assert submitted.stdout == "1\n"
+    assert "(schema version 9999)" in submitted.stderr
 
 
 def test_flask_commands_name_their_database_and_job_types_only_at_debug(conveyor):
