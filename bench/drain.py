@@ -13,8 +13,12 @@ import time
 
 from bench import common, profiling
 
-PENDING_SQL = ("SELECT count(*) FROM jobs WHERE status IN "
-               "('available', 'scheduled', 'retryable', 'running')")
+# Jobs not finished, each part read from a partial index that holds live jobs only (the
+# predicates spelled out as the indexes have them): one count over every status read the
+# whole history, ten million rows at every poll, and the drain's time ends at that poll.
+PENDING_SQL = ("SELECT (SELECT count(*) FROM jobs WHERE status = 'running') + "
+               "(SELECT count(*) FROM jobs WHERE status NOT IN ('succeeded', 'running') "
+               "AND status NOT IN ('dead', 'cancelled'))")
 
 
 def pending_counter(db):
