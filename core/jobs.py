@@ -10,6 +10,7 @@ only while it still runs the attempt under the lease the mover knew: the fencing
 import contextlib
 import json
 import logging
+import os
 import threading
 from collections import Counter, namedtuple
 from typing import NamedTuple, Optional
@@ -27,6 +28,8 @@ from core.store.postgres import NOTIFY_CHANNEL, notify_payload  # noqa: F401 (fo
 from core.workers import renew_worker
 from infra import metrics
 from models import Job, QueueSetting, Step, db, loaded, now
+
+log = logging.getLogger("conveyor.jobs")
 
 
 def db_time():
@@ -70,9 +73,9 @@ def enqueue(new_jobs, api_key_id=None):
     How: a submission alone in this process announces in the statement that stores its
     jobs, one round trip from the call to a waiting worker's wake-up. PostgreSQL holds one
     lock for every notifying commit through that commit's WAL flush, so while other
-    submissions are under way here (a web process's threads) each announces after its
-    commit instead, in a transaction that waits for no flush: one round trip more, and no
-    commit waits for another's flush (bench/RESULTS.md).
+    submissions are under way here (a web process's threads) each leaves its announcement
+    to this process's announcer (_Announcer) after its commit instead: no commit waits for
+    another's flush, and the submission sends no statement more (bench/RESULTS.md).
     """
     if not new_jobs:
         return []
@@ -86,8 +89,8 @@ def enqueue(new_jobs, api_key_id=None):
         stored = _insert(chunks, new_jobs, api_key_id, announce=alone)
     created = [job for job, was_created in stored if was_created]
     if not alone:
-        backend().notify(Counter(job.queue for job in created
-                                 if job.status == S.AVAILABLE and not job.held))
+        _announcer.add(Counter(job.queue for job in created
+                               if job.status == S.AVAILABLE and not job.held))
     _submitted(created)
     return stored
 
@@ -113,6 +116,50 @@ class _Submissions:
 
 
 _submissions = _Submissions()
+
+
+class _Announcer:
+    """Announces, from a thread of its own with its own connection, the jobs that
+    submissions of this process committed while others were under way: what is added
+    while it sends goes out together in its next statement (backend().notify: one
+    transaction that waits for no flush), so a busy web process sends one announcement
+    for many submissions, and none on the way of a request. A notification lost (the
+    process ends first, the statement fails) costs a wake-up, never a job: workers poll."""
+
+    def __init__(self):
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # threads do not survive a fork
+
+    def _reset(self):
+        self._lock = threading.Lock()
+        self._due = Counter()
+        self._wake = threading.Event()
+        self._thread = None
+
+    def add(self, counts):
+        if not counts:
+            return
+        with self._lock:
+            self._due.update(counts)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="announcer",
+                                                daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _run(self):
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                counts, self._due = self._due, Counter()
+            try:
+                backend().notify(counts)  # logs its own failure
+            except Exception:  # noqa: BLE001 - the announcer outlives any one failure
+                log.exception("jobs stored but not announced (workers find them when they poll)")
+
+
+_announcer = _Announcer()
 
 
 def _insert(chunks, new_jobs, api_key_id, announce=False):

@@ -1,6 +1,7 @@
 """Enqueue, the core of submission: one statement that stores a batch and, on PostgreSQL,
 once that is committed, announces the jobs that can run now (one NOTIFY per queue, with its
 count); what it answers is what it stored; its fast checks agree with the schema."""
+import os
 import select
 import threading
 
@@ -149,13 +150,65 @@ def test_while_another_submission_is_under_way_jobs_are_announced_after_their_co
     """PostgreSQL holds one lock for every notifying commit through that commit's WAL
     flush: concurrent submissions that notified in their commits would commit one flush
     after another. While another submission of this process is under way, the jobs'
-    statement notifies nothing; the announcement is the next statement, a transaction of
-    its own that commits without waiting for its flush. The session stays synchronous, so
-    the next jobs' commit waits for theirs."""
+    statement notifies nothing and the submission sends nothing more: the process's
+    announcer announces them after their commit, from its own connection, in a
+    transaction that commits without waiting for its flush. The session stays
+    synchronous, so the next jobs' commit waits for theirs."""
     assert _statements_sent(lambda: jobs.enqueue([new_job(queue="meanwhile")])) == [
-        "insert_jobs", "announce"]
+        "insert_jobs"]
     assert listener() == [jobs.notify_payload("meanwhile", 1)]
     assert models.db.execute_sql("SHOW synchronous_commit").fetchone() == ("on",)
+
+
+@pytest.mark.postgres
+def test_announcements_left_to_the_announcer_add_up_to_every_job_that_can_run(
+        listener, another_submission_under_way):
+    """Submissions from many threads at once: whether their announcements go out one by
+    one or together, each queue is announced with every job of it that can run now, and
+    no more (a scheduled job waits for its time)."""
+    def submit(queue):
+        for _ in range(5):
+            jobs.enqueue([new_job(queue=queue), new_job(queue="shared"),
+                          new_job(queue="shared", delay_s=3600)])
+        models.db.close()
+
+    threads = [threading.Thread(target=submit, args=(f"q{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    announced = {}
+    for payload in listener():
+        queue, _, count = payload.rpartition(":")
+        announced[queue] = announced.get(queue, 0) + int(count)
+    assert announced == {"q0": 5, "q1": 5, "q2": 5, "q3": 5, "shared": 20}
+
+
+@pytest.mark.postgres
+def test_a_forked_process_announces_with_an_announcer_of_its_own(
+        listener, another_submission_under_way):
+    """The announcer's thread does not survive a fork (gunicorn forks its workers): a
+    child that submits while another submission of its own is under way still announces."""
+    jobs.enqueue([new_job(queue="parent")])  # the parent's announcer thread runs
+    assert listener() == [jobs.notify_payload("parent", 1)]
+    heard_r, heard_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own connection, one submission under way, one more
+        code = 1
+        try:
+            models.reset_connection()
+            with jobs._submissions.one():
+                jobs.enqueue([new_job(queue="child")])
+            select.select([heard_r], [], [], 15)  # alive until the parent heard it
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        assert listener() == [jobs.notify_payload("child", 1)]
+    finally:
+        os.write(heard_w, b"!")
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 @pytest.mark.postgres
@@ -169,17 +222,22 @@ def test_jobs_stored_in_a_callers_transaction_are_announced_at_its_durable_commi
 
 @pytest.mark.postgres
 def test_jobs_whose_announcement_fails_are_stored_and_answered(
-        pg_conveyor, another_submission_under_way, monkeypatch, caplog):
+        pg_conveyor, listener, another_submission_under_way, monkeypatch, caplog):
     """An announcement after the jobs' commit that fails loses a wake-up (workers poll),
     so the caller is answered with the stored jobs, not an error that would make it store
-    them again."""
+    them again; the announcer goes on announcing."""
+    announce = postgres.SQL["announce"]
     monkeypatch.setitem(postgres.SQL, "announce", "SELECT %(channel)s::text, "
                         "%(queues)s::text[], %(counts)s::int[], 1 / 0")
     [(job, created)] = jobs.enqueue([new_job()])
     assert created and history.get_job(job.id).status == "available"
-    assert "not announced" in caplog.text
+    wait_for(lambda: "not announced" in caplog.text, message="the failure to be logged")
     [(second, _)] = jobs.enqueue([new_job()])
     assert second.id > job.id
+    monkeypatch.setitem(postgres.SQL, "announce", announce)
+    listener()
+    jobs.enqueue([new_job(queue="after")])
+    assert listener() == [jobs.notify_payload("after", 1)]
 
 
 def test_what_enqueue_answers_is_what_it_stored(conveyor):
