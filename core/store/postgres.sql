@@ -42,8 +42,8 @@ RETURNING callbacks.job_id, callbacks.url, callbacks.attempts, callbacks.ended_a
 -- stored held. When %(announce)s, what can run now is announced here, at this commit (one
 -- NOTIFY per queue, with its count): the fastest way to a waiting worker, but it holds
 -- PostgreSQL's one lock on notifying commits through this commit's WAL flush, so the
--- caller announces after the commit instead (notify) when other submissions are under way
--- (core.jobs.enqueue).
+-- jobs are announced after the commit instead (notify, by the process's announcer) when
+-- other submissions are under way (core.jobs.enqueue).
 WITH clock AS MATERIALIZED (SELECT extract(epoch from clock_timestamp())::float8 AS now),
 given AS (
     SELECT (job->>0)::text AS type, (job->>1)::text AS queue, (job->>2)::int AS priority,
