@@ -207,7 +207,10 @@ class WorkerProcess:
             os._exit(70)
 
     def _until_done(self, operation, give_up_when_stopping=False):
-        """Run a database operation, retrying through outages with a capped backoff."""
+        """Run a database operation, retrying through outages with a capped backoff. A
+        wake-up from the supervisor cuts a wait short: it wakes every worker when its
+        LISTEN connection is back after an outage (a failover, say), so the database may
+        be back too, and when it stops us."""
         delay = 0.1
         while True:
             try:
@@ -217,7 +220,8 @@ class WorkerProcess:
                 reset_connection()
                 if give_up_when_stopping and self.stopping.is_set():
                     return None
-                time.sleep(delay)
+                select.select([self.pipe.read_fd], [], [], delay)
+                self.pipe.drain()
                 delay = min(delay * 2, 2.0)
 
     def _lease_in_doubt(self, asked_m):

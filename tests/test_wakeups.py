@@ -4,6 +4,8 @@ and a lost LISTEN connection costs latency, never a job.
 The end-to-end tests run workers that poll only every 15 to 30 s (POLL_INTERVAL_S=30), so
 a job that starts within seconds was started by a wake-up, not by a poll."""
 import select
+import threading
+import time
 
 import pytest
 
@@ -121,3 +123,35 @@ def test_a_followup_wakes_an_idle_worker_at_once(pg_conveyor):
     pg_conveyor.wait_for_status(parent, "succeeded", timeout=8)
     [child] = Job.select().where(Job.parent_id == parent)
     pg_conveyor.wait_for_status(child.id, "succeeded", timeout=8)
+
+
+def test_a_worker_waiting_out_an_outage_retries_as_soon_as_it_is_woken(conveyor):
+    """A worker retries a failing database operation with a backoff of up to 2 s. The
+    supervisor wakes every worker when its LISTEN connection is back after an outage (a
+    failover, a restart), and a woken worker retries at once rather than at the end of
+    its wait: after five failures that wait is 1.6 s."""
+    import models
+    from infra.config import settings
+    from supervisor.worker import WorkerProcess
+    worker = WorkerProcess(None, None, WakePipe(), settings())
+    tries = []
+
+    def operation():
+        tries.append(time.monotonic())
+        if len(tries) <= 5:
+            models.db.execute_sql("SELECT * FROM no_such_table")  # a real database error
+        return "done"
+
+    def supervisor():
+        wait_for(lambda: len(tries) == 5, timeout=10, message="five failures")
+        worker.pipe.wake()
+
+    waker = threading.Thread(target=supervisor)
+    waker.start()
+    try:
+        assert worker._until_done(operation) == "done"
+    finally:
+        waker.join()
+    assert len(tries) == 6
+    assert tries[5] - tries[4] < 1.0, "the wake-up cut the 1.6 s wait short"
+    assert tries[4] - tries[0] >= 1.4, "unwoken, it waited 0.1 + 0.2 + 0.4 + 0.8 s"
