@@ -134,3 +134,53 @@ def test_a_list_by_status_reads_an_index_not_the_history(pg_conveyor, status, in
     plan = "\n".join(row[0] for row in models.db.execute_sql(f"EXPLAIN {sql}", params))
     assert "Seq Scan on jobs" not in plan and index in plan, plan
     assert history.list_jobs(status=status) == ([], None)
+
+
+@pytest.mark.postgres
+def test_a_steps_record_reads_only_the_jobs_it_reports_on(pg_conveyor):
+    """However many jobs other workers run, a step reaches the jobs it reports on by their
+    ids (jobs_pkey). Its record's plan is kept for the session; made when few jobs ran, it
+    read every running job through jobs_running and matched each against every report,
+    so each step cost more the more ran anywhere (migrations/0019_steps_read_by_id.py)."""
+    models.open_database(pg_conveyor.database_url, lease_s=pg_conveyor.settings.lease_s,
+                         custom_plans=True)
+    me, others = (workers.WorkerInfo(id=f"w-{name}", supervisor_id="s", host="h", pid=1,
+                                     queues=()) for name in ("me", "others"))
+    jobs.enqueue([submission.validate_submission({"type": "t.noop"}, rules())] * 600)
+    claimed = jobs.claim(me, limit=20)
+    reports = [jobs.Report(job, Outcome(status="succeeded")) for job in claimed]
+    sql, params = jobs.step_statement(me, reports, limit=20)
+    for _ in range(10):  # past the point where the server may switch to a generic plan
+        plans_run_by(sql, params)
+    assert len(jobs.claim(others, limit=500)) == 500
+    plans = plans_run_by(sql, params)
+    assert "jobs_running" not in plans, plans
+    assert "Index Scan using jobs_pkey on jobs" in plans, plans
+
+
+@pytest.mark.postgres
+def test_a_claim_under_a_limit_reads_only_the_jobs_of_the_places_it_looks_at(pg_conveyor):
+    """Whether a place of a concurrency limit is still held is asked of its claim's jobs,
+    by id, however many jobs run elsewhere (migrations/0019_steps_read_by_id.py)."""
+    import handlers
+    from conftest import ROOT
+    from core import flow
+    from core.store import postgres
+    handlers.load([f"{ROOT}/tests/flow_handlers"])  # flow.capped: 3 at once
+    models.open_database(pg_conveyor.database_url, lease_s=pg_conveyor.settings.lease_s,
+                         custom_plans=True)
+    me, holder, others = (workers.WorkerInfo(id=f"w-{name}", supervisor_id="s", host="h",
+                                             pid=1, queues=())
+                          for name in ("me", "holder", "others"))
+    new = submission.validate_submission
+    jobs.enqueue([new({"type": "flow.capped", "payload": {"log": "/dev/null"}}, rules())] * 40
+                 + [new({"type": "t.noop"}, rules())] * 500)
+    assert len(jobs.claim(others, limit=500)) == 500  # the unlimited jobs, running
+    held, _ = jobs.step(holder, [], 5)  # a place of flow.capped, held by its claim
+    assert held and {job.type for job in held} == {"flow.capped"}
+    sql = postgres.SQL["step"]
+    params = postgres._step_params(me, [], 5, limits=flow.type_limits(), guard=flow.RATE_GUARD)
+    for _ in range(10):  # past the point where the server may switch to a generic plan
+        plans = plans_run_by(sql, params)
+    assert "FROM unnest(p_job_ids, p_attempts)" in plans, plans  # a place was looked at
+    assert "jobs_running" not in plans, plans

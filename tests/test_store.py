@@ -24,10 +24,11 @@ def migration(name):
 # On PostgreSQL the claim and the transition of a running job are functions that
 # migrations define (the latest definition of each).
 STEP_FUNCTIONS = migration("0014_generic_claim_plans")
+RECORD = migration("0019_steps_read_by_id").RECORD
 STORES = {"postgres": {**postgres.SQL, "conveyor_step": STEP_FUNCTIONS.STEP,
                        "conveyor_next": STEP_FUNCTIONS.NEXT,
                        "conveyor_claim": STEP_FUNCTIONS.CLAIM,
-                       "conveyor_record": STEP_FUNCTIONS.RECORD},
+                       "conveyor_record": RECORD},
           "sqlite": sqlite.SQL}
 STATEMENTS = [(db, name, sql) for db, statements in STORES.items()
               for name, sql in statements.items()]
@@ -64,9 +65,14 @@ def moves_of_a_running_job(sql):
 
 @pytest.mark.parametrize("db, name", [("postgres", "conveyor_record"), ("sqlite", "move")])
 def test_the_one_transition_of_a_running_job_carries_the_ownership_guard(db, name):
+    """It moves a job only while it runs the attempt under the lease reported. PostgreSQL
+    names the attempt and the lease only: a job has a lease exactly while it runs (the
+    check test_the_database_ties_a_lease_to_running asserts), and naming the status too let
+    its plan read every running job through jobs_running (migrations/0019_steps_read_by_id.py)."""
     [move] = moves_of_a_running_job(STORES[db][name])
     guard = re.sub(r"\s+", " ", move)
-    assert re.search(r"status = 'running' AND (jobs\.)?attempt = (r\.|:)attempt "
+    status = "" if db == "postgres" else "status = 'running' AND "
+    assert re.search(status + r"(jobs\.)?attempt = (r\.|:)attempt "
                      r"AND (jobs\.)?lease_owner = (r\.|:)lease_owner", guard), move
 
 
@@ -84,3 +90,18 @@ def test_both_databases_name_their_statements_once_each():
         assert all(sql.strip() and not sql.rstrip().endswith(";") for sql in statements.values())
     assert {"step", "insert_jobs", "stale_claim"} <= set(postgres.SQL)
     assert {"move", "end_attempt", "fence", "due", "insert_jobs", "stale_claim"} <= set(sqlite.SQL)
+
+
+def test_the_database_ties_a_lease_to_running(conveyor):
+    """A job has a lease owner exactly while it runs: the database refuses anything else,
+    so a move guarded by the lease is guarded by the status too."""
+    import peewee as pw
+    from core import jobs, submission
+    from conftest import rules
+    from models import Job, db
+    [(job, _)] = jobs.enqueue([submission.validate_submission({"type": "t.noop"}, rules())])
+    for fields in ({"lease_owner": "w-1"}, {"status": "running"}):
+        with pytest.raises(pw.IntegrityError):
+            with db.atomic():
+                Job.update(**fields).where(Job.id == job.id).execute()
+    assert Job.get_by_id(job.id).status == "available"
