@@ -181,7 +181,7 @@ class Settings:
     lease_s: float = 30.0
     shutdown_grace_s: float = 25.0
     poll_interval_s: float = 0.5
-    worker_batch: int = 20
+    worker_batch: int = 50
     worker_max_jobs: int = 0
     worker_max_memory_mb: float = 0.0
     default_max_attempts: int = 5
@@ -226,7 +226,7 @@ class Settings:
             lease_s=_number(env, "LEASE_S", 30.0, above=True),
             shutdown_grace_s=_number(env, "SHUTDOWN_GRACE_S", 25.0),
             poll_interval_s=_number(env, "POLL_INTERVAL_S", 0.5, above=True),
-            worker_batch=_number(env, "WORKER_BATCH", 20, integer=True, minimum=1),
+            worker_batch=_number(env, "WORKER_BATCH", 50, integer=True, minimum=1),
             worker_max_jobs=_number(env, "WORKER_MAX_JOBS", 0, integer=True),
             worker_max_memory_mb=_number(env, "WORKER_MAX_MEMORY_MB", 0.0),
             default_max_attempts=_number(env, "DEFAULT_MAX_ATTEMPTS", 5, integer=True, minimum=1),
