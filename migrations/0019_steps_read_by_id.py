@@ -14,7 +14,8 @@ their ids (jobs_pkey), a probe per report.
 So does the claim under a concurrency limit, asking whether a place's claim still runs
 (conveyor_place_held, migrations/0010_places_hold_claims.py): it read every running job for
 each place it looked at; it now looks up the place's jobs by id, running while they hold a
-lease.
+lease, and, as the step's other functions, by no other way, whatever the plan it keeps for
+the session was made for.
 """
 import peewee as pw
 
@@ -89,7 +90,8 @@ END $$
 
 PLACE_HELD = """
 CREATE OR REPLACE FUNCTION conveyor_place_held(p_job_ids bigint[], p_attempts integer[])
-RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+RETURNS boolean LANGUAGE plpgsql STABLE
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 BEGIN
     RETURN EXISTS (SELECT 1 FROM unnest(p_job_ids, p_attempts) AS held (id, attempt)
                    JOIN jobs AS holder ON holder.id = held.id

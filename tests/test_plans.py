@@ -183,4 +183,5 @@ def test_a_claim_under_a_limit_reads_only_the_jobs_of_the_places_it_looks_at(pg_
     for _ in range(10):  # past the point where the server may switch to a generic plan
         plans = plans_run_by(sql, params)
     assert "FROM unnest(p_job_ids, p_attempts)" in plans, plans  # a place was looked at
-    assert "jobs_running" not in plans, plans
+    assert "jobs_running" not in plans and "Seq Scan on jobs" not in plans, plans
+    assert "Index Scan using jobs_pkey on jobs holder" in plans, plans
