@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -185,6 +186,16 @@ def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def in_threads(function, arguments, timeout=60.0):
+    """Run function(*args) for each args of arguments, each in a thread of its own, all at
+    once; return when all have ended (or timeout seconds have passed for each)."""
+    threads = [threading.Thread(target=function, args=args) for args in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
 
 
 def wait_for(condition, timeout=15.0, interval=0.02, message="condition"):

@@ -2,13 +2,12 @@
 show: kept as jobs change on PostgreSQL (migrations/0018_job_counts.py), so that reading
 them costs the same with ten million jobs in the history as with none; counted in the
 table on SQLite. Every way a job is stored, moves or goes must leave them exact."""
-import threading
 
 import psycopg2
 import pytest
 
 from checks import assert_audit_clean
-from conftest import rules
+from conftest import in_threads, rules
 from core import audit, history, jobs, submission, workers
 from core.policy import Outcome
 import models
@@ -104,11 +103,7 @@ def test_counts_stay_exact_while_workers_and_submitters_race(pg_conveyor):
             submit(queue, 4)
         models.db.close()
 
-    threads = [threading.Thread(target=submitter, args=(f"q{i % 2}",)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    in_threads(submitter, [(f"q{i % 2}",) for i in range(4)])
     ids = [job.id for job in Job.select(Job.id)]
     assert len(ids) == 400
     pg_conveyor.wait_until_final(ids, timeout=60)

@@ -17,7 +17,7 @@ from core import workers
 from core.store import postgres
 import handlers
 import models
-from conftest import wait_for, rules
+from conftest import in_threads, wait_for, rules
 from core.errors import Conflict, Invalid, TooLarge
 from models import Job
 
@@ -172,11 +172,7 @@ def test_announcements_left_to_the_announcer_add_up_to_every_job_that_can_run(
                           new_job(queue="shared", delay_s=3600)])
         models.db.close()
 
-    threads = [threading.Thread(target=submit, args=(f"q{n}",)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    in_threads(submit, [(f"q{n}",) for n in range(4)], timeout=30)
     announced = {}
     for payload in listener():
         queue, _, count = payload.rpartition(":")
