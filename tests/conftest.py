@@ -188,6 +188,15 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def scenario_unavailable(message):
+    """A fault scenario that cannot run here (no private server, no namespaces): a skip
+    said loudly, and a failure under CI=true, which requires every scenario to run."""
+    if IN_CI:
+        pytest.fail(f"CI=true requires it. {message}")
+    print(f"\n{'!' * 78}\n{message}\n{'!' * 78}", file=sys.stderr)
+    pytest.skip(message)
+
+
 def in_threads(function, arguments, timeout=60.0):
     """Run function(*args) for each args of arguments, each in a thread of its own, all at
     once; return when all have ended (or timeout seconds have passed for each)."""

@@ -6,6 +6,7 @@ Each scenario is a function of a Conveyor (tests/conftest.py) and a size; it ret
 run's Figures. The pytest scenarios (tests/faults/test_faults_*.py) run them small; the
 soak command (`python -m tests.faults.soak`) runs them at full size, over and over.
 """
+import contextlib
 import json
 import math
 import os
@@ -577,6 +578,28 @@ def _taken_over(figures, host, held, renewed, cut_at):
         figures.first_recovery_s, figures.recovery_s = min(recoveries), max(recoveries)
 
 
+@contextlib.contextmanager
+def _served(conveyor, figures, effects_log, supervisors, concurrency, api_threads, lease,
+            web_env=None):
+    """Supervisors and a real gunicorn, with an ApiProbe submitting through it, for a
+    scenario that faults the database under them: yields (the probe, a function that says
+    which of the processes started here are gone), and stops them all however the scenario
+    ends, their problems added to figures."""
+    pool = start_pool(conveyor, supervisors, concurrency, **lease)
+    workers_before = {pid for supervisor in pool for pid in supervisor.worker_pids()}
+    web = Gunicorn({**conveyor.env, **(web_env or {})}, conveyor.tmp_path / "gunicorn.log")
+    key = conveyor.flask("keys", "create", "probe", "--admin", "--rate-limit",
+                         "100000/second").stdout.strip()
+    web_pids = {web.pid, *web.worker_pids()}
+    api = ApiProbe(web.url, key, effects_log, api_threads)
+    try:
+        yield api, lambda: replaced(pool, workers_before, web, web_pids)
+    finally:
+        figures.problems += api.stop()
+        web.stop()
+        figures.problems += stop_pool(pool)
+
+
 def database_restarts(conveyor, cluster, jobs, seed, modes=("fast", "immediate"),
                       supervisors=2, concurrency=4, api_threads=3):
     """Restart the (private) PostgreSQL server during the run, once per mode. Supervisors
@@ -585,14 +608,8 @@ def database_restarts(conveyor, cluster, jobs, seed, modes=("fast", "immediate")
     rng, started = random.Random(seed), time.monotonic()
     figures = Figures("database-restarts", "postgres", seed)
     effects_log = str(conveyor.tmp_path / "effects.log")
-    pool = start_pool(conveyor, supervisors, concurrency, **LONG_LEASE)
-    workers_before = {pid for supervisor in pool for pid in supervisor.worker_pids()}
-    web = Gunicorn(conveyor.env, conveyor.tmp_path / "gunicorn.log")
-    key = conveyor.flask("keys", "create", "probe", "--admin", "--rate-limit",
-                         "100000/second").stdout.strip()
-    web_pids = {web.pid, *web.worker_pids()}
-    api = ApiProbe(web.url, key, effects_log, api_threads)
-    try:
+    with _served(conveyor, figures, effects_log, supervisors, concurrency, api_threads,
+                 LONG_LEASE) as (api, replaced_all):
         ids = submit_chaos(conveyor, jobs, effects_log)
         for index, mode in enumerate(modes):
             wait_done_fraction(len(ids), (index + 1) / (len(modes) + 1))
@@ -606,11 +623,7 @@ def database_restarts(conveyor, cluster, jobs, seed, modes=("fast", "immediate")
         figures.problems += api.serves_again()
         api.settle()
         drain(timeout_s=max(600, jobs / 3))
-        figures.problems += replaced(pool, workers_before, web, web_pids)
-    finally:
-        figures.problems += api.stop()
-        web.stop()
-        figures.problems += stop_pool(pool)
+        figures.problems += replaced_all()
     figures.seconds = time.monotonic() - started
     check(conveyor, figures, effects_log)
     figures.problems += api.problems()
@@ -661,16 +674,9 @@ def failover(conveyor, primary, standby, seed, supervisors=2, concurrency=2, api
     started = time.monotonic()
     figures = Figures("failover", "postgres", seed)
     effects_log = str(conveyor.tmp_path / "effects.log")
-    pool = start_pool(conveyor, supervisors, concurrency, **FAILOVER_LEASE)
-    workers_before = {pid for supervisor in pool for pid in supervisor.worker_pids()}
     # Chaos jobs fail one attempt in ten: with ten attempts every accepted one succeeds.
-    web = Gunicorn({**conveyor.env, "DEFAULT_MAX_ATTEMPTS": "10"},
-                   conveyor.tmp_path / "gunicorn.log")
-    key = conveyor.flask("keys", "create", "probe", "--admin", "--rate-limit",
-                         "100000/second").stdout.strip()
-    web_pids = {web.pid, *web.worker_pids()}
-    api = ApiProbe(web.url, key, effects_log, api_threads)
-    try:
+    with _served(conveyor, figures, effects_log, supervisors, concurrency, api_threads,
+                 FAILOVER_LEASE, web_env={"DEFAULT_MAX_ATTEMPTS": "10"}) as (api, replaced_all):
         wait_for(lambda: len(api.accepted()) >= before and _effects(effects_log, "end"), 60,
                  interval=0.05, message=f"{before} submissions accepted, and runs, before the "
                                         f"failover")
@@ -693,11 +699,7 @@ def failover(conveyor, primary, standby, seed, supervisors=2, concurrency=2, api
         drain(timeout_s=120, quiet_s=30)
         wait_for(lambda: retrying(_listening) == supervisors, 15, interval=0.1,
                  message=f"the {supervisors} supervisors to LISTEN on the promoted server")
-        figures.problems += replaced(pool, workers_before, web, web_pids)
-    finally:
-        figures.problems += api.stop()
-        web.stop()
-        figures.problems += stop_pool(pool)
+        figures.problems += replaced_all()
     figures.seconds = time.monotonic() - started
     check(conveyor, figures, effects_log, acknowledged=[s.job_id for s in api.accepted()])
     figures.problems += api.problems()

@@ -3,25 +3,15 @@ Linux network namespace with its own supervisor, reach one PostgreSQL across a s
 is partitioned away by the kernel (its switch port turned off: a black hole) while it runs
 jobs; the other hosts take its jobs over after the lease, its late results are refused
 once it is healed, and it goes on serving. Nothing is lost or run twice."""
-import os
-import sys
 
 import pytest
 
-from conftest import Conveyor
+from conftest import Conveyor, scenario_unavailable as unavailable
 from harness import host_partition, seed
 from hosts import Hosts, HostsUnavailable
 from pgcluster import ClusterUnavailable, PrivateCluster
 
 HOSTS, HOST_JOBS = 3, 600
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def unavailable(message):
-    if IN_CI:
-        pytest.fail(f"CI=true requires it. {message}")
-    print(f"\n{'!' * 78}\n{message}\n{'!' * 78}", file=sys.stderr)
-    pytest.skip(message)
 
 
 @pytest.fixture
